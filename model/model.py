@@ -1,0 +1,193 @@
+"""CogniMamba: a small Llama-style decoder, the whole network in one file.
+
+RMSNorm pre-norm (Zhang & Sennrich 2019), rotary position embeddings (Su et al. 2021) in the
+HF "rotate half" layout, grouped-query attention (Ainslie et al. 2023) through
+F.scaled_dot_product_attention, SwiGLU feed-forward (Shazeer 2020), and an LM head tied to the
+token embedding (Press & Wolf 2017). Read beside nanoGPT's and llama2.c's model.py.
+
+The KV cache is plain tensors: `forward(input_ids, attention_mask, past_key_values)` returns
+`(logits, present_key_values)`, each layer's cache a pair of (B, n_kv_heads, T, head_dim)
+tensors. The module keeps no state between calls, so the same module trains, generates, and is
+traced to ONNX.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from model.config import ModelConfig
+
+KVCache = list[tuple[torch.Tensor, torch.Tensor]]
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # The mean of squares is taken in fp32: in fp16 it overflows past |x| ~ 256 (ORT #15752).
+        # Written out rather than F.rms_norm so that every ONNX exporter can trace it.
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.type_as(x)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype):
+    """positions (B, T) -> cos, sin (B, 1, T, head_dim), broadcast over heads."""
+    freqs = positions.float()[..., None] * inv_freq  # (B, T, head_dim/2)
+    emb = torch.cat((freqs, freqs), dim=-1)  # (B, T, head_dim): "rotate half" pairs i, i+hd/2
+    return emb.cos()[:, None].to(dtype), emb.sin()[:, None].to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    return x * cos + rotate_half(x) * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
+        self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+
+    def forward(self, x, cos, sin, mask, past: tuple[torch.Tensor, torch.Tensor] | None):
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, n_heads, T, head_dim)
+        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, n_kv_heads, T, head_dim)
+        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if past is not None:
+            k = torch.cat((past[0], k), dim=2)  # (B, n_kv_heads, P+T, head_dim)
+            v = torch.cat((past[1], v), dim=2)
+        present = (k, v)  # the cache keeps n_kv_heads; heads are repeated only for the product
+        rep = self.n_heads // self.n_kv_heads
+        if rep > 1:  # query head h reads KV head h // rep, as HF's repeat_kv
+            S = k.shape[2]
+            k = k[:, :, None].expand(B, self.n_kv_heads, rep, S, self.head_dim).reshape(B, self.n_heads, S, self.head_dim)
+            v = v[:, :, None].expand(B, self.n_kv_heads, rep, S, self.head_dim).reshape(B, self.n_heads, S, self.head_dim)
+        if mask is None:  # training: no cache, no padding -> the fused causal kernels
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, n_heads*head_dim)
+        return self.wo(y), present
+
+
+class FeedForward(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.w1 = nn.Linear(cfg.dim, cfg.hidden_dim, bias=False)  # gate
+        self.w2 = nn.Linear(cfg.hidden_dim, cfg.dim, bias=False)  # down
+        self.w3 = nn.Linear(cfg.dim, cfg.hidden_dim, bias=False)  # up
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attention = Attention(cfg)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.feed_forward = FeedForward(cfg)
+
+    def forward(self, x, cos, sin, mask, past):
+        a, present = self.attention(self.attention_norm(x), cos, sin, mask, past)
+        x = x + a
+        x = x + self.feed_forward(self.ffn_norm(x))
+        return x, present
+
+
+def attention_mask_4d(attention_mask: torch.Tensor | None, B: int, T: int, P: int, device) -> torch.Tensor:
+    """Boolean (B, 1, T, P+T) mask: query i (at cache position P+i) sees key j iff j <= P+i and
+    key j is not padding.
+
+    Built from positions, never with is_causal=True: with a cache SDPA aligns is_causal top-left,
+    so one new token would see key 0 only (pytorch #103082). Every query also sees itself, so a
+    left-padding row is never fully masked (that gives NaN rows in SDPA).
+    """
+    q_pos = torch.arange(T, device=device)[:, None] + P  # (T, 1)
+    k_pos = torch.arange(P + T, device=device)[None, :]  # (1, P+T)
+    causal = k_pos <= q_pos  # (T, P+T)
+    if attention_mask is None:
+        return causal[None, None].expand(B, 1, T, P + T)
+    keep = causal[None] & attention_mask[:, None, :].bool()  # (B, T, P+T)
+    keep = keep | (k_pos == q_pos)[None]
+    return keep[:, None]  # (B, 1, T, P+T)
+
+
+class CogniMamba(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.output = None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2).float() / cfg.head_dim))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.apply(self._init_weights)
+        # GPT-2: scale the projections that write into the residual stream by 1/sqrt(2 * n_layers).
+        for name, p in self.named_parameters():
+            if name.endswith(("attention.wo.weight", "feed_forward.w2.weight")):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layers))
+
+    def _init_weights(self, module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def reset_rope(self):
+        """Recompute inv_freq (a non-persistent buffer) after e.g. to_empty() or meta init."""
+        cfg = self.cfg
+        self.inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, device=self.inv_freq.device).float() / cfg.head_dim))
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())  # tied weights are counted once
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        past_key_values: KVCache | None = None,
+    ) -> tuple[torch.Tensor, KVCache]:
+        """input_ids (B, T); attention_mask (B, P+T), 1 = token, 0 = left padding; past_key_values
+        one (key, value) pair per layer, each (B, n_kv_heads, P, head_dim), P may be 0.
+        Returns logits (B, T, vocab_size) and the present cache (P+T long)."""
+        B, T = input_ids.shape
+        P = 0 if past_key_values is None else past_key_values[0][0].shape[2]
+        if attention_mask is None:
+            positions = (torch.arange(T, device=input_ids.device) + P)[None].expand(B, T)
+        else:  # left padding: a token's position counts only the real tokens before it
+            positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -T:]
+        x = self.tok_embeddings(input_ids)  # (B, T, dim)
+        cos, sin = rope_cos_sin(positions, self.inv_freq, x.dtype)
+        mask = None
+        if past_key_values is not None or attention_mask is not None:
+            mask = attention_mask_4d(attention_mask, B, T, P, input_ids.device)
+        presents = []
+        for i, layer in enumerate(self.layers):
+            x, present = layer(x, cos, sin, mask, None if past_key_values is None else past_key_values[i])
+            presents.append(present)
+        x = self.norm(x)
+        weight = self.tok_embeddings.weight if self.output is None else self.output.weight
+        logits = F.linear(x, weight)  # (B, T, vocab_size)
+        return logits, presents
+
+    def empty_cache(self, batch_size: int = 1, device=None, dtype=torch.float32) -> KVCache:
+        """A past of length 0: zeros of shape (B, n_kv_heads, 0, head_dim), never uninitialised."""
+        shape = (batch_size, self.cfg.n_kv_heads, 0, self.cfg.head_dim)
+        return [(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
+                for _ in range(self.cfg.n_layers)]

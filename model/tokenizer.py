@@ -1,0 +1,245 @@
+"""Tokenizers behind one small interface, and the chat template applied in one place.
+
+- `BPETokenizer` wraps a HuggingFace `tokenizers.Tokenizer`: GPT-2's (from the Hub), the one stored
+  in the SmolLM2 GGUF (model/gguf.py builds it), or a byte-level BPE trained on your corpus.
+- `CharTokenizer` is the seed's character-level SimpleTokenizer: no dependencies at all.
+
+Both give: encode(text), decode(ids), vocab_size, eos_id (end of document), stop_ids (ends a chat
+reply), render_chat(messages) -> the exact template text, encode_chat(messages) -> ids, save(dir).
+
+Text a user types is always encoded as plain text: "<|im_end|>" inside a message becomes the
+characters, never the control token. Only the template's own text may produce special tokens.
+"""
+from __future__ import annotations
+
+import json
+import re
+import string
+from pathlib import Path
+from typing import Iterable
+
+IM_START, IM_END, ENDOFTEXT = "<|im_start|>", "<|im_end|>", "<|endoftext|>"
+SPECIAL_TOKENS = [ENDOFTEXT, IM_START, IM_END]
+
+# ChatML, as SmolLM2 uses it, without SmolLM2's default system prompt.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+# Message contents are swapped for these sentinels (Unicode private use) while the template renders,
+# so the rendered text splits cleanly into template text and user text.
+_SENTINEL = re.compile("\ue000(\\d+)\ue001")
+
+
+def _render(template: str, messages: list[dict], add_generation_prompt: bool) -> str:
+    # The same sandboxed Jinja environment transformers' apply_chat_template uses.
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    return env.from_string(template).render(messages=messages, add_generation_prompt=add_generation_prompt)
+
+
+def _check_messages(messages: list[dict]) -> None:
+    for m in messages:
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            raise ValueError(f"a chat message must be a dict with string 'role' and 'content', got {m!r}")
+
+
+class _ChatMixin:
+    chat_template: str
+
+    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        """The prompt text exactly as the model's template (Jinja, like transformers) renders it."""
+        _check_messages(messages)
+        return _render(self.chat_template, messages, add_generation_prompt)
+
+    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+        """Template text may contain special tokens; message contents are encoded as plain text."""
+        _check_messages(messages)
+        masked = [{**m, "content": f"\ue000{i}\ue001"} for i, m in enumerate(messages)]
+        rendered = _render(self.chat_template, masked, add_generation_prompt)
+        ids: list[int] = []
+        pos = 0
+        for match in _SENTINEL.finditer(rendered):
+            ids += self.encode_with_special(rendered[pos:match.start()])
+            ids += self.encode(messages[int(match.group(1))]["content"])
+            pos = match.end()
+        ids += self.encode_with_special(rendered[pos:])
+        return ids
+
+
+class BPETokenizer(_ChatMixin):
+    kind = "bpe"
+
+    def __init__(self, backend, chat_template: str | None = None, eos_token: str = ENDOFTEXT,
+                 bos_token: str | None = None, stop_tokens: Iterable[str] = (IM_END, ENDOFTEXT)):
+        from tokenizers import Tokenizer
+
+        self.backend = backend  # matches special tokens in the text: template text only
+        self._plain = Tokenizer.from_str(backend.to_str())
+        self._plain.encode_special_tokens = True  # user text: "<|im_end|>" stays characters
+        self.chat_template = chat_template or CHATML_TEMPLATE
+        self.eos_token, self.bos_token = eos_token, bos_token
+        self.eos_id = self._require_id(eos_token)
+        self.bos_id = None if bos_token is None else self._require_id(bos_token)
+        self.stop_ids = sorted({i for t in stop_tokens if (i := backend.token_to_id(t)) is not None} | {self.eos_id})
+
+    def _require_id(self, token: str) -> int:
+        i = self.backend.token_to_id(token)
+        if i is None:
+            raise ValueError(f"tokenizer has no token {token!r}")
+        return i
+
+    @property
+    def vocab_size(self) -> int:
+        return self.backend.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str) -> list[int]:
+        return self._plain.encode(text, add_special_tokens=False).ids
+
+    def encode_with_special(self, text: str) -> list[int]:
+        return self.backend.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
+        return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def token_id(self, token: str) -> int | None:
+        return self.backend.token_to_id(token)
+
+    def save(self, directory: str | Path) -> None:
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        self.backend.save(str(d / "tokenizer.json"))
+        # The keys transformers' PreTrainedTokenizerFast reads, so exported folders load there too.
+        config = {"tokenizer_class": "PreTrainedTokenizerFast", "chat_template": self.chat_template,
+                  "eos_token": self.eos_token, "bos_token": self.bos_token,
+                  "stop_tokens": [self.backend.id_to_token(i) for i in self.stop_ids]}
+        (d / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+
+
+class CharTokenizer(_ChatMixin):
+    """The seed's SimpleTokenizer: one id per character seen in the corpus, plus the specials.
+    Characters it never saw map to '?' (or are dropped if the corpus had no '?')."""
+    kind = "char"
+
+    def __init__(self, chars: Iterable[str], chat_template: str | None = None):
+        # Printable ASCII is always in, so a chat template and typed English never lose characters.
+        self.chars = sorted(set(chars) | set(string.printable))
+        self.itos = SPECIAL_TOKENS + self.chars
+        self.stoi = {s: i for i, s in enumerate(self.itos)}
+        self.chat_template = chat_template or CHATML_TEMPLATE
+        self.eos_token, self.bos_token = ENDOFTEXT, None
+        self.eos_id, self.bos_id = self.stoi[ENDOFTEXT], None
+        self.stop_ids = [self.stoi[IM_END], self.eos_id]
+        self._special = re.compile("(" + "|".join(re.escape(t) for t in SPECIAL_TOKENS) + ")")
+
+    @classmethod
+    def train(cls, texts: Iterable[str]) -> "CharTokenizer":
+        chars: set[str] = set()
+        for t in texts:
+            chars.update(t)
+        return cls(chars)
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.itos)
+
+    def encode(self, text: str) -> list[int]:
+        unk = self.stoi.get("?")
+        return [i for c in text if (i := self.stoi.get(c, unk)) is not None]
+
+    def encode_with_special(self, text: str) -> list[int]:
+        ids: list[int] = []
+        for piece in self._special.split(text):
+            ids += [self.stoi[piece]] if piece in SPECIAL_TOKENS else self.encode(piece)
+        return ids
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
+        n = len(SPECIAL_TOKENS) if skip_special_tokens else 0
+        return "".join(self.itos[i] for i in ids if n <= i < len(self.itos))
+
+    def token_id(self, token: str) -> int | None:
+        return self.stoi.get(token)
+
+    def save(self, directory: str | Path) -> None:
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "char_tokenizer.json").write_text(json.dumps({"chars": self.chars, "chat_template": self.chat_template}))
+
+
+Tokenizer = BPETokenizer | CharTokenizer
+
+
+def load_tokenizer(directory: str | Path) -> Tokenizer:
+    """Load what save() wrote: tokenizer.json (+ tokenizer_config.json) or char_tokenizer.json."""
+    d = Path(directory)
+    if (d / "char_tokenizer.json").exists():
+        data = json.loads((d / "char_tokenizer.json").read_text())
+        return CharTokenizer(data["chars"], data.get("chat_template"))
+    if not (d / "tokenizer.json").exists():
+        raise FileNotFoundError(f"no tokenizer.json or char_tokenizer.json in {d}")
+    return from_tokenizer_json(d / "tokenizer.json")
+
+
+def from_tokenizer_json(path: str | Path) -> BPETokenizer:
+    """A tokenizer.json (ours, or from any HF model folder) plus tokenizer_config.json beside it."""
+    from tokenizers import Tokenizer as HFTokenizer
+
+    path = Path(path)
+    try:
+        backend = HFTokenizer.from_file(str(path))
+    except Exception as e:
+        raise ValueError(f"{path} is not a valid tokenizer.json: {e}") from None
+    cfg_path = path.parent / "tokenizer_config.json"
+    cfg = json.loads(cfg_path.read_text()) if cfg_path.exists() else {}
+
+    def token_str(t):  # HF configs store either "<tok>" or {"content": "<tok>", ...}
+        return t["content"] if isinstance(t, dict) else t
+
+    eos = token_str(cfg.get("eos_token")) or ENDOFTEXT
+    if backend.token_to_id(ENDOFTEXT) is not None and eos == IM_END:
+        eos = ENDOFTEXT  # documents end with <|endoftext|>; <|im_end|> stays a stop token
+    bos = token_str(cfg.get("bos_token"))
+    if bos is not None and backend.token_to_id(bos) is None:
+        bos = None
+    stops = cfg.get("stop_tokens") or [IM_END, ENDOFTEXT, token_str(cfg.get("eos_token")) or ENDOFTEXT]
+    return BPETokenizer(backend, cfg.get("chat_template"), eos_token=eos, bos_token=bos, stop_tokens=stops)
+
+
+def with_chat_tokens(backend):
+    """Add ChatML's control tokens to a tokenizer that lacks them (GPT-2 has only <|endoftext|>)."""
+    from tokenizers import AddedToken
+
+    missing = [t for t in SPECIAL_TOKENS if backend.token_to_id(t) is None]
+    if missing:
+        backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in missing])
+    return backend
+
+
+def gpt2_tokenizer() -> BPETokenizer:
+    """GPT-2's BPE from the Hub (or the local HF cache), with ChatML tokens at ids 50257-50258."""
+    try:
+        from transformers import AutoTokenizer
+
+        hf = AutoTokenizer.from_pretrained("gpt2")
+    except Exception as e:
+        raise RuntimeError(
+            "could not load the GPT-2 tokenizer from the HuggingFace Hub or its local cache "
+            f"({type(e).__name__}). Connect to the Hub once, or use --tokenizer smollm2 / bpe / char "
+            "or a tokenizer.json path.") from None
+    return BPETokenizer(with_chat_tokens(hf.backend_tokenizer), eos_token=ENDOFTEXT)
+
+
+def train_bpe(texts: Iterable[str], vocab_size: int) -> BPETokenizer:
+    """A byte-level BPE (GPT-2 style) trained on the corpus. Small vocabularies make small models
+    learn much faster (llama2.c's custom tokenizer experiments)."""
+    from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
+
+    backend = HFTokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    backend.train_from_iterator(texts, trainer=trainer)
+    return BPETokenizer(backend, eos_token=ENDOFTEXT)
