@@ -1,0 +1,95 @@
+"""Chat with a model in the terminal, streaming the reply as it is generated.
+
+    python -m webui.cli                                   # SmolLM2-135M-Instruct, interactive
+    python -m webui.cli --model checkpoints/run/model     # your own model folder
+    python -m webui.cli --greedy --prompt "What is the capital of France?"   # one shot, for scripts
+
+In one-shot mode only the reply goes to stdout; loading messages and stats go to stderr.
+Interactive commands: /reset forgets the conversation, /quit (or Ctrl-D) leaves.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from model.generate import ChatStats, SamplingConfig, chat
+from webui.backends import BACKENDS, load_backend
+
+
+def run_turn(backend, tokenizer, messages, cfg, out=sys.stdout) -> str:
+    stats = ChatStats()
+    pieces = []
+    for piece in chat(backend, tokenizer, messages, cfg, stats):
+        pieces.append(piece)
+        out.write(piece)
+        out.flush()
+    out.write("\n")
+    if stats.notice:
+        print(f"[note: {stats.notice}]", file=sys.stderr)
+    print(f"[{stats.summary()}]", file=sys.stderr)
+    return "".join(pieces)
+
+
+def main(model: str = "default", backend: str = "torch", prompt: str | None = None, system: str | None = None,
+         temperature: float = 0.7, top_k: int = 50, top_p: float = 0.9, repetition_penalty: float = 1.1,
+         max_new_tokens: int = 256, seed: int | None = None, greedy: bool = False) -> int:
+    try:
+        cfg = SamplingConfig(temperature=0.0 if greedy else temperature, top_k=top_k, top_p=top_p,
+                             repetition_penalty=1.0 if greedy else repetition_penalty,
+                             max_new_tokens=max_new_tokens, seed=seed)
+        print(f"loading {model} on {backend} ...", file=sys.stderr)
+        engine, tokenizer, meta = load_backend(model, backend)
+    except (ValueError, FileNotFoundError, RuntimeError, ImportError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    system_msgs = [{"role": "system", "content": system}] if system else []
+    if prompt is not None:
+        if not prompt.strip():
+            print("error: the prompt is empty", file=sys.stderr)
+            return 2
+        run_turn(engine, tokenizer, system_msgs + [{"role": "user", "content": prompt}], cfg)
+        return 0
+    print(f"chatting with {meta.get('name', model)} ({engine.name} on {engine.device}); /reset, /quit", file=sys.stderr)
+    history: list[dict] = []
+    while True:
+        try:
+            text = input("you> ")
+        except (EOFError, KeyboardInterrupt):
+            print(file=sys.stderr)
+            return 0
+        if text.strip() in ("/quit", "/exit"):
+            return 0
+        if text.strip() == "/reset":
+            history = []
+            continue
+        if not text.strip():
+            continue
+        history.append({"role": "user", "content": text})
+        sys.stdout.write("bot> ")
+        try:
+            reply = run_turn(engine, tokenizer, system_msgs + history, cfg)
+        except KeyboardInterrupt:  # Ctrl-C stops this answer, not the chat
+            print("\n[stopped]", file=sys.stderr)
+            history.pop()
+            continue
+        history.append({"role": "assistant", "content": reply})
+
+
+def parse_args(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="default", help="'default' (SmolLM2-135M-Instruct), a model folder, a HF Llama folder, a .gguf file or an ONNX export folder")
+    p.add_argument("--backend", default="torch", choices=BACKENDS, help="eager PyTorch or ONNX Runtime")
+    p.add_argument("--prompt", help="answer this one message, print only the reply on stdout, and exit")
+    p.add_argument("--system", help="system prompt (default: the model's template's own, if any)")
+    p.add_argument("--temperature", type=float, default=0.7, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=50, help="sample among the k most likely tokens (0 = off)")
+    p.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling mass (1 = off)")
+    p.add_argument("--repetition-penalty", type=float, default=1.1, help="CTRL-style penalty on seen tokens (1 = off)")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="longest reply in tokens")
+    p.add_argument("--seed", type=int, help="seed for reproducible sampling")
+    p.add_argument("--greedy", action="store_true", help="deterministic: always the most likely token, no penalty")
+    return vars(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main(**parse_args()))
