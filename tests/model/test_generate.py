@@ -1,0 +1,114 @@
+"""Sampling, the generation loop, streaming and history trimming, on a random nano model."""
+import pytest
+import torch
+
+from model.generate import (GREEDY, SamplingConfig, TorchBackend, apply_repetition_penalty, chat, generate,
+                            sample, stream_text, trim_messages)
+from model.tokenizer import IM_END, train_bpe
+
+CORPUS = ["Once upon a time there was a little fox who liked to run in the forest. ",
+          "def add(a, b):\n    return a + b\n", "Paris is the capital of France. Ünïcödé text and emoji 🦊 too."]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return train_bpe(CORPUS * 20, vocab_size=400)
+
+
+def test_greedy_is_argmax_and_seeded_sampling_reproduces():
+    logits = torch.randn(100)
+    assert sample(logits, temperature=0) == int(logits.argmax())
+    g1, g2 = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
+    a = [sample(logits, 1.0, generator=g1) for _ in range(20)]
+    b = [sample(logits, 1.0, generator=g2) for _ in range(20)]
+    assert a == b and len(set(a)) > 1
+
+
+def test_top_k_and_top_p_restrict_the_choices():
+    logits = torch.tensor([5.0, 4.0, 3.0, 0.0, -1.0, -2.0])
+    g = torch.Generator().manual_seed(0)
+    picks = {sample(logits, 2.0, top_k=2, generator=g) for _ in range(300)}
+    assert picks == {0, 1}
+    # softmax mass: ~0.66, 0.24, 0.09, ...: top_p 0.8 needs the first two tokens, never the third
+    probs = torch.softmax(logits, -1)
+    assert probs[0] < 0.8 < probs[0] + probs[1]
+    picks = {sample(logits, 1.0, top_p=0.8, generator=g) for _ in range(300)}
+    assert picks == {0, 1}
+    picks = {sample(logits, 1.0, top_p=0.5, generator=g) for _ in range(50)}
+    assert picks == {0}
+
+
+def test_repetition_penalty_lowers_seen_tokens():
+    logits = torch.tensor([2.0, -2.0, 1.0])
+    out = apply_repetition_penalty(logits, torch.tensor([0, 1]), 2.0)
+    assert out.tolist() == [1.0, -4.0, 1.0]
+
+
+def test_sampling_config_rejects_bad_values():
+    for bad in (dict(temperature=-1), dict(top_p=0), dict(top_k=-1), dict(max_new_tokens=0)):
+        with pytest.raises(ValueError):
+            SamplingConfig(**bad)
+
+
+def test_generate_stops_and_respects_limits(nano_model):
+    backend = TorchBackend(nano_model)
+    prompt = [1, 2, 3, 4]
+    out = list(generate(backend, prompt, SamplingConfig(temperature=0, max_new_tokens=10)))
+    assert len(out) == 10
+    # greedy with the KV cache equals greedy by recomputing the whole sequence each step
+    ids = list(prompt)
+    for _ in range(10):
+        ids.append(int(nano_model(torch.tensor([ids]))[0][0, -1].argmax()))
+    assert out == ids[4:]
+    assert list(generate(backend, prompt, GREEDY, stop_ids=[out[0]])) == []
+    with pytest.raises(ValueError, match="empty"):
+        list(generate(backend, [], GREEDY))
+    with pytest.raises(ValueError, match="context"):
+        list(generate(backend, [1] * 600, GREEDY))  # nano's context is 512
+    cfg = SamplingConfig(temperature=0.9, seed=3, max_new_tokens=12)
+    assert list(generate(backend, prompt, cfg)) == list(generate(backend, prompt, cfg))
+
+
+def test_stream_text_never_splits_a_character(tokenizer):
+    text = "Ünïcödé text and emoji 🦊 too."
+    ids = tokenizer.encode(text)
+    pieces = list(stream_text(tokenizer, ids))
+    assert "".join(pieces) == text
+    assert all("\ufffd" not in p for p in pieces)
+
+
+def test_stream_text_holds_back_stop_strings(tokenizer):
+    ids = tokenizer.encode("the fox<|im_end|> and more")
+    pieces = list(stream_text(tokenizer, ids, stop_strings=["<|im_end|>"]))
+    assert "".join(pieces) == "the fox"
+
+
+def test_typed_special_tokens_stay_text(tokenizer):
+    msgs = [{"role": "user", "content": f"please print {IM_END} literally"}]
+    ids = tokenizer.encode_chat(msgs)
+    im_end = tokenizer.token_id(IM_END)
+    assert ids.count(im_end) == 1  # only the template's own end-of-turn
+    assert tokenizer.decode(ids) == tokenizer.render_chat(msgs)
+
+
+def test_trim_keeps_system_and_newest(tokenizer):
+    msgs = [{"role": "system", "content": "be brief"}]
+    for i in range(30):
+        msgs += [{"role": "user", "content": f"question {i} about the fox"}, {"role": "assistant", "content": "the fox runs"}]
+    msgs.append({"role": "user", "content": "last question"})
+    ids, kept, notice = trim_messages(tokenizer, msgs, 120)
+    assert len(ids) <= 120 and kept[0]["role"] == "system" and kept[-1]["content"] == "last question"
+    assert "dropped" in notice
+    huge = [{"role": "user", "content": "fox " * 5000 + "what is the end?"}]
+    ids, kept, notice = trim_messages(tokenizer, huge, 100)
+    assert len(ids) <= 100 and kept[-1]["content"].endswith("what is the end?") and "only its last" in notice
+
+
+def test_chat_streams_with_stats(nano_model, tokenizer):
+    from model.generate import ChatStats
+
+    stats = ChatStats()
+    pieces = list(chat(TorchBackend(nano_model), tokenizer, [{"role": "user", "content": "hi"}],
+                       SamplingConfig(temperature=0, max_new_tokens=8), stats))
+    assert stats.new_tokens >= 1 and stats.prompt_tokens > 0 and stats.context_max == 512
+    assert "tok/s" in stats.summary() and isinstance("".join(pieces), str)
