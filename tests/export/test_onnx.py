@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnxruntime
 import pytest
 import torch
 
@@ -202,3 +203,28 @@ def test_export_script_command(nano_dir, tmp_path):
     assert "wrote" in r.stdout and "parity" in r.stdout
     meta = json.loads((out / "onnx_meta.json").read_text())
     assert meta["source_sha256"] and meta["versions"]["onnxruntime"] and meta["opset"] == 17
+
+
+def test_masked_dummy_past_slot_is_ignored(nano_dir, nano_export):
+    """TensorRT profiles start at past 1 (export/tensorrt.py): a zero past slot with mask 0 must
+    change nothing. Checked here on CPU with the plain graph TensorRT would run."""
+    model, _, _ = load_model(nano_dir)
+    ort = OrtBackend(nano_export("fp32", None, False))
+    ids = np.arange(3, 12, dtype=np.int64)[None]
+    ref, _ = ort.run(ids, np.ones_like(ids))
+    dummy = [onnxruntime.OrtValue.ortvalue_from_numpy(np.zeros((1, model.cfg.n_kv_heads, 1, model.cfg.head_dim), np.float32))
+             for _ in ort.past_names]
+    mask = np.concatenate([[[0]], np.ones_like(ids)], 1)
+    got, _ = ort.run(ids, mask, dummy)
+    assert np.abs(got - ref).max() <= FP32_ATOL
+
+
+@pytest.mark.skipif("TensorrtExecutionProvider" not in onnxruntime.get_available_providers(),
+                    reason="no TensorrtExecutionProvider in this onnxruntime (CPU-only machine)")
+def test_tensorrt_greedy_matches_torch(nano_dir, nano_export):
+    from export.tensorrt import TrtBackend
+
+    model, _, _ = load_model(nano_dir)
+    trt = TrtBackend(nano_export("fp16", None, False), max_len=256)
+    cfg = SamplingConfig(temperature=0, top_k=0, top_p=1, repetition_penalty=1, max_new_tokens=32)
+    assert list(generate(trt, [5, 6, 7, 8], cfg)) == list(generate(TorchBackend(model), [5, 6, 7, 8], cfg))
