@@ -153,9 +153,9 @@ def test_quantized_nano_runs(nano_dir, nano_export):
 
 # (variant, min top-1 agreement with fp32, max relative perplexity change) over TEXT (~60 tokens, so
 # one token is ~1.7 points of agreement). Measured on SmolLM2-135M-Instruct (fp32 perplexity 11.12):
-# fp16 1.00 / 11.11, int8 0.90 / 11.43 (+2.8%), int4 0.65 / 12.48 (+12%). Bounds leave a token or
+# fp16 1.00 / 11.11, int8 0.85 / 11.51 (+3.5%), int4 0.65 / 12.48 (+12%). Bounds leave a token or
 # two of slack; int8 with its down projections quantized (0.60 / +72%) fails them, as it should.
-QUALITY = [(("fp16", None), 0.97, 0.01), (("fp32", "int8"), 0.82, 0.06), (("fp32", "int4"), 0.58, 0.16)]
+QUALITY = [(("fp16", None), 0.97, 0.01), (("fp32", "int8"), 0.80, 0.06), (("fp32", "int4"), 0.58, 0.16)]
 
 
 @pytest.mark.slow
