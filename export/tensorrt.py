@@ -1,0 +1,85 @@
+"""TensorRT through ONNX Runtime's TensorRT execution provider, with a cached engine.
+
+    backend = TrtBackend("exports/smollm2-fp16-plain")   # an export made WITHOUT --optimize
+
+TensorRT has no kernels for ORT's contrib ops (GroupQueryAttention, RotaryEmbedding,
+SkipSimplifiedLayerNormalization), so export the plain graph: `python export/onnx.py --model M
+--out D --dtype fp16`. What this module guards against (docs/PITFALLS.md):
+- every dynamic input gets an explicit shape profile (min/opt/max): input_ids, attention_mask
+  and each past_key_values tensor; the minimum past is 1, as profiles in the wild use, because
+  TensorRT dislikes zero-size tensors: the first step therefore feeds one masked dummy past slot
+  (attention_mask 0 there), which the graph ignores exactly as it ignores left padding;
+- the engine is built once and cached (trt_engine_cache_enable) beside the export, then warmed up;
+- IOBinding keeps the cache on the GPU: each step's present OrtValues are bound as the next step's
+  past, never copied to the host. This is not yet one preallocated max-length buffer written in
+  place (what onnxruntime-genai #1604 needs for its TensorRT graphs); our graph concatenates, so
+  present is a fresh buffer each step. Untested on a GPU: see below.
+
+Not tested here: our machines have no GPU, so tests/export skips the TensorRT case, stating why,
+whenever TensorrtExecutionProvider is not in onnxruntime.get_available_providers().
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from export.ort_backend import OrtBackend, OrtCache
+
+
+def shape_profiles(cfg, max_batch: int = 1, max_len: int | None = None, opt_len: int = 512) -> dict:
+    """ORT TensorRT EP profile strings: name:BxS,... for min, opt and max."""
+    max_len = max_len or cfg.max_seq_len
+    kv = lambda b, t: f"{b}x{cfg.n_kv_heads}x{t}x{cfg.head_dim}"  # noqa: E731
+    names = [f"past_key_values.{i}.{k}" for i in range(cfg.n_layers) for k in ("key", "value")]
+    lo = ["input_ids:1x1", "attention_mask:1x2"] + [f"{n}:{kv(1, 1)}" for n in names]
+    opt = [f"input_ids:{max_batch}x1", f"attention_mask:{max_batch}x{opt_len}"] + [f"{n}:{kv(max_batch, opt_len)}" for n in names]
+    hi = [f"input_ids:{max_batch}x{max_len}", f"attention_mask:{max_batch}x{max_len}"] + [f"{n}:{kv(max_batch, max_len - 1)}" for n in names]
+    return {"trt_profile_min_shapes": ",".join(lo), "trt_profile_opt_shapes": ",".join(opt),
+            "trt_profile_max_shapes": ",".join(hi)}
+
+
+class TrtBackend(OrtBackend):
+    """OrtBackend on the TensorRT EP (CUDA EP and CPU as fallbacks for anything TensorRT rejects)."""
+
+    def __init__(self, directory: str | Path, max_len: int | None = None, fp16: bool = True):
+        import onnxruntime as ort
+
+        if "TensorrtExecutionProvider" not in ort.get_available_providers():
+            raise RuntimeError("onnxruntime has no TensorrtExecutionProvider here: install onnxruntime-gpu with "
+                               "TensorRT libraries on a CUDA machine, or use the CPU/CUDA OrtBackend")
+        super().__init__(directory, device="cpu")  # reads and checks the export; session replaced below
+        if self.meta.get("fused_ops"):
+            raise ValueError(f"{directory} uses ORT contrib ops TensorRT cannot run; export it without --optimize")
+        cache = Path(directory) / "trt_cache"
+        cache.mkdir(exist_ok=True)
+        trt = {"trt_engine_cache_enable": True, "trt_engine_cache_path": str(cache), "trt_fp16_enable": fp16,
+               "trt_timing_cache_enable": True, "trt_timing_cache_path": str(cache),
+               **shape_profiles(self.cfg, max_len=max_len or min(self.cfg.max_seq_len, 2048))}
+        so = ort.SessionOptions()
+        self.session = ort.InferenceSession(str(Path(directory) / "model.onnx"), so,
+                                            providers=[("TensorrtExecutionProvider", trt), "CUDAExecutionProvider",
+                                                       "CPUExecutionProvider"])
+        self.device = self.session.get_providers()[0]
+        self.io_device = "cuda"
+        self.prefill([0, 1])  # warm-up: builds (or loads) the engine now, not on the first reply
+
+    def empty_past(self, batch_size: int = 1) -> list:
+        """TensorRT's profile starts at past 1: one zero slot, masked out by attention_mask."""
+        import onnxruntime as ort
+
+        z = ort.OrtValue.ortvalue_from_numpy(
+            np.zeros((batch_size, self.cfg.n_kv_heads, 1, self.cfg.head_dim), self.kv_dtype), "cuda", 0)
+        return [z] * len(self.past_names)
+
+    def prefill(self, ids: list[int]):
+        mask = np.ones((1, len(ids) + 1), np.int64)
+        mask[0, 0] = 0  # the dummy past slot
+        logits, present = self.run(np.array([ids], np.int64), mask, self.empty_past(1))
+        return self._last(logits), OrtCache(present, len(ids) + 1)
+
+    def decode(self, token: int, cache: OrtCache):
+        mask = np.ones((1, cache.length + 1), np.int64)
+        mask[0, 0] = 0
+        logits, present = self.run(np.array([[token]], np.int64), mask, cache.past)
+        return self._last(logits), OrtCache(present, cache.length + 1)

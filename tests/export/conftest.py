@@ -1,0 +1,63 @@
+"""Exports shared by the whole session: each variant of the random nano model is exported once
+(under a second each), SmolLM2-135M-Instruct once per variant when model.weights provides it."""
+import pytest
+import torch
+
+from model.checkpoint import save_model
+from model.config import ModelConfig
+from model.model import CogniMamba
+from model.tokenizer import CharTokenizer
+
+
+def _exporter(tmp_path_factory, source):
+    from export.onnx import export_onnx
+
+    done = {}
+
+    def get(dtype="fp32", quantize=None, fused=True):
+        key = (dtype, quantize, fused)
+        if key not in done:
+            out = tmp_path_factory.mktemp("onnx") / f"{dtype}-{quantize}-{fused}"
+            export_onnx(source, out, dtype=dtype, quantize=quantize, optimize=fused, log=lambda *_: None)
+            done[key] = out
+        return done[key]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def nano_dir(tmp_path_factory):
+    """A random nano model folder (vocab 512, 4 layers, 2 KV heads), seeded."""
+    torch.manual_seed(0)
+    model = CogniMamba(ModelConfig.from_name("nano", vocab_size=512)).eval()
+    tok = CharTokenizer.train(["The quick brown fox jumps over the lazy dog."])
+    return save_model(tmp_path_factory.mktemp("nano") / "model", model, tok, source="random")
+
+
+@pytest.fixture(scope="session")
+def nano_export(tmp_path_factory, nano_dir):
+    """nano_export(dtype, quantize, fused) -> export folder, made on first use."""
+    return _exporter(tmp_path_factory, nano_dir)
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir():
+    try:
+        from model.weights import resolve_model
+    except ImportError:
+        pytest.skip("model.weights (the SmolLM2 importer) is not in this branch yet")
+    try:
+        return resolve_model("default")
+    except Exception as e:  # noqa: BLE001 - any import failure means: no real weights here
+        pytest.skip(f"SmolLM2-135M-Instruct could not be imported: {e}")
+
+
+@pytest.fixture(scope="session")
+def smollm2_export(tmp_path_factory, smollm2_dir):
+    return _exporter(tmp_path_factory, smollm2_dir)
+
+
+@pytest.fixture(autouse=True)
+def _no_grad():
+    with torch.inference_mode():
+        yield
