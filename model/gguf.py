@@ -1,0 +1,164 @@
+"""Import a llama-architecture GGUF file (llama.cpp's format) into our model and tokenizer.
+
+The `gguf` package reads the file and dequantizes with numpy (F32, F16, BF16, Q8_0, Q4_0, Q4_1,
+the K-quants, ...): no transformers, no torch until the end, ~2 s for SmolLM2-135M.
+
+llama.cpp's converter permutes the rows of attn_q / attn_k so that its interleaved RoPE pairs
+(x0,x1),(x2,x3).. match HF's rotate-half pairs (x0,x32),(x1,x33)..; our model rotates halves like
+HF, so the permutation is undone here (convert_hf_to_gguf.py `permute`, llama2.c export.py).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from model.config import ModelConfig
+from model.tokenizer import BPETokenizer
+
+# GGUF tensor name (with {i} for the layer) -> ours. Nothing else is read.
+GGUF_TO_OURS = {
+    "token_embd.weight": "tok_embeddings.weight",
+    "output_norm.weight": "norm.weight",
+    "output.weight": "output.weight",
+    "blk.{i}.attn_norm.weight": "layers.{i}.attention_norm.weight",
+    "blk.{i}.attn_q.weight": "layers.{i}.attention.wq.weight",
+    "blk.{i}.attn_k.weight": "layers.{i}.attention.wk.weight",
+    "blk.{i}.attn_v.weight": "layers.{i}.attention.wv.weight",
+    "blk.{i}.attn_output.weight": "layers.{i}.attention.wo.weight",
+    "blk.{i}.ffn_norm.weight": "layers.{i}.ffn_norm.weight",
+    "blk.{i}.ffn_gate.weight": "layers.{i}.feed_forward.w1.weight",
+    "blk.{i}.ffn_down.weight": "layers.{i}.feed_forward.w2.weight",
+    "blk.{i}.ffn_up.weight": "layers.{i}.feed_forward.w3.weight",
+}
+GGUF_TOKEN_CONTROL, GGUF_TOKEN_USER_DEFINED = 3, 4
+
+
+def _open(path: str | Path):
+    import gguf
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no GGUF file at {path}")
+    with open(path, "rb") as f:
+        if f.read(4) != b"GGUF":
+            raise ValueError(f"{path} is not a GGUF file (bad magic number)")
+    try:
+        return gguf.GGUFReader(path)
+    except Exception as e:  # numpy/struct errors from deep inside the reader
+        raise ValueError(f"{path} is truncated or corrupt: {type(e).__name__}: {e}") from None
+
+
+def _field(reader, key: str, default=None):
+    f = reader.fields.get(key)
+    return default if f is None else f.contents()
+
+
+def unpermute_rope(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """Inverse of llama.cpp's permute: (n_heads * head_dim, dim) interleaved -> rotate-half rows."""
+    rows, cols = w.shape
+    return w.reshape(n_heads, rows // n_heads // 2, 2, cols).swapaxes(1, 2).reshape(rows, cols)
+
+
+def config_from_gguf(reader) -> ModelConfig:
+    arch = _field(reader, "general.architecture")
+    if arch != "llama":
+        raise ValueError(f"GGUF architecture {arch!r} is not supported; only 'llama' models can be imported")
+    n_heads = int(_field(reader, "llama.attention.head_count"))
+    dim = int(_field(reader, "llama.embedding_length"))
+    if _field(reader, "llama.rope.scaling.type") not in (None, "none"):
+        raise ValueError("GGUF uses RoPE scaling, which this model does not implement")
+    names = {t.name for t in reader.tensors}
+    return ModelConfig(
+        dim=dim,
+        n_layers=int(_field(reader, "llama.block_count")),
+        n_heads=n_heads,
+        n_kv_heads=int(_field(reader, "llama.attention.head_count_kv", n_heads)),
+        hidden_dim=int(_field(reader, "llama.feed_forward_length")),
+        head_dim=int(_field(reader, "llama.rope.dimension_count", dim // n_heads)),
+        vocab_size=len(_field(reader, "tokenizer.ggml.tokens")),
+        max_seq_len=int(_field(reader, "llama.context_length", 2048)),
+        rope_theta=float(_field(reader, "llama.rope.freq_base", 10000.0)),
+        norm_eps=float(_field(reader, "llama.attention.layer_norm_rms_epsilon", 1e-5)),
+        tie_embeddings="output.weight" not in names,
+    )
+
+
+def state_dict_from_gguf(reader, cfg: ModelConfig) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Dequantized fp32 weights under our names, and the set of source quantization types."""
+    from gguf.quants import dequantize
+
+    lookup = {}
+    for pattern, ours in GGUF_TO_OURS.items():
+        for i in range(cfg.n_layers) if "{i}" in pattern else [None]:
+            lookup[pattern.format(i=i)] = ours.format(i=i)
+    state, qtypes = {}, set()
+    for t in reader.tensors:
+        if t.name not in lookup:
+            continue  # e.g. rope_freqs: derived from the config here
+        try:
+            w = dequantize(t.data, t.tensor_type)
+        except NotImplementedError:
+            raise ValueError(f"GGUF tensor {t.name} uses quantization {t.tensor_type.name}, which cannot be dequantized here") from None
+        except (ValueError, IndexError) as e:
+            raise ValueError(f"GGUF tensor {t.name} is truncated or corrupt ({e})") from None
+        w = np.array(w, dtype=np.float32).reshape(tuple(reversed([int(n) for n in t.shape])))  # a writable copy; GGUF lists dims fastest-first
+        if t.name.endswith("attn_q.weight"):
+            w = unpermute_rope(w, cfg.n_heads)
+        elif t.name.endswith("attn_k.weight"):
+            w = unpermute_rope(w, cfg.n_kv_heads)
+        state[lookup[t.name]] = torch.from_numpy(np.ascontiguousarray(w))
+        qtypes.add(t.tensor_type.name)
+    missing = set(lookup.values()) - set(state) - ({"output.weight"} if cfg.tie_embeddings else set())
+    if missing:
+        raise ValueError(f"GGUF file lacks {len(missing)} tensors, e.g. {sorted(missing)[0]}")
+    return state, sorted(qtypes)
+
+
+def tokenizer_from_gguf(reader) -> BPETokenizer:
+    """Rebuild the HF tokenizer from tokenizer.ggml.*: byte-level BPE ('gpt2' model)."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+
+    kind = _field(reader, "tokenizer.ggml.model")
+    if kind != "gpt2":
+        raise ValueError(f"GGUF tokenizer model {kind!r} is not supported; only byte-level BPE ('gpt2')")
+    tokens = _field(reader, "tokenizer.ggml.tokens")
+    types = _field(reader, "tokenizer.ggml.token_type") or [1] * len(tokens)
+    merges = [tuple(m.split(" ", 1)) for m in _field(reader, "tokenizer.ggml.merges")]
+    backend = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges))
+    splits = [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)]
+    pre = _field(reader, "tokenizer.ggml.pre", "default")
+    if pre in ("smollm", "starcoder", "qwen2", "llama3", "deepseek-llm"):  # these split digits one by one
+        splits.insert(0, pre_tokenizers.Digits(individual_digits=True))
+    backend.pre_tokenizer = pre_tokenizers.Sequence(splits)
+    backend.decoder = decoders.ByteLevel()
+    special = [t for t, ty in zip(tokens, types) if ty in (GGUF_TOKEN_CONTROL, GGUF_TOKEN_USER_DEFINED)]
+    backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in special])
+    eos = tokens[int(_field(reader, "tokenizer.ggml.eos_token_id", 0))]
+    bos_id = _field(reader, "tokenizer.ggml.bos_token_id")
+    add_bos = bool(_field(reader, "tokenizer.ggml.add_bos_token", False))
+    # Documents end with <|endoftext|> where the vocabulary has it; the GGUF's eos (<|im_end|> in
+    # SmolLM2's) ends a chat reply and stays a stop token.
+    doc_end = "<|endoftext|>" if "<|endoftext|>" in special else eos
+    return BPETokenizer(backend, _field(reader, "tokenizer.chat_template"), eos_token=doc_end,
+                        bos_token=tokens[int(bos_id)] if add_bos and bos_id is not None else None,
+                        stop_tokens=[eos, "<|im_end|>", doc_end])
+
+
+def load_gguf(path: str | Path):
+    """-> (CogniMamba fp32, tokenizer, info dict) from a GGUF file."""
+    from model.model import CogniMamba
+
+    reader = _open(path)
+    cfg = config_from_gguf(reader)
+    state, qtypes = state_dict_from_gguf(reader, cfg)
+    tokenizer = tokenizer_from_gguf(reader)
+    with torch.device("meta"):
+        model = CogniMamba(cfg)
+    model.load_state_dict(state, strict=True, assign=True)
+    model.inv_freq = torch.empty(cfg.head_dim // 2)
+    model.reset_rope()
+    info = {"name": _field(reader, "general.name") or Path(path).stem, "source_format": "gguf",
+            "source_quantization": ",".join(qtypes)}
+    return model.eval(), tokenizer, info

@@ -1,0 +1,139 @@
+"""HuggingFace Llama folders: import one into our model, export ours as one.
+
+An exported folder (config.json, model.safetensors, tokenizer files, generation_config.json) loads
+with transformers.AutoModelForCausalLM and gives our logits, so a model trained here can go to the
+Hub, to llama.cpp's converter and to every tool that reads Llama. Both directions use the one
+name map below; HF and we both rotate halves for RoPE, so no permutation is needed.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from model.config import ModelConfig
+from model.tokenizer import Tokenizer, from_tokenizer_json
+
+HF_TO_OURS = {
+    "model.embed_tokens.weight": "tok_embeddings.weight",
+    "model.norm.weight": "norm.weight",
+    "lm_head.weight": "output.weight",
+    "model.layers.{i}.input_layernorm.weight": "layers.{i}.attention_norm.weight",
+    "model.layers.{i}.self_attn.q_proj.weight": "layers.{i}.attention.wq.weight",
+    "model.layers.{i}.self_attn.k_proj.weight": "layers.{i}.attention.wk.weight",
+    "model.layers.{i}.self_attn.v_proj.weight": "layers.{i}.attention.wv.weight",
+    "model.layers.{i}.self_attn.o_proj.weight": "layers.{i}.attention.wo.weight",
+    "model.layers.{i}.post_attention_layernorm.weight": "layers.{i}.ffn_norm.weight",
+    "model.layers.{i}.mlp.gate_proj.weight": "layers.{i}.feed_forward.w1.weight",
+    "model.layers.{i}.mlp.down_proj.weight": "layers.{i}.feed_forward.w2.weight",
+    "model.layers.{i}.mlp.up_proj.weight": "layers.{i}.feed_forward.w3.weight",
+}
+
+
+def _name_map(n_layers: int) -> dict[str, str]:
+    out = {}
+    for hf, ours in HF_TO_OURS.items():
+        for i in range(n_layers) if "{i}" in hf else [None]:
+            out[hf.format(i=i)] = ours.format(i=i)
+    return out
+
+
+def is_hf_dir(path: str | Path) -> bool:
+    p = Path(path)
+    return (p / "config.json").is_file() and any(p.glob("*.safetensors")) and "model_type" in (p / "config.json").read_text()
+
+
+def config_from_hf(hf: dict) -> ModelConfig:
+    if hf.get("model_type") != "llama":
+        raise ValueError(f"HF model_type {hf.get('model_type')!r} is not supported; only 'llama' folders can be imported")
+    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    if rope.get("rope_type", rope.get("type", "default")) not in ("default", None):
+        raise ValueError(f"RoPE scaling {rope.get('rope_type', rope.get('type'))!r} is not implemented by this model")
+    n_heads = hf["num_attention_heads"]
+    return ModelConfig(
+        dim=hf["hidden_size"], n_layers=hf["num_hidden_layers"], n_heads=n_heads,
+        n_kv_heads=hf.get("num_key_value_heads") or n_heads, hidden_dim=hf["intermediate_size"],
+        head_dim=hf.get("head_dim") or hf["hidden_size"] // n_heads, vocab_size=hf["vocab_size"],
+        max_seq_len=hf.get("max_position_embeddings", 2048),
+        rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
+        norm_eps=hf.get("rms_norm_eps", 1e-5), tie_embeddings=bool(hf.get("tie_word_embeddings", False)))
+
+
+def load_hf(directory: str | Path):
+    """-> (CogniMamba fp32, tokenizer, info) from a HF Llama folder (sharded safetensors allowed)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from model.model import CogniMamba
+
+    d = Path(directory)
+    try:
+        hf = json.loads((d / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{d / 'config.json'} cannot be read ({e})") from None
+    cfg = config_from_hf(hf)
+    names = _name_map(cfg.n_layers)
+    state = {}
+    for shard in sorted(d.glob("*.safetensors")):
+        try:
+            tensors = load_file(str(shard))
+        except (SafetensorError, OSError) as e:
+            raise ValueError(f"{shard} is damaged or truncated ({e})") from None
+        for k, v in tensors.items():
+            if k in names:
+                state[names[k]] = v.float()
+    if cfg.tie_embeddings:
+        state.pop("output.weight", None)
+    with torch.device("meta"):
+        model = CogniMamba(cfg)
+    try:
+        model.load_state_dict(state, strict=True, assign=True)
+    except RuntimeError as e:
+        raise ValueError(f"{d}: weights do not match its config.json ({str(e).splitlines()[0]})") from None
+    model.inv_freq = torch.empty(cfg.head_dim // 2)
+    model.reset_rope()
+    if not (d / "tokenizer.json").is_file():
+        raise FileNotFoundError(f"{d} has no tokenizer.json (a fast tokenizer is needed)")
+    info = {"name": hf.get("_name_or_path") or d.name, "source_format": "hf",
+            "source_quantization": str(hf.get("torch_dtype") or hf.get("dtype") or "unknown")}
+    return model.eval(), from_tokenizer_json(d / "tokenizer.json"), info
+
+
+def export_hf(model, tokenizer: Tokenizer, directory: str | Path, dtype: torch.dtype = torch.float32) -> Path:
+    """Write a HF Llama folder (atomically: temp folder, then rename)."""
+    from safetensors.torch import save_file
+
+    if tokenizer.kind != "bpe":
+        raise ValueError("HF export needs a BPE tokenizer (tokenizer.json); the char tokenizer has no HF equivalent")
+    cfg: ModelConfig = model.cfg
+    d = Path(directory)
+    d.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{d.name}.", dir=d.parent))
+    try:
+        ours_to_hf = {v: k for k, v in _name_map(cfg.n_layers).items()}
+        state = {ours_to_hf[k]: v.detach().to(dtype).contiguous().cpu() for k, v in model.state_dict().items()}
+        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})  # tied: one copy
+        hf = {
+            "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": cfg.dim,
+            "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads,
+            "num_key_value_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim, "intermediate_size": cfg.hidden_dim,
+            "vocab_size": cfg.vocab_size, "max_position_embeddings": cfg.max_seq_len, "rope_theta": cfg.rope_theta,
+            "rms_norm_eps": cfg.norm_eps, "tie_word_embeddings": cfg.tie_embeddings, "hidden_act": "silu",
+            "attention_bias": False, "mlp_bias": False, "torch_dtype": str(dtype).removeprefix("torch."),
+            "bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.stop_ids,
+        }
+        (tmp / "config.json").write_text(json.dumps(hf, indent=2))
+        (tmp / "generation_config.json").write_text(json.dumps(
+            {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.stop_ids}, indent=2))
+        tokenizer.save(tmp)
+        if d.exists():
+            shutil.rmtree(d)
+        os.replace(tmp, d)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return d
