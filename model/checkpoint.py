@@ -22,8 +22,14 @@ FORMAT_VERSION = 1
 
 
 def is_model_dir(path: str | Path) -> bool:
+    """Our folder, not a HF one (both have config.json + model.safetensors): config.json says so."""
     p = Path(path)
-    return (p / "config.json").is_file() and (p / "model.safetensors").is_file()
+    if not ((p / "config.json").is_file() and (p / "model.safetensors").is_file()):
+        return False
+    try:
+        return json.loads((p / "config.json").read_text()).get("format") == FORMAT
+    except (OSError, ValueError):
+        return True  # ours but damaged: let load_model say what is wrong
 
 
 def save_model(directory: str | Path, model: CogniMamba, tokenizer: Tokenizer, source: str = "trained",

