@@ -191,3 +191,14 @@ class CogniMamba(nn.Module):
         shape = (batch_size, self.cfg.n_kv_heads, 0, self.cfg.head_dim)
         return [(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
                 for _ in range(self.cfg.n_layers)]
+
+
+if __name__ == "__main__":  # python -m model.model: the presets and their exact sizes
+    from model.config import PRESETS
+
+    print(f"{'preset':14s} {'dim':>5s} {'layers':>6s} {'heads':>7s} {'hidden':>6s} {'parameters':>13s}")
+    for name in PRESETS:
+        cfg = ModelConfig.from_name(name)
+        with torch.device("meta"):
+            n = CogniMamba(cfg).num_params()
+        print(f"{name:14s} {cfg.dim:5d} {cfg.n_layers:6d} {cfg.n_heads:3d}/{cfg.n_kv_heads:<3d} {cfg.hidden_dim:6d} {n:13,d}")
