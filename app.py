@@ -1,0 +1,126 @@
+"""Chat with a Cogni-Mamba model in the browser; also the HuggingFace Spaces entry point.
+
+    python app.py                                  # SmolLM2-135M-Instruct on ONNX Runtime, http://127.0.0.1:7860
+    python app.py --model checkpoints/run/model --backend torch
+    python app.py --host 0.0.0.0 --port 8080       # reachable from other machines
+    python app.py --share                          # a temporary public gradio.live link
+
+The logic lives in webui/ (chat.respond, parity.parity_panel, models.MODELS); this file only lays
+out the page and launches it. Spaces run `python app.py` and set GRADIO_SERVER_NAME=0.0.0.0.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # `python /elsewhere/app.py` finds model/, webui/
+
+import gradio as gr  # noqa: E402
+
+from webui.chat import respond  # noqa: E402
+from webui.models import BACKEND_CHOICES, BACKEND_LABELS, DEFAULT, MODELS, list_models, model_card  # noqa: E402
+from webui.parity import parity_panel  # noqa: E402
+
+EXAMPLES = ["What is the capital of France?", "Explain what a KV cache is, in two sentences.",
+            "Write a haiku about the sea."]
+
+
+def preload(model: str, backend: str) -> tuple[str, str]:
+    """Load the start-up model before serving, so the first user does not wait. ONNX Runtime falls
+    back to PyTorch with a note when it cannot load. Returns (backend in use, note)."""
+    try:
+        MODELS.get(model, backend)
+        return backend, ""
+    except Exception as e:
+        if backend != "onnx":
+            print(f"error: could not load {model}: {e}", file=sys.stderr)
+            return backend, f"⚠️ could not load {model}: {e}"
+        note = f"ONNX Runtime could not load ({type(e).__name__}: {e}); using PyTorch eager instead."
+        print(f"note: {note}", file=sys.stderr, flush=True)
+        try:
+            MODELS.get(model, "torch")
+        except Exception as e2:
+            print(f"error: could not load {model} on PyTorch either: {e2}", file=sys.stderr)
+            return "torch", f"⚠️ {note} PyTorch failed too: {e2}"
+        return "torch", f"⚠️ {note}"
+
+
+def card(model: str, backend: str) -> str:
+    try:
+        engine, _, meta = MODELS.get(model, backend)
+    except Exception as e:
+        return f"⚠️ could not load {model} on {BACKEND_LABELS.get(backend, backend)}: {e}"
+    return model_card(meta, engine)
+
+
+def build_demo(model: str = DEFAULT, backend: str = "onnx", note: str = "") -> gr.Blocks:
+    models = list_models(extra=[model])
+    backend_box = gr.Dropdown(BACKEND_CHOICES, value=backend, label="Backend", render=False)
+    model_box = gr.Dropdown(models, value=model, label="Model", render=False)
+    settings = [
+        gr.Textbox("", label="System prompt", placeholder="(none: the model's own behaviour)", lines=2, render=False),
+        backend_box, model_box,
+        gr.Slider(0, 2, value=0.7, step=0.05, label="Temperature (0 = greedy)", render=False),
+        gr.Slider(0, 200, value=50, step=1, label="Top-k (0 = off)", render=False),
+        gr.Slider(0.05, 1, value=0.9, step=0.05, label="Top-p (1 = off)", render=False),
+        gr.Slider(1, 2, value=1.1, step=0.05, label="Repetition penalty (1 = off)", render=False),
+        gr.Slider(1, 1024, value=256, step=1, label="Max new tokens", render=False),
+        gr.Number(-1, precision=0, label="Seed (-1 = random)", render=False),
+    ]
+    with gr.Blocks(title="Cogni-Mamba chat") as demo:
+        gr.Markdown("## Cogni-Mamba chat" + (f"\n{note}" if note else ""))
+        with gr.Tab("Chat"):
+            gr.ChatInterface(respond, additional_inputs=settings, additional_inputs_accordion=gr.Accordion(
+                "Settings: system prompt, backend, model, sampling", open=False),
+                examples=[[e] for e in EXAMPLES], cache_examples=False, api_name="chat")
+        with gr.Tab("Parity: PyTorch vs ONNX Runtime"):
+            gr.Markdown("One prompt, greedy, through both backends (the model chosen in Settings).")
+            with gr.Row():
+                prompt = gr.Textbox(EXAMPLES[0], label="Prompt", scale=4)
+                n_tokens = gr.Slider(1, 128, value=24, step=1, label="Tokens", scale=1)
+            run = gr.Button("Compare", variant="primary")
+            verdict = gr.Markdown()
+            with gr.Row():
+                torch_out = gr.Textbox(label="PyTorch eager", lines=6)
+                onnx_out = gr.Textbox(label="ONNX Runtime", lines=6)
+            figures = gr.JSON(label="Figures")
+            run.click(parity_panel, [prompt, model_box, n_tokens], [torch_out, onnx_out, verdict, figures],
+                      api_name="parity")
+        with gr.Tab("Model card"):
+            card_md = gr.Markdown()
+        for box in (backend_box, model_box):
+            box.change(card, [model_box, backend_box], card_md, api_name=False)
+        demo.load(card, [model_box, backend_box], card_md, api_name="model_card")
+    return demo
+
+
+def main(host: str = "127.0.0.1", port: int = 7860, model: str = DEFAULT, backend: str = "onnx",
+         share: bool = False) -> None:
+    global demo
+    start = time.perf_counter()
+    print(f"Cogni-Mamba chat: loading {model} on {BACKEND_LABELS[backend]} (a first start converts and "
+          "exports the model once; later starts read the cache) ...", file=sys.stderr, flush=True)
+    backend, note = preload(model, backend)
+    demo = build_demo(model, backend, note)
+    print(f"ready in {time.perf_counter() - start:.1f} s; serving on http://{host}:{port}", file=sys.stderr, flush=True)
+    # Two generations at once fill two cores; more would only slow every reply down.
+    demo.queue(default_concurrency_limit=2).launch(server_name=host, server_port=port, share=share)
+
+
+def parse_args(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"), help="address to bind (0.0.0.0 for all)")
+    p.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)), help="port to serve on")
+    p.add_argument("--model", default=DEFAULT, help="'default' (SmolLM2-135M-Instruct), a model folder, an ONNX export folder, a HF Llama folder or a .gguf file")
+    p.add_argument("--backend", default="onnx", choices=[v for _, v in BACKEND_CHOICES], help="start-up backend (falls back to torch if ONNX Runtime cannot load); switchable in the page")
+    p.add_argument("--share", action="store_true", help="also serve through a temporary public gradio.live link")
+    return vars(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    main(**parse_args())
+else:  # imported (gradio's reload mode, tests): the page, models loaded on first use
+    demo = build_demo()

@@ -1,0 +1,89 @@
+"""The browser chat's one function: respond(message, history, ...) yields the growing reply.
+
+gr.ChatInterface calls it once per user message, each session with its own history; it is a plain
+generator, so tests drive it without a server. Closing it (stop button, closed tab) closes the
+generation under it: no tokens are computed for nobody.
+
+The reply is yielded as a string while it grows; the last yield adds a status message under it
+(backend, tokens/s, time to first token, context used), marked with metadata so it is shown as a
+small titled box and never fed back to the model. Notices and errors are such messages too.
+"""
+from __future__ import annotations
+
+from gradio import ChatMessage, Warning as UIWarning
+
+from model.generate import ChatStats, SamplingConfig, chat
+from webui.models import BACKEND_LABELS, MODELS, DEFAULT, onnx_unavailable_reason
+
+EMPTY_REPLY = "Please type a message first: an empty message has nothing to answer."
+
+
+def note(title: str, text: str = "") -> ChatMessage:
+    """A status line under the answer: shown by the Chatbot, skipped by history_to_messages."""
+    return ChatMessage(content=text, metadata={"title": title, "status": "done"})
+
+
+def _text(content) -> str:
+    """Gradio hands message content as a string or as a list of content parts."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, dict):
+        return content.get("text", "") if content.get("type", "text") == "text" else ""
+    if isinstance(content, (list, tuple)):
+        return "".join(_text(part) for part in content)
+    return ""
+
+
+def history_to_messages(history: list, system_prompt: str = "") -> list[dict]:
+    """Gradio's history -> role/content dicts for the chat template: our status lines, notices and
+    empty messages are left out."""
+    messages = [{"role": "system", "content": system_prompt}] if system_prompt and system_prompt.strip() else []
+    for m in history or []:
+        role = m.get("role") if isinstance(m, dict) else getattr(m, "role", None)
+        content = m.get("content") if isinstance(m, dict) else getattr(m, "content", None)
+        metadata = (m.get("metadata") if isinstance(m, dict) else getattr(m, "metadata", None)) or {}
+        text = _text(content)
+        if role not in ("user", "assistant") or metadata.get("title") or not text.strip():
+            continue
+        messages.append({"role": role, "content": text})
+    return messages
+
+
+def respond(message: str, history: list, system_prompt: str = "", backend: str = "onnx", model: str = DEFAULT,
+            temperature: float = 0.7, top_k: int = 50, top_p: float = 0.9, repetition_penalty: float = 1.1,
+            max_new_tokens: int = 256, seed: int | float | None = -1, models=MODELS):
+    """Yield the reply as it grows (a str), then [reply, status] (a list of chat messages)."""
+    message = message if isinstance(message, str) else _text(message)
+    if not message.strip():
+        UIWarning(EMPTY_REPLY)
+        yield [note(EMPTY_REPLY)]
+        return
+    try:
+        seed = None if seed is None or int(seed) < 0 else int(seed)
+        cfg = SamplingConfig(temperature=float(temperature), top_k=int(top_k), top_p=float(top_p),
+                             repetition_penalty=float(repetition_penalty), max_new_tokens=int(max_new_tokens), seed=seed)
+    except (TypeError, ValueError) as e:
+        yield [note(f"⚠️ bad setting: {e}")]
+        return
+    backend = backend or "onnx"
+    try:
+        engine, tokenizer, _ = models.get(model or DEFAULT, backend)
+    except Exception as e:  # a model that fails to load must not take the app down
+        hint = " Switch the backend to PyTorch eager in Settings." if backend == "onnx" and onnx_unavailable_reason() else ""
+        yield [note(f"⚠️ could not load {model} on {BACKEND_LABELS.get(backend, backend)}",
+                    f"{type(e).__name__}: {e}.{hint}")]
+        return
+    stats = ChatStats()
+    reply = ""
+    try:
+        for piece in chat(engine, tokenizer, history_to_messages(history, system_prompt) +
+                          [{"role": "user", "content": message}], cfg, stats):
+            reply += piece
+            yield reply
+    except Exception as e:  # a failing backend shows an error in the chat; the server keeps serving
+        yield [ChatMessage(content=reply)] * bool(reply) + [note(f"⚠️ generation failed: {type(e).__name__}", str(e))]
+        return
+    final = [ChatMessage(content=reply)] if reply else [note("(the model answered with an empty reply)")]
+    if stats.notice:
+        final.append(note(f"✂️ {stats.notice}"))
+    yield final + [note(f"📊 {stats.summary()}")]

@@ -1,0 +1,131 @@
+"""Which models the web UI offers, and the loaded backends it shares between sessions.
+
+    list_models()                 [(label, spec)]: the default, checkpoints/**/ folders, exports/*/ ONNX exports
+    MODELS.get(spec, "onnx")      (backend, tokenizer, meta), loaded once per (model, backend)
+    model_card(meta)              Markdown: architecture, parameters, dtype, quantization, source
+
+Backends hold no per-chat state (the KV cache travels with each generation), so one loaded
+backend serves every session; the lock only keeps two sessions from loading the same model twice.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+import threading
+import time
+from pathlib import Path
+
+from model.checkpoint import is_model_dir
+from webui.backends import load_backend
+
+DEFAULT = "default"
+BACKEND_CHOICES = [("ONNX Runtime", "onnx"), ("PyTorch eager", "torch")]
+BACKEND_LABELS = dict((v, k) for k, v in BACKEND_CHOICES)
+ONNX_META = "onnx_meta.json"  # what export/onnx.py writes beside model.onnx
+
+
+def is_onnx_export(path: str | Path) -> bool:
+    return (Path(path) / ONNX_META).is_file() and (Path(path) / "model.onnx").is_file()
+
+
+def onnx_unavailable_reason() -> str | None:
+    """None if the ONNX Runtime backend can be imported, else one sentence why not."""
+    for module, fix in (("onnxruntime", "pip install onnxruntime"), ("onnx", "pip install onnx"),
+                        ("export.ort_backend", "update the checkout (export/ort_backend.py is missing)")):
+        try:
+            if importlib.util.find_spec(module) is None:
+                return f"ONNX Runtime backend unavailable: no module {module!r} ({fix})"
+        except ImportError:
+            return f"ONNX Runtime backend unavailable: no module {module!r} ({fix})"
+    return None
+
+
+def list_models(root: str | Path = ".", extra: list[str] = ()) -> list[tuple[str, str]]:
+    """(label, spec) for the default model, every model folder under checkpoints/ and every ONNX
+    export under exports/, plus `extra` specs (e.g. the --model given on the command line)."""
+    root = Path(root)
+    found = [("SmolLM2-135M-Instruct (default)", DEFAULT)]
+    for config in sorted((root / "checkpoints").glob("**/config.json")):
+        if is_model_dir(config.parent):
+            found.append((str(config.parent.relative_to(root)), str(config.parent)))
+    for meta in sorted((root / "exports").glob("**/" + ONNX_META)):
+        if is_onnx_export(meta.parent):
+            found.append((f"{meta.parent.relative_to(root)} (ONNX)", str(meta.parent)))
+    for spec in extra:
+        if spec and spec not in [s for _, s in found]:
+            found.append((spec, spec))
+    return found
+
+
+def torch_spec(spec: str) -> str:
+    """An ONNX export runs in PyTorch from the model folder it was exported from."""
+    if is_onnx_export(spec) and not is_model_dir(spec):
+        source = json.loads((Path(spec) / ONNX_META).read_text()).get("source", "")
+        if not is_model_dir(source):
+            raise FileNotFoundError(f"{spec} is an ONNX export whose source folder {source!r} is gone; "
+                                    "choose ONNX Runtime for it")
+        return source
+    return spec
+
+
+class ModelCache:
+    """Loaded backends keyed by (model spec, backend name); a per-key lock makes a second session
+    asking for the same model wait for the first load instead of starting its own."""
+
+    def __init__(self, loader=load_backend, log=lambda msg: print(msg, file=sys.stderr, flush=True)):
+        self.loader, self.log = loader, log
+        self.loaded: dict[tuple[str, str], tuple] = {}
+        self.locks: dict[tuple[str, str], threading.Lock] = {}
+        self.guard = threading.Lock()
+
+    def get(self, spec: str, backend: str):
+        key = (spec, backend)
+        if key in self.loaded:
+            return self.loaded[key]
+        with self.guard:
+            lock = self.locks.setdefault(key, threading.Lock())
+        with lock:
+            if key not in self.loaded:  # another session may have loaded it while we waited
+                if backend == "onnx" and (reason := onnx_unavailable_reason()):
+                    raise RuntimeError(reason)
+                self.log(f"loading {spec} on {BACKEND_LABELS.get(backend, backend)} ...")
+                start = time.perf_counter()
+                engine, tokenizer, meta = self.loader(torch_spec(spec) if backend == "torch" else spec, backend)
+                self.loaded[key] = (engine, tokenizer, meta)
+                self.log(f"loaded {meta.get('name', spec)} on {engine.name}/{engine.device} "
+                         f"in {time.perf_counter() - start:.1f} s")
+        return self.loaded[key]
+
+
+MODELS = ModelCache()
+
+
+def model_card(meta: dict, engine=None) -> str:
+    """A Markdown card from a model's meta (config.json, plus onnx_meta.json for an export)."""
+    cfg = meta.get("model", {})
+    onnx = meta.get("onnx") or {}
+    quant = onnx.get("quantization") or meta.get("source_quantization") or "none"
+    rows = [
+        ("name", meta.get("name", "?")),
+        ("architecture", f"Llama-style decoder: {cfg.get('n_layers')} layers x dim {cfg.get('dim')}, "
+                         f"{cfg.get('n_heads')} query / {cfg.get('n_kv_heads')} KV heads (GQA), "
+                         f"SwiGLU {cfg.get('hidden_dim')}, RoPE theta {cfg.get('rope_theta')}, "
+                         f"{'tied' if cfg.get('tie_embeddings') else 'untied'} embeddings"),
+        ("vocabulary", cfg.get("vocab_size")),
+        ("context", f"{cfg.get('max_seq_len')} tokens"),
+        ("parameters", f"{meta['num_params']:,}" if isinstance(meta.get("num_params"), int) else "?"),
+        ("dtype", onnx.get("dtype") or meta.get("dtype", "?")),
+        ("quantization", quant),
+        ("weights from", meta.get("source", "?")),
+    ]
+    if meta.get("path"):
+        rows.append(("loaded from", meta["path"]))
+    if onnx:
+        rows.append(("ONNX export", f"opset {onnx.get('opset')}, fused ORT ops: {onnx.get('fused_ops')}"))
+        if onnx.get("parity"):
+            rows.append(("export parity", f"max |dlogit| {onnx['parity']['max_abs_logit_diff']:.2e}, "
+                                          f"top-1 agreement {onnx['parity']['top1_agreement']:.3f}"))
+    if engine is not None:
+        rows.append(("running on", f"{BACKEND_LABELS.get(engine.name, engine.name)} ({engine.device})"))
+    return "| | |\n|---|---|\n" + "\n".join(f"| {k} | {str(v).replace('|', '/')} |" for k, v in rows)

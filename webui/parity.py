@@ -1,0 +1,49 @@
+"""One prompt, greedy, through PyTorch and ONNX Runtime side by side.
+
+compare() checks the two things a user of the export cares about: the prefill logits of the prompt
+(max |dlogit| over the vocabulary at the last prompt position) and the greedy tokens. Greedy-token
+equality is the check a user feels (see PITFALLS.md: llama2.c demands byte-exact text); the logit
+difference tells how close to flipping a token the two runtimes are.
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+
+from model.generate import GREEDY, generate
+from webui.models import DEFAULT, MODELS
+
+
+def compare(prompt: str, model: str = DEFAULT, max_new_tokens: int = 32, models=MODELS) -> dict:
+    """-> {"max_abs_logit_diff", "tokens_agree", "first_difference", "torch": {...}, "onnx": {...}}"""
+    if not prompt or not prompt.strip():
+        raise ValueError("type a prompt to compare")
+    runs = {}
+    for name in ("torch", "onnx"):
+        engine, tokenizer, _ = models.get(model, name)
+        ids = tokenizer.encode_chat([{"role": "user", "content": prompt}])
+        ids = ids[-(engine.max_seq_len - int(max_new_tokens)):]  # a prompt too long for the context keeps its end
+        logits, _ = engine.prefill(ids)
+        tokens = list(generate(engine, ids, replace(GREEDY, max_new_tokens=int(max_new_tokens)), tokenizer.stop_ids))
+        runs[name] = {"device": engine.device, "prompt_tokens": len(ids), "logits": logits.float(),
+                      "tokens": tokens, "text": tokenizer.decode(tokens)}
+    a, b = runs["torch"], runs["onnx"]
+    first = next((i for i, (x, y) in enumerate(zip(a["tokens"], b["tokens"])) if x != y),
+                 None if len(a["tokens"]) == len(b["tokens"]) else min(len(a["tokens"]), len(b["tokens"])))
+    diff = float((a["logits"] - b["logits"]).abs().max())
+    return {"max_abs_logit_diff": diff, "tokens_agree": first is None, "first_difference": first,
+            "prompt_tokens": a["prompt_tokens"],
+            **{k: {key: v[key] for key in ("device", "tokens", "text")} for k, v in runs.items()}}
+
+
+def parity_panel(prompt: str, model: str = DEFAULT, max_new_tokens: int = 32, models=MODELS):
+    """For the UI: (torch text, onnx text, Markdown verdict, the figures as a dict)."""
+    try:
+        r = compare(prompt, model, max_new_tokens, models)
+    except Exception as e:  # the panel reports; the app keeps serving
+        return "", "", f"⚠️ {type(e).__name__}: {e}", {"error": str(e)}
+    verdict = ("✅ greedy tokens agree" if r["tokens_agree"]
+               else f"❌ greedy tokens differ from token {r['first_difference']}")
+    md = (f"{verdict} ({len(r['torch']['tokens'])} / {len(r['onnx']['tokens'])} tokens) · "
+          f"max |Δlogit| at the prefill: **{r['max_abs_logit_diff']:.2e}** over {r['prompt_tokens']} prompt tokens · "
+          f"PyTorch on {r['torch']['device']}, ONNX Runtime on {r['onnx']['device']}")
+    return r["torch"]["text"], r["onnx"]["text"], md, r
