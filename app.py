@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # `python /elsewhere/a
 import gradio as gr  # noqa: E402
 
 from webui.chat import respond  # noqa: E402
-from webui.models import BACKEND_CHOICES, BACKEND_LABELS, DEFAULT, MODELS, list_models, model_card  # noqa: E402
+from webui.models import BACKEND_CHOICES, BACKEND_LABELS, DEFAULT, MODELS, list_models, loaded_line, model_card  # noqa: E402
 from webui.parity import parity_panel  # noqa: E402
 
 EXAMPLES = ["What is the capital of France?", "Explain what a KV cache is, in two sentences.",
@@ -37,23 +37,25 @@ def preload(model: str, backend: str) -> tuple[str, str]:
     except Exception as e:
         if backend != "onnx":
             print(f"error: could not load {model}: {e}", file=sys.stderr)
-            return backend, f"⚠️ could not load {model}: {e}"
+            return backend, f"**Error:** could not load {model}: {e}"
         note = f"ONNX Runtime could not load ({type(e).__name__}: {e}); using PyTorch eager instead."
         print(f"note: {note}", file=sys.stderr, flush=True)
         try:
             MODELS.get(model, "torch")
         except Exception as e2:
             print(f"error: could not load {model} on PyTorch either: {e2}", file=sys.stderr)
-            return "torch", f"⚠️ {note} PyTorch failed too: {e2}"
-        return "torch", f"⚠️ {note}"
+            return "torch", f"**Note:** {note} PyTorch failed too: {e2}"
+        return "torch", f"**Note:** {note}"
 
 
-def card(model: str, backend: str) -> str:
+def card(model: str, backend: str) -> tuple[str, str]:
+    """(the line at the top of the page, the model card)."""
     try:
         engine, _, meta = MODELS.get(model, backend)
     except Exception as e:
-        return f"⚠️ could not load {model} on {BACKEND_LABELS.get(backend, backend)}: {e}"
-    return model_card(meta, engine)
+        msg = f"**Error:** could not load {model} on {BACKEND_LABELS.get(backend, backend)}: {e}"
+        return msg, msg
+    return loaded_line(model, meta, engine), model_card(model, meta, engine)
 
 
 def build_demo(model: str = DEFAULT, backend: str = "onnx", note: str = "") -> gr.Blocks:
@@ -72,9 +74,10 @@ def build_demo(model: str = DEFAULT, backend: str = "onnx", note: str = "") -> g
     ]
     with gr.Blocks(title="Cogni-Mamba chat") as demo:
         gr.Markdown("## Cogni-Mamba chat" + (f"\n{note}" if note else ""))
+        loaded = gr.Markdown("Loading the model ...")
         with gr.Tab("Chat"):
             gr.ChatInterface(respond, additional_inputs=settings, additional_inputs_accordion=gr.Accordion(
-                "Settings: system prompt, backend, model, sampling", open=False),
+                "Settings: system prompt, backend, model, sampling", open=False, render=False),
                 examples=[[e] for e in EXAMPLES], cache_examples=False, api_name="chat")
         with gr.Tab("Parity: PyTorch vs ONNX Runtime"):
             gr.Markdown("One prompt, greedy, through both backends (the model chosen in Settings).")
@@ -92,8 +95,8 @@ def build_demo(model: str = DEFAULT, backend: str = "onnx", note: str = "") -> g
         with gr.Tab("Model card"):
             card_md = gr.Markdown()
         for box in (backend_box, model_box):
-            box.change(card, [model_box, backend_box], card_md, api_name=False)
-        demo.load(card, [model_box, backend_box], card_md, api_name="model_card")
+            box.change(card, [model_box, backend_box], [loaded, card_md], api_name=False)
+        demo.load(card, [model_box, backend_box], [loaded, card_md], api_name="model_card")
     return demo
 
 

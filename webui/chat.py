@@ -63,14 +63,14 @@ def respond(message: str, history: list, system_prompt: str = "", backend: str =
         cfg = SamplingConfig(temperature=float(temperature), top_k=int(top_k), top_p=float(top_p),
                              repetition_penalty=float(repetition_penalty), max_new_tokens=int(max_new_tokens), seed=seed)
     except (TypeError, ValueError) as e:
-        yield [note(f"⚠️ bad setting: {e}")]
+        yield [note(f"bad setting: {e}")]
         return
     backend = backend or "onnx"
     try:
         engine, tokenizer, _ = models.get(model or DEFAULT, backend)
     except Exception as e:  # a model that fails to load must not take the app down
         hint = " Switch the backend to PyTorch eager in Settings." if backend == "onnx" and onnx_unavailable_reason() else ""
-        yield [note(f"⚠️ could not load {model} on {BACKEND_LABELS.get(backend, backend)}",
+        yield [note(f"error: could not load {model} on {BACKEND_LABELS.get(backend, backend)}",
                     f"{type(e).__name__}: {e}.{hint}")]
         return
     stats = ChatStats()
@@ -81,9 +81,9 @@ def respond(message: str, history: list, system_prompt: str = "", backend: str =
             reply += piece
             yield reply
     except Exception as e:  # a failing backend shows an error in the chat; the server keeps serving
-        yield [ChatMessage(content=reply)] * bool(reply) + [note(f"⚠️ generation failed: {type(e).__name__}", str(e))]
+        yield [ChatMessage(content=reply)] * bool(reply) + [note(f"error: generation failed ({type(e).__name__})", str(e))]
         return
     final = [ChatMessage(content=reply)] if reply else [note("(the model answered with an empty reply)")]
     if stats.notice:
-        final.append(note(f"✂️ {stats.notice}"))
-    yield final + [note(f"📊 {stats.summary()}")]
+        final.append(note(f"note: {stats.notice}"))
+    yield final + [note(stats.summary())]

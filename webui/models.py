@@ -2,7 +2,7 @@
 
     list_models()                 [(label, spec)]: the default, checkpoints/**/ folders, exports/*/ ONNX exports
     MODELS.get(spec, "onnx")      (backend, tokenizer, meta), loaded once per (model, backend)
-    model_card(meta)              Markdown: architecture, parameters, dtype, quantization, source
+    model_card(spec, meta)        Markdown: architecture, parameters, dtype, quantization, source
 
 Backends hold no per-chat state (the KV cache travels with each generation), so one loaded
 backend serves every session; the lock only keeps two sessions from loading the same model twice.
@@ -101,13 +101,26 @@ class ModelCache:
 MODELS = ModelCache()
 
 
-def model_card(meta: dict, engine=None) -> str:
+def display_name(spec: str, meta: dict) -> str:
+    if spec == DEFAULT:
+        return "SmolLM2-135M-Instruct"
+    return meta.get("name") or Path(spec).name
+
+
+def loaded_line(spec: str, meta: dict, engine) -> str:
+    """One line for the top of the page: which model runs where."""
+    params = f", {meta['num_params'] / 1e6:.1f}M parameters" if isinstance(meta.get("num_params"), int) else ""
+    return (f"Loaded: **{display_name(spec, meta)}**{params} on {BACKEND_LABELS.get(engine.name, engine.name)} "
+            f"({engine.device})")
+
+
+def model_card(spec: str, meta: dict, engine=None) -> str:
     """A Markdown card from a model's meta (config.json, plus onnx_meta.json for an export)."""
     cfg = meta.get("model", {})
     onnx = meta.get("onnx") or {}
     quant = onnx.get("quantization") or meta.get("source_quantization") or "none"
     rows = [
-        ("name", meta.get("name", "?")),
+        ("name", display_name(spec, meta)),
         ("architecture", f"Llama-style decoder: {cfg.get('n_layers')} layers x dim {cfg.get('dim')}, "
                          f"{cfg.get('n_heads')} query / {cfg.get('n_kv_heads')} KV heads (GQA), "
                          f"SwiGLU {cfg.get('hidden_dim')}, RoPE theta {cfg.get('rope_theta')}, "

@@ -40,9 +40,9 @@ def parity_panel(prompt: str, model: str = DEFAULT, max_new_tokens: int = 32, mo
     try:
         r = compare(prompt, model, max_new_tokens, models)
     except Exception as e:  # the panel reports; the app keeps serving
-        return "", "", f"⚠️ {type(e).__name__}: {e}", {"error": str(e)}
-    verdict = ("✅ greedy tokens agree" if r["tokens_agree"]
-               else f"❌ greedy tokens differ from token {r['first_difference']}")
+        return "", "", f"**Error:** {type(e).__name__}: {e}", {"error": str(e)}
+    verdict = ("**Greedy tokens agree**" if r["tokens_agree"]
+               else f"**Greedy tokens differ** from token {r['first_difference']} on")
     md = (f"{verdict} ({len(r['torch']['tokens'])} / {len(r['onnx']['tokens'])} tokens) · "
           f"max |Δlogit| at the prefill: **{r['max_abs_logit_diff']:.2e}** over {r['prompt_tokens']} prompt tokens · "
           f"PyTorch on {r['torch']['device']}, ONNX Runtime on {r['onnx']['device']}")

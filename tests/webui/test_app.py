@@ -49,13 +49,13 @@ def test_a_streamed_answer_arrives(client, nano_dir):
 
 def test_switching_backend(client, nano_dir):
     final = send(client, "hello", str(nano_dir), backend="torch")[-1]
-    assert titles(final)[-1].startswith("📊 torch on cpu")
+    assert titles(final)[-1].startswith("torch on cpu")
     if ort_missing():
         pytest.skip(f"torch works; ONNX half skipped: {ort_missing()}")
     final = send(client, "hello", str(nano_dir), backend="onnx")[-1]
-    assert titles(final)[-1].startswith("📊 onnx on CPUExecutionProvider")
+    assert titles(final)[-1].startswith("onnx on CPUExecutionProvider")
     final = send(client, "hello", str(nano_dir), backend="torch")[-1]
-    assert titles(final)[-1].startswith("📊 torch on cpu")
+    assert titles(final)[-1].startswith("torch on cpu")
 
 
 @pytest.mark.skipif(ort_missing() is not None, reason=str(ort_missing()))
@@ -66,8 +66,9 @@ def test_parity_endpoint_reports_agreement(client, nano_dir):
 
 
 def test_model_card_endpoint(client, nano_dir):
-    card = client.predict(str(nano_dir), "torch", api_name="/model_card")
+    line, card = client.predict(str(nano_dir), "torch", api_name="/model_card")
     assert "parameters" in card and "random init (tests)" in card
+    assert line.startswith("Loaded: **nano**") and "PyTorch eager (cpu)" in line
 
 
 def test_two_users_at_once_get_their_own_answers(server, nano_dir):

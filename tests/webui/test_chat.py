@@ -94,7 +94,7 @@ def test_history_keeps_the_conversation_not_our_status_lines():
     history = [
         {"role": "user", "content": "hi"},
         {"role": "assistant", "content": [{"type": "text", "text": "hello!"}]},
-        {"role": "assistant", "content": "", "metadata": {"title": "📊 torch on cpu · 5 tok/s"}},
+        {"role": "assistant", "content": "", "metadata": {"title": "torch on cpu · 5 tok/s"}},
         {"role": "user", "content": "   "},
         {"role": "assistant", "content": "", "metadata": {"title": EMPTY_REPLY}},
     ]
@@ -122,7 +122,7 @@ class Broken:
 def test_a_failing_backend_shows_an_error_and_respond_returns(torch_models):
     _, tokenizer, meta = torch_models.loaded
     final = ask("hello", Fixed((Broken(), tokenizer, meta)))[-1]
-    assert titles(final) == ["⚠️ generation failed: RuntimeError"] and "caught fire" in final[0].content
+    assert titles(final) == ["error: generation failed (RuntimeError)"] and "caught fire" in final[0].content
 
 
 def test_a_model_that_fails_to_load_shows_an_error():
@@ -188,10 +188,10 @@ def test_model_list_has_the_default_checkpoints_and_exports(tmp_path, nano_dir):
     assert specs == ["default", str(tmp_path / "checkpoints" / "run" / "model"), str(export), "extra/model"]
 
 
-def test_model_card_says_what_the_model_is(torch_models):
+def test_model_card_says_what_the_model_is(torch_models, nano_dir):
     engine, _, meta = torch_models.loaded
-    card = model_card(meta, engine)
-    for text in ("4 layers x dim 128", "parameters", "float32", "quantization", "random init (tests)", "PyTorch eager (cpu)"):
+    card = model_card(str(nano_dir), meta, engine)
+    for text in ("| name | nano |", "4 layers x dim 128", "parameters", "float32", "quantization", "random init (tests)", "PyTorch eager (cpu)"):
         assert text in card
 
 
