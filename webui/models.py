@@ -118,7 +118,9 @@ def model_card(spec: str, meta: dict, engine=None) -> str:
     """A Markdown card from a model's meta (config.json, plus onnx_meta.json for an export)."""
     cfg = meta.get("model", {})
     onnx = meta.get("onnx") or {}
-    quant = onnx.get("quantization") or meta.get("source_quantization") or "none"
+    quant = onnx.get("quantization") or "none"
+    if meta.get("source_quantization"):
+        quant += f" (weights dequantized from {meta.get('source_format', 'source')} tensors {meta['source_quantization']})"
     rows = [
         ("name", display_name(spec, meta)),
         ("architecture", f"Llama-style decoder: {cfg.get('n_layers')} layers x dim {cfg.get('dim')}, "
@@ -141,4 +143,4 @@ def model_card(spec: str, meta: dict, engine=None) -> str:
                                           f"top-1 agreement {onnx['parity']['top1_agreement']:.3f}"))
     if engine is not None:
         rows.append(("running on", f"{BACKEND_LABELS.get(engine.name, engine.name)} ({engine.device})"))
-    return "| | |\n|---|---|\n" + "\n".join(f"| {k} | {str(v).replace('|', '/')} |" for k, v in rows)
+    return "| model card | |\n|---|---|\n" + "\n".join(f"| {k} | {str(v).replace('|', '/')} |" for k, v in rows)

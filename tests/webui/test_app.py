@@ -112,3 +112,19 @@ def test_a_stopped_answer_leaves_the_server_serving(client, nano_dir):
 def test_a_model_outside_the_list_is_refused(client):
     with pytest.raises(Exception, match="not in the list of choices"):
         send(client, "hello", "/etc")
+
+
+def test_start_up_falls_back_to_torch_when_onnx_cannot_load(monkeypatch, nano_dir):
+    import app
+    from webui.backends import load_backend
+
+    def loader(spec, backend):
+        if backend == "onnx":
+            raise ImportError("No module named 'onnxruntime'")
+        return load_backend(spec, backend)
+
+    monkeypatch.setattr(app.MODELS, "loader", loader)
+    monkeypatch.setattr(app.MODELS, "loaded", {})
+    backend, note = app.preload(str(nano_dir), "onnx")
+    assert backend == "torch" and "using PyTorch eager instead" in note and "onnxruntime" in note
+    assert (str(nano_dir), "torch") in app.MODELS.loaded
