@@ -97,7 +97,7 @@ class TorchBackend:
 
     @torch.inference_mode()
     def prefill(self, ids: list[int]):
-        logits, cache = self.model(torch.tensor([ids], device=self.param.device))
+        logits, cache = self.model(torch.tensor([ids], device=self.param.device), last_only=True)
         return logits[0, -1].float().cpu(), cache
 
     @torch.inference_mode()

@@ -162,10 +162,13 @@ class CogniMamba(nn.Module):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         past_key_values: KVCache | None = None,
+        last_only: bool = False,
     ) -> tuple[torch.Tensor, KVCache]:
         """input_ids (B, T); attention_mask (B, P+T), 1 = token, 0 = left padding; past_key_values
         one (key, value) pair per layer, each (B, n_kv_heads, P, head_dim), P may be 0.
-        Returns logits (B, T, vocab_size) and the present cache (P+T long)."""
+        Returns logits (B, T, vocab_size) and the present cache (P+T long). last_only: logits of
+        the last position only (B, 1, vocab_size): a generating prefill needs no more, and the
+        LM head is ~20% of a 500-token prefill of SmolLM2."""
         B, T = input_ids.shape
         P = 0 if past_key_values is None else past_key_values[0][0].shape[2]
         if attention_mask is None:
@@ -181,6 +184,8 @@ class CogniMamba(nn.Module):
         for i, layer in enumerate(self.layers):
             x, present = layer(x, cos, sin, mask, None if past_key_values is None else past_key_values[i])
             presents.append(present)
+        if last_only:
+            x = x[:, -1:]
         x = self.norm(x)
         weight = self.tok_embeddings.weight if self.output is None else self.output.weight
         logits = F.linear(x, weight)  # (B, T, vocab_size)

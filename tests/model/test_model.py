@@ -109,3 +109,11 @@ def test_tied_embeddings_and_training_step():
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0] - 0.5
+
+
+def test_last_only_gives_the_last_logits(nano_model):
+    x = torch.randint(0, 512, (2, 10))
+    full, cache_full = nano_model(x)
+    last, cache_last = nano_model(x, last_only=True)
+    torch.testing.assert_close(last, full[:, -1:])
+    torch.testing.assert_close(cache_last[0][0], cache_full[0][0])
