@@ -1,0 +1,463 @@
+"""Train a CogniMamba model: pretraining on text, or chat fine-tuning (--sft).
+
+    python train/train.py --preset nano --data my_corpus.txt --tokenizer bpe --vocab-size 2048 --max-steps 500 --out runs/mine
+    python train/train.py --preset medium --data tinystories:0.8,codesearchnet:python:0.2 --out runs/medium
+    python train/train.py --init-from default --sft --data chats.jsonl --lr 5e-5 --max-steps 200 --out runs/smol-chat
+    python train/train.py --out runs/mine --resume                       # continue a stopped run
+    torchrun --nproc_per_node 4 train/train.py --preset medium ...      # several GPUs (or CPU processes)
+    torchrun --nnodes 2 --node_rank 0 --nproc_per_node 8 --master_addr HOST --master_port 29500 train/train.py ...
+
+Writes into --out: latest.pt (every eval), best_model.pt (lowest validation loss),
+checkpoint_epoch_N.pt (after each pass over the training tokens), model/ (the best weights as our
+model folder: chat and export load it directly), metrics.jsonl, loss_curve.png, and the tokenizer.
+Checkpoints hold only tensors and plain Python values: torch.load(..., weights_only=True) reads them.
+"""
+# Bootstrap: `python train/train.py` puts train/ first on sys.path; the repository root is needed.
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import argparse  # noqa: E402
+import contextlib  # noqa: E402
+import dataclasses  # noqa: E402
+import json  # noqa: E402
+import math  # noqa: E402
+import os  # noqa: E402
+import random  # noqa: E402
+import time  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from model.checkpoint import save_model  # noqa: E402
+from model.config import ModelConfig, find_multiple  # noqa: E402
+from model.model import CogniMamba  # noqa: E402
+
+
+@dataclass
+class TrainConfig:
+    preset: str = "medium"
+    data: str = "tinystories"
+    tokenizer: str = "gpt2"  # gpt2 | smollm2 | bpe | char | path/to/tokenizer.json
+    vocab_size: int = 4096  # for --tokenizer bpe
+    out: str = "runs/cogni-mamba"
+    batch_size: int = 8  # per device, per micro-step
+    grad_accum: int = 1
+    seq_len: int = 512
+    lr: float = 3e-4
+    min_lr_ratio: float = 0.1  # cosine decays to lr * this
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    max_steps: int = 0  # 0 -> from epochs
+    epochs: float = 1.0
+    eval_interval: int = 100
+    eval_batches: int = 20
+    precision: str = "auto"  # auto | bf16 | fp16 | fp32
+    compile: bool = False
+    activation_checkpointing: bool = False
+    resume: bool = False
+    init_from: str = ""  # a model spec (default, a folder, .gguf, ...) to fine-tune
+    sft: bool = False
+    val_fraction: float = 0.05
+    seed: int = 1337
+    num_proc: int = 0  # tokenizing processes; 0 -> automatic
+
+
+# -------------------------------------------------------------------------------------------------
+# pieces the loop uses (and tests import)
+
+def get_lr(step: int, cfg: TrainConfig, max_steps: int) -> float:
+    """Linear warmup, then cosine decay to lr * min_lr_ratio (as nanoGPT)."""
+    warmup = min(cfg.warmup_steps, max(1, max_steps // 10))
+    if step < warmup:
+        return cfg.lr * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, max_steps - warmup))
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def pick_precision(precision: str, device: str) -> tuple[torch.dtype | None, bool]:
+    """-> (autocast dtype or None for fp32, whether a GradScaler is needed)."""
+    if precision == "auto":
+        if device == "cuda":
+            precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        else:
+            precision = "fp32"  # CPU autocast gains little for small models; bf16 on request
+    if precision == "fp16" and device != "cuda":
+        raise ValueError("--precision fp16 needs a CUDA GPU; use bf16 or fp32 on CPU")
+    return {"fp32": (None, False), "bf16": (torch.bfloat16, False), "fp16": (torch.float16, True)}[precision]
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: str) -> torch.optim.AdamW:
+    """AdamW; weight decay on matrices only (not norms), fused kernels on CUDA."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), fused=device == "cuda")
+
+
+def loss_fn(model, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    logits, _ = model(x)
+    return F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.reshape(-1), ignore_index=-100)
+
+
+@torch.no_grad()
+def evaluate(model, data, cfg: TrainConfig, device: str, amp_dtype) -> float:
+    """Mean validation loss over a fixed set of batches (its own seed: training RNG is untouched)."""
+    model.eval()
+    g = torch.Generator().manual_seed(cfg.seed + 1)
+    losses = []
+    for _ in range(cfg.eval_batches):
+        x, y = data.batch(cfg.batch_size, g)
+        with autocast(device, amp_dtype):
+            losses.append(loss_fn(model, x.to(device), y.to(device)).item())
+    model.train()
+    return float(np.mean(losses))
+
+
+def autocast(device: str, dtype):
+    return torch.autocast(device_type=device, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+
+def atomic_save(obj: dict, path: Path) -> None:
+    """Write to a temp file, then rename: a crash or a full disk never leaves half a checkpoint."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def rng_state(batch_gen: torch.Generator) -> dict:
+    return {"torch": torch.get_rng_state(), "batches": batch_gen.get_state(),
+            "numpy": torch.from_numpy(np.frombuffer(json.dumps(_np_state()).encode(), dtype=np.uint8).copy()),
+            "python": torch.from_numpy(np.frombuffer(json.dumps(random.getstate()).encode(), dtype=np.uint8).copy())}
+
+
+def _np_state():
+    s = np.random.get_state()
+    return [s[0], s[1].tolist(), s[2], s[3], s[4]]
+
+
+def set_rng_state(state: dict, batch_gen: torch.Generator) -> None:
+    torch.set_rng_state(state["torch"])
+    batch_gen.set_state(state["batches"])
+    s = json.loads(bytes(state["numpy"].numpy()).decode())
+    np.random.set_state((s[0], np.array(s[1], dtype=np.uint32), s[2], s[3], s[4]))
+    p = json.loads(bytes(state["python"].numpy()).decode())
+    random.setstate((p[0], tuple(p[1]), p[2]))
+
+
+def load_checkpoint(out: Path) -> dict:
+    """The newest readable checkpoint in out: latest.pt, else the newest checkpoint_epoch_N.pt."""
+    candidates = [out / "latest.pt"] + sorted(out.glob("checkpoint_epoch_*.pt"), key=lambda p: p.stat().st_mtime, reverse=True)
+    for path in candidates:
+        if not path.is_file():
+            continue
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+            print(f"resuming from {path} (step {ckpt['step']})", file=sys.stderr)
+            return ckpt
+        except Exception as e:  # noqa: BLE001 - a damaged file: say so and try an older one
+            print(f"warning: {path} is damaged ({type(e).__name__}); trying an older checkpoint", file=sys.stderr)
+    raise FileNotFoundError(f"--resume: no readable checkpoint in {out}")
+
+
+def get_tokenizer(cfg: TrainConfig, sample_texts):
+    from model.tokenizer import CharTokenizer, from_tokenizer_json, gpt2_tokenizer, train_bpe
+
+    if cfg.tokenizer == "gpt2":
+        return gpt2_tokenizer()
+    if cfg.tokenizer == "smollm2":
+        from model.weights import load_any
+
+        return load_any("default")[1]
+    if cfg.tokenizer == "bpe":
+        return train_bpe(sample_texts(), cfg.vocab_size)
+    if cfg.tokenizer == "char":
+        return CharTokenizer.train(sample_texts())
+    if Path(cfg.tokenizer).is_file():
+        return from_tokenizer_json(cfg.tokenizer)
+    raise ValueError(f"--tokenizer {cfg.tokenizer!r}: use gpt2, smollm2, bpe, char or a tokenizer.json path")
+
+
+def corpus_sample(cfg: TrainConfig, limit_chars: int = 20_000_000):
+    """Texts for training a BPE/char tokenizer: the sources' rows, up to limit_chars in all."""
+    from train.data import load_source, parse_data_spec, to_text
+
+    def texts():
+        total = 0
+        for src in parse_data_spec(cfg.data):
+            for row in load_source(src.name):
+                t = to_text(row)
+                total += len(t)
+                yield t
+                if total >= limit_chars:
+                    return
+    return texts
+
+
+def plot_losses(metrics_path: Path, png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    train = {r["step"]: r["loss"] for r in rows if "loss" in r}  # a resumed run's rows replace the old ones
+    val = {r["step"]: r["val_loss"] for r in rows if "val_loss" in r}
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(list(train), list(train.values()), label="train", alpha=0.7)
+    if val:
+        ax.plot(list(val), list(val.values()), "o-", label="validation")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.set_title(metrics_path.parent.name)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+
+
+# -------------------------------------------------------------------------------------------------
+
+def main(**kwargs) -> dict:
+    cfg = TrainConfig(**kwargs)
+    out = Path(cfg.out)
+    # DDP under torchrun: one process per device, each with its slice of every global batch.
+    ddp = int(os.environ.get("WORLD_SIZE", 1)) > 1
+    rank, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if ddp else (0, 1)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if ddp:
+        torch.distributed.init_process_group("nccl" if device == "cuda" else "gloo")
+        if device == "cuda":
+            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    master = rank == 0
+    log = print if master else (lambda *a, **k: None)
+    torch.manual_seed(cfg.seed)
+    amp_dtype, use_scaler = pick_precision(cfg.precision, device)
+
+    resume_ckpt = None
+    if cfg.resume:
+        resume_ckpt = load_checkpoint(out)
+        saved = resume_ckpt["train_config"]
+        cfg = TrainConfig(**{**saved, "resume": True, "max_steps": saved["max_steps"]})
+
+    # --- tokenizer and model ---
+    if cfg.resume:
+        from model.tokenizer import load_tokenizer
+
+        tokenizer = load_tokenizer(out / "tokenizer")
+        model = CogniMamba(ModelConfig.from_dict(resume_ckpt["model_config"]))
+    elif cfg.init_from:
+        from model.weights import load_any
+
+        model, tokenizer, _ = load_any(cfg.init_from)
+        log(f"fine-tuning {cfg.init_from} ({model.num_params():,} parameters); its tokenizer is used")
+    else:
+        tokenizer = get_tokenizer(cfg, corpus_sample(cfg))
+        model_cfg = ModelConfig.from_name(cfg.preset, vocab_size=find_multiple(tokenizer.vocab_size, 64))
+        model_cfg.max_seq_len = max(model_cfg.max_seq_len, cfg.seq_len)  # a new model: its context is ours to set
+        model = CogniMamba(model_cfg)
+    if tokenizer.vocab_size > model.cfg.vocab_size:
+        raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only {model.cfg.vocab_size}")
+    if cfg.seq_len > model.cfg.max_seq_len:
+        raise ValueError(f"--seq-len {cfg.seq_len} is beyond the model's context of {model.cfg.max_seq_len}")
+    if master:
+        out.mkdir(parents=True, exist_ok=True)
+        tokenizer.save(out / "tokenizer")
+
+    # --- data ---
+    if cfg.sft:
+        from train.sft import ChatBatches, load_conversations
+
+        convs = load_conversations(cfg.data)
+        n_val = max(1, int(len(convs) * cfg.val_fraction))
+        if len(convs) < 2:
+            raise ValueError(f"{cfg.data}: need at least 2 conversations (one is held out for validation)")
+        train_data = ChatBatches(tokenizer, convs[n_val:], cfg.seq_len)
+        val_data = ChatBatches(tokenizer, convs[:n_val], cfg.seq_len)
+    else:
+        from train.data import TokenWindows, build_token_files, parse_data_spec
+
+        if master:
+            from model.weights import cache_root
+
+            sources = build_token_files(parse_data_spec(cfg.data), tokenizer, cache_root() / "tokens",
+                                        cfg.val_fraction, cfg.num_proc or None, log)
+        if ddp:
+            box = [sources if master else None]
+            torch.distributed.broadcast_object_list(box, src=0)
+            sources = box[0]
+        train_data, val_data = TokenWindows(sources, "train", cfg.seq_len), TokenWindows(sources, "val", cfg.seq_len)
+
+    global_batch = cfg.batch_size * world
+    tokens_per_step = global_batch * cfg.grad_accum * cfg.seq_len
+    steps_per_epoch = max(1, train_data.tokens // tokens_per_step)
+    max_steps = cfg.max_steps or max(1, int(cfg.epochs * steps_per_epoch))
+    cfg = dataclasses.replace(cfg, max_steps=max_steps)
+
+    # --- optimizer, state ---
+    model.to(device).train()
+    if cfg.activation_checkpointing:
+        _checkpoint_blocks(model)
+    optimizer = make_optimizer(model, cfg, device)
+    scaler = torch.amp.GradScaler(device, enabled=use_scaler)
+    batch_gen = torch.Generator().manual_seed(cfg.seed)
+    step, best_val = 0, float("inf")
+    if resume_ckpt is not None:
+        model.load_state_dict(resume_ckpt["model"])
+        optimizer.load_state_dict(resume_ckpt["optimizer"])
+        scaler.load_state_dict(resume_ckpt["scaler"])
+        set_rng_state(resume_ckpt["rng"], batch_gen)
+        step, best_val = resume_ckpt["step"], resume_ckpt["best_val"]
+    raw_model = model
+    if cfg.compile:
+        model = torch.compile(model)
+    if ddp:
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[int(os.environ["LOCAL_RANK"])] if device == "cuda" else None)
+
+    def checkpoint(name: str):
+        state = {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                 "rng": rng_state(batch_gen), "step": step, "best_val": best_val,
+                 "model_config": raw_model.cfg.to_dict(), "train_config": dataclasses.asdict(cfg)}
+        try:
+            atomic_save(state, out / name)
+        except OSError as e:  # e.g. a full disk: the previous checkpoint is intact; keep training
+            print(f"warning: could not write {out / name} ({e}); the previous checkpoint is intact", file=sys.stderr)
+
+    metrics = out / "metrics.jsonl"
+    log(f"training {raw_model.num_params():,} parameters on {device} x{world} ({cfg.precision}: {amp_dtype or 'fp32'}), "
+        f"{tokens_per_step:,} tokens/step, {max_steps} steps ({steps_per_epoch} per epoch); writing to {out}")
+    from tqdm import tqdm
+
+    bar = tqdm(total=max_steps, initial=step, disable=not master, desc="train", dynamic_ncols=True)
+    t_last, tokens_since = time.perf_counter(), 0
+    try:
+        while step < max_steps:
+            if step % cfg.eval_interval == 0 or step == max_steps - 1:
+                val_loss = evaluate(raw_model, val_data, cfg, device, amp_dtype) if master else 0.0
+                if master:
+                    _append(metrics, {"step": step, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 20))})
+                    if val_loss < best_val:
+                        best_val = val_loss
+                        checkpoint("best_model.pt")
+                        save_model(out / "model", raw_model, tokenizer, source=f"trained: {out}",
+                                   extra={"step": step, "val_loss": val_loss})
+                    checkpoint("latest.pt")
+                    bar.set_postfix_str(f"val {val_loss:.3f}")
+            lr = get_lr(step, cfg, max_steps)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            loss_sum = 0.0
+            for micro in range(cfg.grad_accum):
+                x, y = train_data.batch(global_batch, batch_gen, rank, world)
+                x, y = x.to(device), y.to(device)
+                sync = contextlib.nullcontext() if not ddp or micro == cfg.grad_accum - 1 else model.no_sync()
+                with sync, autocast(device, amp_dtype):
+                    loss = loss_fn(model, x, y) / cfg.grad_accum
+                scaler.scale(loss).backward()
+                loss_sum += loss.item()
+            scaler.unscale_(optimizer)
+            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            tokens_since += tokens_per_step
+            if master:
+                now = time.perf_counter()
+                tok_s = tokens_since / max(now - t_last, 1e-9)
+                _append(metrics, {"step": step - 1, "loss": loss_sum, "lr": lr, "grad_norm": float(norm), "tok_s": tok_s})
+                bar.set_postfix(loss=f"{loss_sum:.3f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}")
+                bar.update(1)
+                t_last, tokens_since = now, 0
+                if step % steps_per_epoch == 0:
+                    checkpoint(f"checkpoint_epoch_{step // steps_per_epoch}.pt")
+    except KeyboardInterrupt:
+        if master:
+            checkpoint("latest.pt")
+            print(f"\ninterrupted at step {step}: saved {out / 'latest.pt'}; continue with --resume", file=sys.stderr)
+        raise SystemExit(130)
+    except torch.cuda.OutOfMemoryError:
+        raise SystemExit(f"out of GPU memory at batch {cfg.batch_size} x seq {cfg.seq_len}: try a smaller --batch-size "
+                         "with a larger --grad-accum (same tokens per step), a shorter --seq-len, or "
+                         "--activation-checkpointing") from None
+    finally:
+        bar.close()
+        if ddp:
+            torch.distributed.destroy_process_group()
+    result = {"out": str(out), "steps": step, "best_val_loss": best_val}
+    if master:
+        plot_losses(metrics, out / "loss_curve.png")
+        log(f"done: best validation loss {best_val:.4f}\n  model folder  {out / 'model'}  (chat: python -m webui.cli "
+            f"--model {out})\n  checkpoints   {out}/best_model.pt, latest.pt\n  metrics       {metrics}\n"
+            f"  loss curve    {out / 'loss_curve.png'}")
+    return result
+
+
+def _append(path: Path, row: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def _checkpoint_blocks(model: CogniMamba) -> None:
+    """Recompute each block's activations in the backward pass: memory for ~30% more compute."""
+    from torch.utils.checkpoint import checkpoint
+
+    for block in model.layers:
+        forward = block.forward
+        block.forward = lambda *a, _f=forward: checkpoint(_f, *a, use_reentrant=False)
+
+
+def parse_args(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    d = TrainConfig()
+    p.add_argument("--config", help="a JSON file with any of these options (flags given here override it)")
+    p.add_argument("--preset", help=f"model size: nano, tiny, small, medium, large (default {d.preset})")
+    p.add_argument("--data", help="tinystories, codesearchnet[:lang], local files/folders; weights as name:0.8,... "
+                                  "(with --sft: a file of {'messages': [...]} rows)")
+    p.add_argument("--tokenizer", help="gpt2 (default), smollm2, bpe (trained on the data), char, or a tokenizer.json")
+    p.add_argument("--vocab-size", type=int, help=f"vocabulary of --tokenizer bpe (default {d.vocab_size})")
+    p.add_argument("--out", help=f"output folder (default {d.out})")
+    p.add_argument("--batch-size", type=int, help=f"sequences per device per micro-step (default {d.batch_size})")
+    p.add_argument("--grad-accum", type=int, help="micro-steps per optimizer step (default 1)")
+    p.add_argument("--seq-len", type=int, help=f"tokens per sequence (default {d.seq_len})")
+    p.add_argument("--lr", type=float, help=f"peak learning rate (default {d.lr})")
+    p.add_argument("--warmup-steps", type=int, help=f"linear warmup steps (default {d.warmup_steps})")
+    p.add_argument("--max-steps", type=int, help="optimizer steps (default: from --epochs)")
+    p.add_argument("--epochs", type=float, help="passes over the training tokens when --max-steps is not given (default 1)")
+    p.add_argument("--eval-interval", type=int, help=f"steps between evaluations and checkpoints (default {d.eval_interval})")
+    p.add_argument("--eval-batches", type=int, help=f"validation batches per evaluation (default {d.eval_batches})")
+    p.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"], help="autocast dtype (auto: bf16 on capable GPUs, fp16 + GradScaler on older GPUs, fp32 on CPU)")
+    p.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
+    p.add_argument("--activation-checkpointing", action="store_true", default=None, help="recompute activations to save memory")
+    p.add_argument("--resume", action="store_true", default=None, help="continue the run in --out from its latest checkpoint")
+    p.add_argument("--init-from", help="fine-tune this model (default, a model folder, a .gguf, a HF folder)")
+    p.add_argument("--sft", action="store_true", default=None, help="chat fine-tuning: loss on assistant tokens only")
+    p.add_argument("--seed", type=int, help="random seed")
+    args = {k: v for k, v in vars(p.parse_args(argv)).items() if v is not None}
+    config = {}
+    if "config" in args:
+        try:
+            config = json.loads(Path(args.pop("config")).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            p.error(f"--config: {e}")
+        unknown = set(config) - {f.name for f in dataclasses.fields(TrainConfig)}
+        if unknown:
+            p.error(f"--config: unknown keys {sorted(unknown)}")
+    return {**config, **args}
+
+
+if __name__ == "__main__":
+    try:
+        main(**parse_args())
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
