@@ -1,9 +1,9 @@
 """Train a CogniMamba model: pretraining on text, or chat fine-tuning (--sft).
 
-    python train/train.py --preset nano --data my_corpus.txt --tokenizer bpe --vocab-size 2048 --max-steps 500 --out runs/mine
-    python train/train.py --preset medium --data tinystories:0.8,codesearchnet:python:0.2 --out runs/medium
-    python train/train.py --init-from default --sft --data chats.jsonl --lr 5e-5 --max-steps 200 --out runs/smol-chat
-    python train/train.py --out runs/mine --resume                       # continue a stopped run
+    python train/train.py --preset nano --data my_corpus.txt --tokenizer bpe --vocab-size 2048 --max-steps 500 --out checkpoints/mine
+    python train/train.py --preset medium --data tinystories:0.8,codesearchnet:python:0.2 --out checkpoints/medium
+    python train/train.py --init-from default --sft --data chats.jsonl --lr 5e-5 --max-steps 200 --out checkpoints/smol-chat
+    python train/train.py --out checkpoints/mine --resume                       # continue a stopped run
     torchrun --nproc_per_node 4 train/train.py --preset medium ...      # several GPUs (or CPU processes)
     torchrun --nnodes 2 --node_rank 0 --nproc_per_node 8 --master_addr HOST --master_port 29500 train/train.py ...
 
@@ -43,7 +43,7 @@ class TrainConfig:
     data: str = "tinystories"
     tokenizer: str = "gpt2"  # gpt2 | smollm2 | bpe | char | path/to/tokenizer.json
     vocab_size: int = 4096  # for --tokenizer bpe
-    out: str = "runs/cogni-mamba"
+    out: str = "checkpoints/cogni-mamba"
     batch_size: int = 8  # per device, per micro-step
     grad_accum: int = 1
     seq_len: int = 512
