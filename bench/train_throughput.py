@@ -51,16 +51,14 @@ def hf_twin(cfg: ModelConfig):
     return Twin()
 
 
-def time_steps(model, device, amp_dtype, batch, seq, steps, compile_model):
+def make_step(model, device, amp_dtype, batch, seq, compile_model):
+    """One full optimizer step of `model` (forward, loss, backward, clip, AdamW), as a closure."""
     model.to(device).train()
     opt = make_optimizer(model, TrainConfig(), device)
     run = torch.compile(model) if compile_model else model
     x = torch.randint(0, 1000, (batch, seq + 1), device=device)
-    times = []
-    for i in range(steps + 2):  # two warm-up steps (allocations, compilation)
-        if device == "cuda":
-            torch.cuda.synchronize()
-        t = time.perf_counter()
+
+    def step():
         with autocast(device, amp_dtype):
             logits, _ = run(x[:, :-1])
             loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), x[:, 1:].reshape(-1))
@@ -68,11 +66,17 @@ def time_steps(model, device, amp_dtype, batch, seq, steps, compile_model):
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        if device == "cuda":
-            torch.cuda.synchronize()
-        if i >= 2:
-            times.append(time.perf_counter() - t)
-    return statistics.median(times)
+    return step
+
+
+def timed(step, device) -> float:
+    if device == "cuda":
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    step()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t
 
 
 def main(preset="tiny", batch_size=4, seq_len=256, steps=5, precision="auto", compile=False, peak_tflops=None,
@@ -83,7 +87,7 @@ def main(preset="tiny", batch_size=4, seq_len=256, steps=5, precision="auto", co
     peak = peak_tflops or (790.0 if device == "cuda" else 0.19)
     if memory_only:
         model = CogniMamba(cfg)
-        time_steps(model, device, amp_dtype, batch_size, seq_len, 1, False)
+        make_step(model, device, amp_dtype, batch_size, seq_len, False)()
         peak_gb = (torch.cuda.max_memory_allocated() if device == "cuda" else
                    resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**30
         n = model.num_params()
@@ -91,16 +95,23 @@ def main(preset="tiny", batch_size=4, seq_len=256, steps=5, precision="auto", co
               f"{'GPU' if device == 'cuda' else 'process RSS'} {peak_gb:.2f} GiB at batch {batch_size} x seq {seq_len}, "
               f"{amp_dtype or 'fp32'}")
         return
+    # Both models step in turn (A, B, A, B, ...) so that a noisy, shared machine slows both alike.
+    torch.manual_seed(0)
+    models = {"cogni-mamba": CogniMamba(cfg), "transformers LlamaForCausalLM": hf_twin(cfg)}
+    steps_of = {name: make_step(m, device, amp_dtype, batch_size, seq_len, compile) for name, m in models.items()}
+    times = {name: [] for name in models}
+    for i in range(steps + 2):  # two warm-up rounds (allocations, compilation)
+        for name, step in steps_of.items():
+            t = timed(step, device)
+            if i >= 2:
+                times[name].append(t)
     results = {}
-    for name, make in (("cogni-mamba", lambda: CogniMamba(cfg)), ("transformers LlamaForCausalLM", lambda: hf_twin(cfg))):
-        torch.manual_seed(0)
-        model = make()
+    for name, model in models.items():
         n = sum(p.numel() for p in model.parameters())
-        sec = time_steps(model, device, amp_dtype, batch_size, seq_len, steps, compile)
+        sec = statistics.median(times[name])
         tok_s = batch_size * seq_len / sec
         results[name] = {"params": n, "step_s": sec, "tok_s": tok_s, "mfu": 6 * n * tok_s / (peak * 1e12)}
         print(f"{name:32s} {n:>12,d} params  {tok_s:10,.0f} tok/s  MFU {results[name]['mfu']:.1%}")
-        del model
     ratio = results["cogni-mamba"]["tok_s"] / results["transformers LlamaForCausalLM"]["tok_s"]
     print(f"ratio cogni-mamba / transformers: {ratio:.2f}x  ({preset}, batch {batch_size} x seq {seq_len}, "
           f"{amp_dtype or 'fp32'}, {device}, median of {steps})")
