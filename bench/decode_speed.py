@@ -120,7 +120,7 @@ def main(repeats: int = 3, new_tokens: int = 128, threads: int | None = None) ->
 
     ref_hf = results["transformers eager fp32"]["tok_s"]
     ref_llama = results.get("llama.cpp Q4_1", {}).get("tok_s")
-    lines = [f"| engine | tok/s | first token (500-token prompt) | vs transformers | vs llama.cpp |",
+    lines = ["| engine | tok/s | first token (500-token prompt) | vs transformers | vs llama.cpp |",
              "|---|---|---|---|---|"]
     for name, r in results.items():
         vs_llama = f"{r['tok_s'] / ref_llama:.2f}x" if ref_llama else "n/a"

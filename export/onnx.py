@@ -44,9 +44,7 @@ sys.path.insert(0, str(_HERE.parent))
 import argparse  # noqa: E402
 import hashlib  # noqa: E402
 import json  # noqa: E402
-import os  # noqa: E402
 import shutil  # noqa: E402
-import tempfile  # noqa: E402
 import time  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -54,7 +52,7 @@ import onnx  # noqa: E402
 import torch  # noqa: E402
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
-from model.checkpoint import is_model_dir, load_model  # noqa: E402
+from model.checkpoint import atomic_dir, load_model  # noqa: E402
 from model.weights import resolve_model  # noqa: E402
 from model.config import ModelConfig  # noqa: E402
 from model.model import CogniMamba  # noqa: E402
@@ -167,7 +165,6 @@ def build_graph(model: CogniMamba, dtype: str = "fp32", fused: bool = False, unt
         cos_b = g.op("Unsqueeze", g.op("Gather", cos_f, positions, axis=0), g.const([1]))
         sin_b = g.op("Unsqueeze", g.op("Gather", sin_f, positions, axis=0), g.const([1]))
         scale = g.const(1.0 / np.sqrt(hd), np_dt)
-        rep = nh // kvh
 
     def rmsnorm(x, w):  # fp32 mean of squares, as model.RMSNorm
         x32 = g.op("Cast", x, to=TensorProto.FLOAT) if fp16 else x
@@ -343,9 +340,7 @@ def export_onnx(model: str | Path, out: str | Path, dtype: str = "fp32", quantiz
     net, tokenizer, src_meta = load_model(src)
     net = net.float()
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         proto = build_graph(net, dtype, fused=optimize, untie_lm_head=quantize is not None)
         t_build = time.perf_counter() - t0
         if quantize:
@@ -375,12 +370,6 @@ def export_onnx(model: str | Path, out: str | Path, dtype: str = "fp32", quantiz
         meta["export_seconds"] = round(time.perf_counter() - t0, 2)
         meta["build_seconds"] = round(t_build, 2)
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     size = sum(f.stat().st_size for f in out.iterdir()) / 2**20
     log(f"wrote {out / 'model.onnx'} ({size:.0f} MB in {out.name}/, {meta['export_seconds']} s): "
         f"{dtype}{' ' + quantize if quantize else ''}{', fused ORT ops' if optimize else ''}")

@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -32,24 +33,16 @@ def is_model_dir(path: str | Path) -> bool:
         return True  # ours but damaged: let load_model say what is wrong
 
 
-def save_model(directory: str | Path, model: CogniMamba, tokenizer: Tokenizer, source: str = "trained",
-               extra: dict | None = None) -> Path:
-    """Write the folder next to its final place, then rename: a crash leaves the old one intact."""
-    from safetensors.torch import save_file
-
+@contextmanager
+def atomic_dir(directory: str | Path):
+    """Yield a temp folder beside `directory`; when the block succeeds it replaces `directory`
+    whole, by rename. A crash, Ctrl-C or a full disk leaves the old folder as it was."""
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
     try:
-        # Tied weights: tok_embeddings.weight is the only copy (there is no separate output matrix).
-        state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-        dtype = str(next(iter(state.values())).dtype).removeprefix("torch.")
-        save_file(state, str(tmp / "model.safetensors"), metadata={"format": FORMAT})
-        meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "model": model.cfg.to_dict(),
-                "dtype": dtype, "num_params": model.num_params(), "source": source, **(extra or {})}
-        (tmp / "config.json").write_text(json.dumps(meta, indent=2))
-        tokenizer.save(tmp)
-        old = directory.with_name(directory.name + ".old")
+        yield tmp
+        old = directory.with_name(f".{directory.name}.old")
         if directory.exists():
             shutil.rmtree(old, ignore_errors=True)
             os.replace(directory, old)
@@ -58,6 +51,37 @@ def save_model(directory: str | Path, model: CogniMamba, tokenizer: Tokenizer, s
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def build_model(cfg: ModelConfig, state: dict[str, torch.Tensor], origin: str) -> CogniMamba:
+    """A model that takes `state`'s tensors as they are: built on the meta device, so there is no
+    random init to throw away and no copy. A mismatch is one ValueError naming `origin`."""
+    with torch.device("meta"):
+        model = CogniMamba(cfg)
+    try:
+        model.load_state_dict(state, strict=True, assign=True)
+    except RuntimeError as e:
+        raise ValueError(f"{origin}: weights do not match the config ({str(e).splitlines()[0]})") from None
+    model.inv_freq = torch.empty(cfg.head_dim // 2, device=next(iter(state.values())).device)
+    model.reset_rope()  # a non-persistent buffer: not in the state dict
+    return model.eval()
+
+
+def save_model(directory: str | Path, model: CogniMamba, tokenizer: Tokenizer, source: str = "trained",
+               extra: dict | None = None) -> Path:
+    """Write the folder next to its final place, then rename: a crash leaves the old one intact."""
+    directory = Path(directory)
+    from safetensors.torch import save_file
+
+    with atomic_dir(directory) as tmp:
+        # Tied weights: tok_embeddings.weight is the only copy (there is no separate output matrix).
+        state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+        dtype = str(next(iter(state.values())).dtype).removeprefix("torch.")
+        save_file(state, str(tmp / "model.safetensors"), metadata={"format": FORMAT})
+        meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "model": model.cfg.to_dict(),
+                "dtype": dtype, "num_params": model.num_params(), "source": source, **(extra or {})}
+        (tmp / "config.json").write_text(json.dumps(meta, indent=2))
+        tokenizer.save(tmp)
     return directory
 
 
@@ -89,14 +113,7 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu",
         state = load_file(str(directory / "model.safetensors"), device=str(device))
     except (SafetensorError, OSError, ValueError) as e:
         raise ValueError(f"{directory / 'model.safetensors'} is damaged or truncated ({e})") from None
-    with torch.device("meta"):
-        model = CogniMamba(cfg)
-    try:
-        model.load_state_dict(state, strict=True, assign=True)
-    except RuntimeError as e:
-        raise ValueError(f"{directory}: weights do not match config.json ({str(e).splitlines()[0]})") from None
-    model.inv_freq = torch.empty(cfg.head_dim // 2, device=device)
-    model.reset_rope()
+    model = build_model(cfg, state, str(directory))
     if dtype is not None:
         model = model.to(dtype)
     tokenizer = load_tokenizer(directory)

@@ -148,17 +148,13 @@ def tokenizer_from_gguf(reader) -> BPETokenizer:
 
 def load_gguf(path: str | Path):
     """-> (CogniMamba fp32, tokenizer, info dict) from a GGUF file."""
-    from model.model import CogniMamba
+    from model.checkpoint import build_model
 
     reader = _open(path)
     cfg = config_from_gguf(reader)
     state, qtypes = state_dict_from_gguf(reader, cfg)
     tokenizer = tokenizer_from_gguf(reader)
-    with torch.device("meta"):
-        model = CogniMamba(cfg)
-    model.load_state_dict(state, strict=True, assign=True)
-    model.inv_freq = torch.empty(cfg.head_dim // 2)
-    model.reset_rope()
+    model = build_model(cfg, state, str(path))
     info = {"name": _field(reader, "general.name") or Path(path).stem, "source_format": "gguf",
             "source_quantization": ",".join(qtypes)}
-    return model.eval(), tokenizer, info
+    return model, tokenizer, info

@@ -8,13 +8,11 @@ name map below; HF and we both rotate halves for RoPE, so no permutation is need
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
+from model.checkpoint import atomic_dir, build_model
 from model.config import ModelConfig
 from model.tokenizer import Tokenizer, from_tokenizer_json
 
@@ -68,8 +66,6 @@ def load_hf(directory: str | Path):
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    from model.model import CogniMamba
-
     d = Path(directory)
     try:
         hf = json.loads((d / "config.json").read_text())
@@ -88,19 +84,12 @@ def load_hf(directory: str | Path):
                 state[names[k]] = v.float()
     if cfg.tie_embeddings:
         state.pop("output.weight", None)
-    with torch.device("meta"):
-        model = CogniMamba(cfg)
-    try:
-        model.load_state_dict(state, strict=True, assign=True)
-    except RuntimeError as e:
-        raise ValueError(f"{d}: weights do not match its config.json ({str(e).splitlines()[0]})") from None
-    model.inv_freq = torch.empty(cfg.head_dim // 2)
-    model.reset_rope()
+    model = build_model(cfg, state, str(d))
     if not (d / "tokenizer.json").is_file():
         raise FileNotFoundError(f"{d} has no tokenizer.json (a fast tokenizer is needed)")
     info = {"name": hf.get("_name_or_path") or d.name, "source_format": "hf",
             "source_quantization": str(hf.get("torch_dtype") or hf.get("dtype") or "unknown")}
-    return model.eval(), from_tokenizer_json(d / "tokenizer.json"), info
+    return model, from_tokenizer_json(d / "tokenizer.json"), info
 
 
 def export_hf(model, tokenizer: Tokenizer, directory: str | Path, dtype: torch.dtype = torch.float32) -> Path:
@@ -111,9 +100,7 @@ def export_hf(model, tokenizer: Tokenizer, directory: str | Path, dtype: torch.d
         raise ValueError("HF export needs a BPE tokenizer (tokenizer.json); the char tokenizer has no HF equivalent")
     cfg: ModelConfig = model.cfg
     d = Path(directory)
-    d.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{d.name}.", dir=d.parent))
-    try:
+    with atomic_dir(d) as tmp:
         ours_to_hf = {v: k for k, v in _name_map(cfg.n_layers).items()}
         state = {ours_to_hf[k]: v.detach().to(dtype).contiguous().cpu() for k, v in model.state_dict().items()}
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})  # tied: one copy
@@ -130,10 +117,4 @@ def export_hf(model, tokenizer: Tokenizer, directory: str | Path, dtype: torch.d
         (tmp / "generation_config.json").write_text(json.dumps(
             {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.stop_ids}, indent=2))
         tokenizer.save(tmp)
-        if d.exists():
-            shutil.rmtree(d)
-        os.replace(tmp, d)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return d

@@ -1,6 +1,5 @@
 """A real browser (Debian's chromium through Playwright) against the running app: type, read the
 streamed answer, switch backend, answer again; the page is saved as test-output/chat.png."""
-import shutil
 from pathlib import Path
 
 import pytest
