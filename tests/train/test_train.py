@@ -166,3 +166,39 @@ def test_seq_len_beyond_a_fine_tuned_models_context(corpus_txt, tmp_path):
     base = save_model(tmp_path / "base", CogniMamba(ModelConfig.from_name("nano", vocab_size=128)), CharTokenizer.train(["a"]))
     with pytest.raises(ValueError, match="beyond the model's context of 512"):
         trainer.main(**{**BASE, "seq_len": 1024}, data=str(corpus_txt), init_from=str(base), max_steps=2, out=str(tmp_path / "o"))
+
+
+def test_ctrl_c_saves_and_resume_continues_exactly(corpus_txt, tmp_path, monkeypatch):
+    args = dict(BASE, data=str(corpus_txt), max_steps=16, grad_accum=2)
+    trainer.main(**args, out=str(tmp_path / "straight"))
+    real_get_lr = trainer.get_lr
+
+    def interrupted(step, cfg, max_steps):
+        if step == 13:
+            raise KeyboardInterrupt
+        return real_get_lr(step, cfg, max_steps)
+
+    monkeypatch.setattr(trainer, "get_lr", interrupted)
+    with pytest.raises(SystemExit) as stop:
+        trainer.main(**args, out=str(tmp_path / "ctrl_c"))
+    assert stop.value.code == 130
+    assert torch.load(tmp_path / "ctrl_c" / "latest.pt", weights_only=True)["step"] == 13
+    monkeypatch.setattr(trainer, "get_lr", real_get_lr)
+    trainer.main(out=str(tmp_path / "ctrl_c"), resume=True)
+    assert losses(tmp_path / "ctrl_c") == losses(tmp_path / "straight")
+
+
+def test_disk_full_keeps_the_previous_checkpoint(corpus_txt, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    trainer.main(**BASE, data=str(corpus_txt), max_steps=12, out=str(out))
+    before = (out / "latest.pt").read_bytes()
+
+    def no_space(obj, path, *a, **k):
+        Path(path).write_bytes(b"partial")  # what a full disk leaves behind
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(trainer.torch, "save", no_space)
+    with pytest.raises(OSError):
+        trainer.atomic_save({"x": torch.zeros(1)}, out / "latest.pt")
+    assert (out / "latest.pt").read_bytes() == before
+    assert not list(out.glob(".*.tmp"))
