@@ -90,5 +90,7 @@ def load_any(spec: str | Path = "default", device: str | torch.device = "cpu",
     directory = resolve_model(spec)
     model, tokenizer, meta = load_model(directory, device=device, dtype=dtype)
     meta = {**meta, "path": str(directory)}
-    meta.setdefault("name", "SmolLM2-135M-Instruct" if str(spec) == "default" else Path(directory).name)
+    if str(spec) == "default":  # the GGUF's own general.name is a training-run label
+        meta["name"] = "SmolLM2-135M-Instruct"
+    meta.setdefault("name", Path(directory).name)
     return model, tokenizer, meta
