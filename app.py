@@ -108,6 +108,9 @@ def build_demo(model: str = DEFAULT, backend: str = "onnx", note: str = "") -> g
         for box in (backend_box, model_box):
             box.change(card, [model_box, backend_box], [loaded, card_md], api_name=False)
         demo.load(card, [model_box, backend_box], [loaded, card_md], api_name="model_card")
+        # A page opened later lists the models trained or exported since the server started.
+        demo.load(lambda current: gr.Dropdown(choices=list_models(extra=[model, current])), model_box, model_box,
+                  api_name=False)
     return demo
 
 
