@@ -118,3 +118,22 @@ def export_hf(model, tokenizer: Tokenizer, directory: str | Path, dtype: torch.d
             {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.stop_ids}, indent=2))
         tokenizer.save(tmp)
     return d
+
+
+if __name__ == "__main__":  # python -m model.hf --model checkpoints/mine --out hf/mine
+    import argparse
+    import sys
+
+    from model.weights import load_any
+
+    p = argparse.ArgumentParser(description="Export one of our models as a HuggingFace Llama folder.")
+    p.add_argument("--model", required=True, help="'default', a model folder, a training --out folder, a .gguf")
+    p.add_argument("--out", required=True, help="the folder to write (replaced whole if it exists)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"], help="weight dtype")
+    args = p.parse_args()
+    try:
+        net, tok, _ = load_any(args.model)
+        print(f"wrote {export_hf(net, tok, args.out, getattr(torch, args.dtype))}: load it with "
+              "transformers.AutoModelForCausalLM.from_pretrained")
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")
