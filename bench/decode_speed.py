@@ -41,18 +41,29 @@ def load_hf():
     return model, AutoTokenizer.from_pretrained(g.parent, gguf_file=g.name)
 
 
-def time_engine(run, short_ids, long_ids, new_tokens, repeats) -> dict:
-    """run(ids, n) generates n greedy tokens after ids. Medians over repeats."""
-    run(short_ids, 4)  # warm-up: allocations, kernel selection
-    full, first, ttft = [], [], []
-    for _ in range(repeats):
-        t = time.perf_counter(); n = run(short_ids, new_tokens); full.append(time.perf_counter() - t)
-        assert n == new_tokens, f"generated {n} tokens, wanted {new_tokens}"
-        t = time.perf_counter(); run(short_ids, 1); first.append(time.perf_counter() - t)
-        t = time.perf_counter(); run(long_ids, 1); ttft.append(time.perf_counter() - t)
-    decode = statistics.median(full) - statistics.median(first)
-    return {"tok_s": (new_tokens - 1) / decode, "ttft_500_s": statistics.median(ttft),
-            "seconds_full": statistics.median(full)}
+def time_round_robin(engines: dict, short_ids, long_ids, new_tokens, repeats) -> dict:
+    """engines: name -> run(ids, n), which generates n greedy tokens after ids. Each repeat times
+    every engine in turn, so load from other processes on a shared machine falls on all of them
+    alike rather than on whichever engine ran at the wrong moment. Medians over repeats."""
+    times = {name: {"full": [], "first": [], "ttft": []} for name in engines}
+    for name, run in engines.items():
+        run(short_ids, 4)  # warm-up: allocations, kernel selection
+    for r in range(repeats):
+        for name, run in engines.items():
+            t = times[name]
+            start = time.perf_counter(); n = run(short_ids, new_tokens); t["full"].append(time.perf_counter() - start)
+            assert n == new_tokens, f"{name} generated {n} tokens, wanted {new_tokens}"
+            start = time.perf_counter(); run(short_ids, 1); t["first"].append(time.perf_counter() - start)
+            start = time.perf_counter(); run(long_ids, 1); t["ttft"].append(time.perf_counter() - start)
+            print(f"  repeat {r + 1}/{repeats} {name}: {(new_tokens - 1) / (t['full'][-1] - t['first'][-1]):.1f} tok/s",
+                  file=sys.stderr, flush=True)
+    results = {}
+    for name, t in times.items():
+        # decode rate of each repeat (its full run less its own first-token run), then the median
+        rates = [(new_tokens - 1) / (full - first) for full, first in zip(t["full"], t["first"])]
+        results[name] = {"tok_s": statistics.median(rates), "ttft_500_s": statistics.median(t["ttft"]),
+                         "seconds_full": statistics.median(t["full"])}
+    return results
 
 
 def ours(backend):
@@ -76,20 +87,13 @@ def main(repeats: int = 3, new_tokens: int = 128, threads: int | None = None) ->
     long_ids = long_ids[-500:]
     print(f"prompts: {len(short_ids)} and {len(long_ids)} tokens; {new_tokens} new tokens; {threads} threads; "
           f"{repeats} repeats", file=sys.stderr)
-    results, exports = {}, {}
-
-    def record(name, fn):
-        print(f"timing {name} ...", file=sys.stderr, flush=True)
-        results[name] = time_engine(fn, short_ids, long_ids, new_tokens, repeats)
-        print(f"  {results[name]['tok_s']:.1f} tok/s, first token after 500 tokens {results[name]['ttft_500_s']:.3f} s",
-              file=sys.stderr)
-
-    record("cogni torch fp32", ours(TorchBackend(model)))
+    engines, exports = {}, {}
+    engines["cogni torch fp32"] = ours(TorchBackend(model))
     for q in (None, "int8", "int4"):
         out = cache_root() / "bench" / f"onnx-{q or 'fp32'}"
         meta = export_onnx(src, out, quantize=q, optimize=True, verify=True, log=lambda m: print(m, file=sys.stderr))
         exports[q or "fp32"] = {"export_seconds": meta["export_seconds"], "parity": meta["parity"]}
-        record(f"cogni onnx {q or 'fp32'}", ours(OrtBackend(out, threads=threads)))
+        engines[f"cogni onnx {q or 'fp32'}"] = ours(OrtBackend(out, threads=threads))
 
     def hf_run(ids, n):
         x = torch.tensor([ids])
@@ -98,7 +102,7 @@ def main(repeats: int = 3, new_tokens: int = 128, threads: int | None = None) ->
                                   do_sample=False, pad_token_id=tok.eos_id)
         return y.shape[1] - x.shape[1]
 
-    record("transformers eager fp32", hf_run)
+    engines["transformers eager fp32"] = hf_run
     try:
         from llama_cpp import Llama
 
@@ -113,11 +117,12 @@ def main(repeats: int = 3, new_tokens: int = 128, threads: int | None = None) ->
                     break
             return out
 
-        record("llama.cpp Q4_1", llama_run)
+        engines["llama.cpp Q4_1"] = llama_run
     except ImportError:
         print("llama.cpp skipped: llama-cpp-python is not installed (`pip install llama-cpp-python`, "
               "compiles for ~10 min on 2 cores)", file=sys.stderr)
 
+    results = time_round_robin(engines, short_ids, long_ids, new_tokens, repeats)
     ref_hf = results["transformers eager fp32"]["tok_s"]
     ref_llama = results.get("llama.cpp Q4_1", {}).get("tok_s")
     lines = ["| engine | tok/s | first token (500-token prompt) | vs transformers | vs llama.cpp |",
