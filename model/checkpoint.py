@@ -42,6 +42,13 @@ def atomic_dir(directory: str | Path):
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
     try:
         yield tmp
+        # mkdtemp makes the folder 0700 and safetensors writes 0600: give the result the modes a
+        # plain mkdir/open would have had (umask), so other users and services can read it.
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o777 & ~umask)
+        for f in tmp.rglob("*"):
+            f.chmod((0o777 if f.is_dir() else 0o666) & ~umask)
         old = directory.with_name(f".{directory.name}.old")
         if directory.exists():
             shutil.rmtree(old, ignore_errors=True)

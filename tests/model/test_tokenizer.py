@@ -41,3 +41,22 @@ def test_bad_messages_and_files(tmp_path):
 def test_template_is_used_as_given():
     tok = train_bpe(TEXTS * 30, 350)
     assert tok.chat_template == CHATML_TEMPLATE
+
+
+def test_saved_folders_get_ordinary_permissions(tmp_path):
+    """atomic_dir's temp folder is 0700 and safetensors files 0600; the final folder must follow the umask."""
+    import os
+
+
+    from model.checkpoint import save_model
+    from model.config import ModelConfig
+    from model.model import CogniMamba
+
+    umask = os.umask(0o022)
+    try:
+        folder = save_model(tmp_path / "m", CogniMamba(ModelConfig.from_name("nano", vocab_size=128)),
+                            CharTokenizer.train(["a"]))
+    finally:
+        os.umask(umask)
+    assert folder.stat().st_mode & 0o777 == 0o755
+    assert (folder / "model.safetensors").stat().st_mode & 0o777 == 0o644
