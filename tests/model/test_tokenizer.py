@@ -47,7 +47,6 @@ def test_saved_folders_get_ordinary_permissions(tmp_path):
     """atomic_dir's temp folder is 0700 and safetensors files 0600; the final folder must follow the umask."""
     import os
 
-
     from model.checkpoint import save_model
     from model.config import ModelConfig
     from model.model import CogniMamba
