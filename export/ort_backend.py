@@ -20,11 +20,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from export.onnx import META_FILE, export_onnx, sha256_file, tokenizer_hash
+from export.onnx import META_FILE, export_onnx, tokenizer_hash
 from model.checkpoint import read_meta
 from model.config import ModelConfig
 from model.tokenizer import load_tokenizer
-from model.weights import cache_root, resolve_model
+from model.weights import cache_root, resolve_model, source_key
 
 PROVIDER_ORDER = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
 
@@ -145,20 +145,18 @@ def _log(msg: str) -> None:
 def load_ort_backend(spec: str | Path, device: str | None = None, dtype: str | None = None,
                      quantize: str | None = None):
     """spec: an export folder (has onnx_meta.json), or anything model.weights.load_any accepts, which
-    is exported once into <cache>/onnx/<sha256>-<variant>/. Returns (backend, tokenizer, meta)."""
+    is exported once into <cache>/onnx/<source key>-<variant>/ (the key changes with the weights
+    file's size or mtime). Returns (backend, tokenizer, meta)."""
     d = Path(spec)
     if not (d / META_FILE).is_file():
         src = resolve_model(spec)
-        digest = sha256_file(src / "model.safetensors")
         providers = pick_providers(device)
         # fp16 on CUDA (GQA has no fp32 CUDA kernel); plain ops for TensorRT, which has no contrib ops
         dtype = dtype or ("fp16" if providers[0] != "CPUExecutionProvider" else "fp32")
         fused = providers[0] != "TensorrtExecutionProvider"
         variant = f"{dtype}{'-' + quantize if quantize else ''}{'-fused' if fused else ''}"
-        d = cache_root() / "onnx" / f"{digest[:16]}-{variant}"
-        if (d / META_FILE).is_file() and json.loads((d / META_FILE).read_text()).get("source_sha256") != digest:
-            _log(f"{d} was exported from other weights; exporting again")
-        if not (d / META_FILE).is_file() or json.loads((d / META_FILE).read_text()).get("source_sha256") != digest:
+        d = cache_root() / "onnx" / f"{source_key(src / 'model.safetensors')}-{variant}"
+        if not (d / META_FILE).is_file():
             _log(f"exporting {spec} to ONNX ({variant}) once, into {d} ...")
             export_onnx(src, d, dtype=dtype, quantize=quantize, optimize=fused, verify=True, log=_log)
     backend = OrtBackend(d, device=device)

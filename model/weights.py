@@ -43,13 +43,14 @@ def default_gguf() -> Path:
     return path
 
 
-def _source_key(path: Path) -> str:
+def source_key(path: Path) -> str:
+    """A cache key for a file: its path, size and mtime (hashing 500 MB on every start costs ~0.5 s)."""
     st = path.stat()
     return hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
 
 
 def _convert_cached(source: Path, kind: str) -> Path:
-    target = cache_root() / "models" / f"{source.stem}-{_source_key(source)}"
+    target = cache_root() / "models" / f"{source.stem}-{source_key(source)}"
     if is_model_dir(target):
         return target
     print(f"converting {source} into {target} (once) ...", file=sys.stderr)

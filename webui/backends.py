@@ -6,9 +6,30 @@
 """
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
 
+from model.checkpoint import is_model_dir
+
 BACKENDS = ("onnx", "torch")
+ONNX_META = "onnx_meta.json"  # what export/onnx.py writes beside model.onnx (no onnx import needed here)
+
+
+def is_onnx_export(path: str | Path) -> bool:
+    return (Path(path) / ONNX_META).is_file() and (Path(path) / "model.onnx").is_file()
+
+
+def torch_source(spec: str) -> str:
+    """An ONNX export runs in PyTorch from the model folder it was exported from."""
+    if is_onnx_export(spec) and not is_model_dir(spec):
+        source = json.loads((Path(spec) / ONNX_META).read_text()).get("source", "")
+        if not is_model_dir(source):
+            raise FileNotFoundError(f"{spec} is an ONNX export whose source folder {source!r} is gone; "
+                                    "use the ONNX Runtime backend for it")
+        return source
+    return spec
 
 
 def pick_device() -> str:
@@ -23,7 +44,7 @@ def load_backend(model: str = "default", backend: str = "torch", device: str | N
 
         device = device or pick_device()
         # fp16 halves memory traffic on a GPU; on CPU fp32 is both faster and exact.
-        net, tokenizer, meta = load_any(model, device=device, dtype=torch.float16 if device == "cuda" else None)
+        net, tokenizer, meta = load_any(torch_source(model), device=device, dtype=torch.float16 if device == "cuda" else None)
         return TorchBackend(net), tokenizer, meta
     if backend == "onnx":
         from export.ort_backend import load_ort_backend

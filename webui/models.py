@@ -10,25 +10,17 @@ backend serves every session; the lock only keeps two sessions from loading the 
 from __future__ import annotations
 
 import importlib.util
-import json
 import sys
 import threading
 import time
 from pathlib import Path
 
 from model.checkpoint import is_model_dir
-from webui.backends import load_backend
+from webui.backends import ONNX_META, is_onnx_export, load_backend
 
 DEFAULT = "default"
 BACKEND_CHOICES = [("ONNX Runtime", "onnx"), ("PyTorch eager", "torch")]
 BACKEND_LABELS = dict((v, k) for k, v in BACKEND_CHOICES)
-ONNX_META = "onnx_meta.json"  # what export/onnx.py writes beside model.onnx
-
-
-def is_onnx_export(path: str | Path) -> bool:
-    return (Path(path) / ONNX_META).is_file() and (Path(path) / "model.onnx").is_file()
-
-
 def onnx_unavailable_reason() -> str | None:
     """None if the ONNX Runtime backend can be imported, else one sentence why not."""
     for module, fix in (("onnxruntime", "pip install onnxruntime"), ("onnx", "pip install onnx"),
@@ -58,17 +50,6 @@ def list_models(root: str | Path = ".", extra: list[str] = ()) -> list[tuple[str
     return found
 
 
-def torch_spec(spec: str) -> str:
-    """An ONNX export runs in PyTorch from the model folder it was exported from."""
-    if is_onnx_export(spec) and not is_model_dir(spec):
-        source = json.loads((Path(spec) / ONNX_META).read_text()).get("source", "")
-        if not is_model_dir(source):
-            raise FileNotFoundError(f"{spec} is an ONNX export whose source folder {source!r} is gone; "
-                                    "choose ONNX Runtime for it")
-        return source
-    return spec
-
-
 class ModelCache:
     """Loaded backends keyed by (model spec, backend name); a per-key lock makes a second session
     asking for the same model wait for the first load instead of starting its own."""
@@ -91,7 +72,7 @@ class ModelCache:
                     raise RuntimeError(reason)
                 self.log(f"loading {spec} on {BACKEND_LABELS.get(backend, backend)} ...")
                 start = time.perf_counter()
-                engine, tokenizer, meta = self.loader(torch_spec(spec) if backend == "torch" else spec, backend)
+                engine, tokenizer, meta = self.loader(spec, backend)
                 self.loaded[key] = (engine, tokenizer, meta)
                 self.log(f"loaded {meta.get('name', spec)} on {engine.name}/{engine.device} "
                          f"in {time.perf_counter() - start:.1f} s")
