@@ -7,10 +7,14 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-# Each test session converts and exports into its own cache, so no state leaks in from ~/.cache.
-os.environ["COGNI_MAMBA_CACHE"] = tempfile.mkdtemp(prefix="cogni-mamba-test-cache-")
+# Each test session converts and exports into its own cache, so no state leaks in from ~/.cache;
+# it is deleted when the session ends (~0.5 GB: SmolLM2 converted and exported).
+SESSION_CACHE = tempfile.mkdtemp(prefix="cogni-mamba-test-cache-")
+os.environ["COGNI_MAMBA_CACHE"] = SESSION_CACHE
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+import shutil  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -53,3 +57,7 @@ def hf_smollm2():
     folder = default_gguf().parent
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=DEFAULT_GGUF, dtype=torch.float32).eval()
     return model, AutoTokenizer.from_pretrained(folder, gguf_file=DEFAULT_GGUF)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    shutil.rmtree(SESSION_CACHE, ignore_errors=True)
