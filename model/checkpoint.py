@@ -5,6 +5,7 @@ from), so loaders rebuild the model from it and never from a file name. Nothing 
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -33,14 +34,62 @@ def is_model_dir(path: str | Path) -> bool:
         return True  # ours but damaged: let load_model say what is wrong
 
 
-@contextmanager
-def atomic_dir(directory: str | Path):
-    """Yield a temp folder beside `directory`; when the block succeeds it replaces `directory`
-    whole, by rename. A crash, Ctrl-C or a full disk leaves the old folder as it was."""
+# Every folder writer leaves this file naming itself, and replaces an existing folder only if it
+# finds its own name there: a user's folder that happens to be given as --out is never deleted.
+WRITER_MARKER = ".cogni-mamba-writer"
+
+
+def folder_writer(directory: str | Path) -> str | None:
+    """Which of our writers made this folder (its marker file), or None."""
+    try:
+        return json.loads((Path(directory) / WRITER_MARKER).read_text()).get("writer")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def recover_interrupted_swap(directory: str | Path) -> None:
+    """atomic_dir swaps by two renames (folder -> .NAME.old, temp -> folder). A kill between them
+    leaves only .NAME.old: put it back, so the user's previous folder is where they left it."""
     directory = Path(directory)
+    old = directory.with_name(f".{directory.name}.old")
+    if old.is_dir() and not directory.exists() and not directory.is_symlink():
+        os.replace(old, directory)
+
+
+def check_output_dir(directory: str | Path, writer: str, force: bool = False, sources=()) -> Path:
+    """Refuse an output folder this writer may not replace: a file, a non-empty folder some other
+    writer (or a person) made, or anything equal to, inside or around one of `sources`.
+    Raises ValueError with one line that says how to proceed."""
+    directory = Path(directory).expanduser()
+    target = directory.resolve()
+    for src in sources:
+        src = Path(src).expanduser().resolve()
+        if target == src or src in target.parents:
+            raise ValueError(f"--out {directory} is the model being read, or inside it ({src}); choose an --out elsewhere")
+        if target in src.parents:
+            raise ValueError(f"--out {directory} contains the model being read ({src}); replacing it would delete "
+                             "that model: choose another --out")
+    recover_interrupted_swap(directory)
+    if directory.is_symlink() or (directory.exists() and not directory.is_dir()):
+        raise ValueError(f"--out {directory} exists and is not a folder; choose another --out")
+    if directory.is_dir() and any(directory.iterdir()) and folder_writer(directory) != writer and not force:
+        made_by = folder_writer(directory)
+        what = f"was written by this project's {made_by}" if made_by else "was not written by this project"
+        raise ValueError(f"--out {directory} already exists and {what}, so it is not replaced; choose another "
+                         f"--out, or pass --force to replace it")
+    return directory
+
+
+@contextmanager
+def atomic_dir(directory: str | Path, writer: str, force: bool = False, sources=()):
+    """Yield a temp folder beside `directory`; when the block succeeds it replaces `directory`
+    whole, by rename. A crash, Ctrl-C or a full disk leaves the old folder as it was. Only a folder
+    this `writer` made before (or an empty one) is replaced, unless `force` (check_output_dir)."""
+    directory = check_output_dir(directory, writer, force, sources)
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
     try:
+        (tmp / WRITER_MARKER).write_text(json.dumps({"writer": writer}) + "\n")
         yield tmp
         # mkdtemp makes the folder 0700 and safetensors writes 0600: give the result the modes a
         # plain mkdir/open would have had (umask), so other users and services can read it.
@@ -75,21 +124,31 @@ def build_model(cfg: ModelConfig, state: dict[str, torch.Tensor], origin: str) -
 
 
 def save_model(directory: str | Path, model: CogniMamba, tokenizer: Tokenizer, source: str = "trained",
-               extra: dict | None = None) -> Path:
-    """Write the folder next to its final place, then rename: a crash leaves the old one intact."""
+               extra: dict | None = None, force: bool = False) -> Path:
+    """Write the folder next to its final place, then rename: a crash leaves the old one intact.
+    Replaces only a model folder written here before (or anything, with force)."""
     directory = Path(directory)
     from safetensors.torch import save_file
 
-    with atomic_dir(directory) as tmp:
+    with atomic_dir(directory, "model folder", force) as tmp:
         # Tied weights: tok_embeddings.weight is the only copy (there is no separate output matrix).
         state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
         dtype = str(next(iter(state.values())).dtype).removeprefix("torch.")
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": FORMAT})
         meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "model": model.cfg.to_dict(),
-                "dtype": dtype, "num_params": model.num_params(), "source": source, **(extra or {})}
+                "dtype": dtype, "num_params": model.num_params(), "source": source,
+                "weights_sha256": sha256_file(tmp / "model.safetensors"), **(extra or {})}
         (tmp / "config.json").write_text(json.dumps(meta, indent=2))
         tokenizer.save(tmp)
     return directory
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 24) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
 
 
 def read_meta(directory: str | Path) -> dict:
@@ -98,11 +157,13 @@ def read_meta(directory: str | Path) -> dict:
         raise FileNotFoundError(f"{directory} is not a CogniMamba model folder (no config.json)")
     try:
         meta = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path} is not valid JSON ({e}); the folder is damaged") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("model"), dict):
+        raise ValueError(f"{path} is not a CogniMamba config (a JSON object with a 'model' object); the folder is damaged")
     if meta.get("format") != FORMAT:
         raise ValueError(f"{path} is not a CogniMamba config (format={meta.get('format')!r})")
-    if meta.get("format_version", 0) > FORMAT_VERSION:
+    if not isinstance(meta.get("format_version", 0), int) or meta.get("format_version", 0) > FORMAT_VERSION:
         raise ValueError(f"{directory} was written by a newer CogniMamba (format {meta['format_version']}); update")
     return meta
 
@@ -116,10 +177,17 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu",
     directory = Path(directory)
     meta = read_meta(directory)
     cfg = ModelConfig.from_dict(meta["model"])
+    weights = directory / "model.safetensors"
+    # safetensors checks the header, not the data: random bytes in the data part load as weights
+    # and answer nonsense. sha256 (~0.3 s for 540 MB with SHA-NI) catches any changed byte; folders
+    # written before the checksum was recorded load unverified.
+    if "weights_sha256" in meta and sha256_file(weights) != meta["weights_sha256"]:
+        raise ValueError(f"{weights} does not match the checksum in config.json: the file is corrupted "
+                         "(re-copy it, re-export or retrain)")
     try:
-        state = load_file(str(directory / "model.safetensors"), device=str(device))
+        state = load_file(str(weights), device=str(device))
     except (SafetensorError, OSError, ValueError) as e:
-        raise ValueError(f"{directory / 'model.safetensors'} is damaged or truncated ({e})") from None
+        raise ValueError(f"{weights} is damaged or truncated ({e})") from None
     model = build_model(cfg, state, str(directory))
     if dtype is not None:
         model = model.to(dtype)

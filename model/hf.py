@@ -3,7 +3,9 @@
 An exported folder (config.json, model.safetensors, tokenizer files, generation_config.json) loads
 with transformers.AutoModelForCausalLM and gives our logits, so a model trained here can go to the
 Hub, to llama.cpp's converter and to every tool that reads Llama. Both directions use the one
-name map below; HF and we both rotate halves for RoPE, so no permutation is needed.
+name map below; HF and we both rotate halves for RoPE, so no permutation is needed. The command
+is `python export/hf.py`. An import refuses every tensor and setting it does not implement
+(biases, other activations, RoPE scaling) rather than dropping it.
 """
 from __future__ import annotations
 
@@ -51,6 +53,11 @@ def config_from_hf(hf: dict) -> ModelConfig:
     rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
     if rope.get("rope_type", rope.get("type", "default")) not in ("default", None):
         raise ValueError(f"RoPE scaling {rope.get('rope_type', rope.get('type'))!r} is not implemented by this model")
+    for flag in ("attention_bias", "mlp_bias"):
+        if hf.get(flag):
+            raise ValueError(f"HF config sets {flag}: this model has no biases, and dropping them would change its outputs")
+    if hf.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"HF hidden_act {hf['hidden_act']!r} is not implemented (this model's SwiGLU uses silu)")
     n_heads = hf["num_attention_heads"]
     return ModelConfig(
         dim=hf["hidden_size"], n_layers=hf["num_hidden_layers"], n_heads=n_heads,
@@ -71,8 +78,14 @@ def load_hf(directory: str | Path):
         hf = json.loads((d / "config.json").read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise ValueError(f"{d / 'config.json'} cannot be read ({e})") from None
-    cfg = config_from_hf(hf)
+    if not isinstance(hf, dict):
+        raise ValueError(f"{d / 'config.json'} is not a JSON object")
+    try:
+        cfg = config_from_hf(hf)
+    except (KeyError, TypeError) as e:
+        raise ValueError(f"{d / 'config.json'} lacks or mistypes a Llama setting ({e})") from None
     names = _name_map(cfg.n_layers)
+    unknown = []
     state = {}
     for shard in sorted(d.glob("*.safetensors")):
         try:
@@ -82,6 +95,11 @@ def load_hf(directory: str | Path):
         for k, v in tensors.items():
             if k in names:
                 state[names[k]] = v.float()
+            elif not k.endswith("rotary_emb.inv_freq"):  # derived from the config, as ours is
+                unknown.append(k)
+    if unknown:
+        raise ValueError(f"{d}: {len(unknown)} tensors this model does not implement, e.g. {unknown[0]} "
+                         "(a Llama variant with extra weights); refusing rather than dropping them")
     if cfg.tie_embeddings:
         state.pop("output.weight", None)
     model = build_model(cfg, state, str(d))
@@ -92,15 +110,17 @@ def load_hf(directory: str | Path):
     return model, from_tokenizer_json(d / "tokenizer.json"), info
 
 
-def export_hf(model, tokenizer: Tokenizer, directory: str | Path, dtype: torch.dtype = torch.float32) -> Path:
-    """Write a HF Llama folder (atomically: temp folder, then rename)."""
+def export_hf(model, tokenizer: Tokenizer, directory: str | Path, dtype: torch.dtype = torch.float32,
+              force: bool = False, sources=()) -> Path:
+    """Write a HF Llama folder (atomically: temp folder, then rename). Replaces only a folder this
+    exporter wrote (or anything but `sources`, with force)."""
     from safetensors.torch import save_file
 
     if tokenizer.kind != "bpe":
         raise ValueError("HF export needs a BPE tokenizer (tokenizer.json); the char tokenizer has no HF equivalent")
     cfg: ModelConfig = model.cfg
     d = Path(directory)
-    with atomic_dir(d) as tmp:
+    with atomic_dir(d, "HF export", force, sources) as tmp:
         ours_to_hf = {v: k for k, v in _name_map(cfg.n_layers).items()}
         state = {ours_to_hf[k]: v.detach().to(dtype).contiguous().cpu() for k, v in model.state_dict().items()}
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})  # tied: one copy
@@ -118,22 +138,3 @@ def export_hf(model, tokenizer: Tokenizer, directory: str | Path, dtype: torch.d
             {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.stop_ids}, indent=2))
         tokenizer.save(tmp)
     return d
-
-
-if __name__ == "__main__":  # python -m model.hf --model checkpoints/mine --out hf/mine
-    import argparse
-    import sys
-
-    from model.weights import load_any
-
-    p = argparse.ArgumentParser(description="Export one of our models as a HuggingFace Llama folder.")
-    p.add_argument("--model", required=True, help="'default', a model folder, a training --out folder, a .gguf")
-    p.add_argument("--out", required=True, help="the folder to write (replaced whole if it exists)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"], help="weight dtype")
-    args = p.parse_args()
-    try:
-        net, tok, _ = load_any(args.model)
-        print(f"wrote {export_hf(net, tok, args.out, getattr(torch, args.dtype))}: load it with "
-              "transformers.AutoModelForCausalLM.from_pretrained")
-    except (ValueError, FileNotFoundError) as e:
-        sys.exit(f"error: {e}")

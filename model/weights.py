@@ -7,8 +7,9 @@
     load_any("file.gguf")           a llama-architecture GGUF
 
 Foreign formats are converted once into our folder format under the cache root
-(~/.cache/cogni-mamba, or $COGNI_MAMBA_CACHE), keyed by the source's path, size and mtime, so the
-second load is a plain safetensors read.
+(~/.cache/cogni-mamba, or $COGNI_MAMBA_CACHE), keyed by the source's path, size and mtime and by
+CONVERTER_VERSION, so the second load is a plain safetensors read and a fixed importer never serves
+a conversion made by an older one.
 """
 from __future__ import annotations
 
@@ -21,9 +22,14 @@ from pathlib import Path
 
 import torch
 
-from model.checkpoint import is_model_dir, load_model, save_model
+from model.checkpoint import is_model_dir, load_model, recover_interrupted_swap, save_model
+from model.gguf import load_gguf
+from model.hf import load_hf
 
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# Bump when model/gguf.py or model/hf.py change what an import produces: cached conversions are
+# keyed by it, so nobody is served a conversion the fixed importer would not make.
+CONVERTER_VERSION = 2
 
 
 def cache_root() -> Path:
@@ -50,20 +56,13 @@ def source_key(path: Path) -> str:
 
 
 def _convert_cached(source: Path, kind: str) -> Path:
-    target = cache_root() / "models" / f"{source.stem}-{source_key(source)}"
+    target = cache_root() / "models" / f"{source.stem}-{source_key(source)}-v{CONVERTER_VERSION}"
     if is_model_dir(target):
         return target
     print(f"converting {source} into {target} (once) ...", file=sys.stderr)
     start = time.perf_counter()
-    if kind == "gguf":
-        from model.gguf import load_gguf
-
-        model, tokenizer, info = load_gguf(source)
-    else:
-        from model.hf import load_hf
-
-        model, tokenizer, info = load_hf(source)
-    save_model(target, model, tokenizer, source=str(source), extra=info)
+    model, tokenizer, info = (load_gguf if kind == "gguf" else load_hf)(source)
+    save_model(target, model, tokenizer, source=str(source), extra=info, force=True)  # the cache is ours
     print(f"converted in {time.perf_counter() - start:.1f} s", file=sys.stderr)
     return target
 
@@ -73,6 +72,7 @@ def resolve_model(spec: str | Path) -> Path:
     if str(spec) == "default":
         return _convert_cached(default_gguf(), "gguf")
     path = Path(spec).expanduser()
+    recover_interrupted_swap(path)
     if is_model_dir(path):
         return path
     if is_model_dir(path / "model"):  # a training run's --out folder

@@ -15,7 +15,7 @@ import threading
 import time
 from pathlib import Path
 
-from model.checkpoint import is_model_dir
+from model.checkpoint import is_model_dir, recover_interrupted_swap
 from webui.backends import ONNX_META, is_onnx_export, load_backend
 
 DEFAULT = "default"
@@ -38,11 +38,17 @@ def list_models(root: str | Path = ".", extra: list[str] = ()) -> list[tuple[str
     export under exports/, plus `extra` specs (e.g. the --model given on the command line)."""
     root = Path(root)
     found = [("SmolLM2-135M-Instruct (default)", DEFAULT)]
+
+    def visible(path: Path) -> bool:  # hidden: a writer's temp or .old folder left by a kill
+        return not any(part.startswith(".") for part in path.relative_to(root).parts)
+
+    for old in [*(root / "checkpoints").glob("**/.*.old"), *(root / "exports").glob("**/.*.old")]:
+        recover_interrupted_swap(old.with_name(old.name[1:-len(".old")]))
     for config in sorted((root / "checkpoints").glob("**/config.json")):
-        if is_model_dir(config.parent):
+        if visible(config.parent) and is_model_dir(config.parent):
             found.append((str(config.parent.relative_to(root)), str(config.parent)))
     for meta in sorted((root / "exports").glob("**/" + ONNX_META)):
-        if is_onnx_export(meta.parent):
+        if visible(meta.parent) and is_onnx_export(meta.parent):
             found.append((f"{meta.parent.relative_to(root)} (ONNX)", str(meta.parent)))
     for spec in extra:
         if spec and spec not in [s for _, s in found]:
