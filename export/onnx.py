@@ -32,18 +32,21 @@ quantizers only quantize a MatMul with a constant weight, and the head is the la
 Writes into --out: model.onnx (+ model.onnx.data above 1.8 GB), config.json, the tokenizer files,
 and onnx_meta.json (source hash, dtype, quantization, opset, versions, parity at export).
 """
-# Bootstrap: `python export/onnx.py` puts export/ first on sys.path, where this file would shadow
-# the `onnx` package; take that folder off and put the repository root on instead.
 import sys
 from pathlib import Path
 
-_HERE = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
-sys.path.insert(0, str(_HERE.parent))
+if __name__ == "__main__":
+    # `python export/onnx.py` puts export/ first on sys.path, where this file would shadow the
+    # `onnx` package: take that folder off and put the repository root on instead. Only when run
+    # as a script: importing this module changes nothing.
+    _HERE = Path(__file__).resolve().parent
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
+    sys.path.insert(0, str(_HERE.parent))
 
 import argparse  # noqa: E402
-import hashlib  # noqa: E402
 import json  # noqa: E402
+import dataclasses  # noqa: E402
+import hashlib  # noqa: E402
 import shutil  # noqa: E402
 import time  # noqa: E402
 
@@ -52,7 +55,7 @@ import onnx  # noqa: E402
 import torch  # noqa: E402
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
-from model.checkpoint import atomic_dir, load_model  # noqa: E402
+from model.checkpoint import atomic_dir, load_model, sha256_file  # noqa: E402
 from model.weights import resolve_model  # noqa: E402
 from model.config import ModelConfig  # noqa: E402
 from model.model import CogniMamba  # noqa: E402
@@ -60,17 +63,16 @@ from model.model import CogniMamba  # noqa: E402
 OPSET = 17
 META_FILE = "onnx_meta.json"
 META_VERSION = 1
+# Bump when build_graph or the quantizers change what an export computes: exports cached by
+# export/ort_backend.py are keyed by it, so a fixed exporter never serves a stale graph.
+EXPORTER_VERSION = 2
+# Every ModelConfig field that build_graph reads. A new field makes build_graph refuse to run until
+# the graph implements it (and a test fails), so the graph and model/model.py cannot drift apart.
+CONFIG_FIELDS_IN_GRAPH = {"dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "hidden_dim", "head_dim",
+                          "max_seq_len", "rope_theta", "norm_eps", "tie_embeddings"}
 EXTERNAL_DATA_BYTES = 1_800_000_000  # protobuf's hard limit is 2 GB
 DTYPES = ("fp32", "fp16")
 QUANTIZATIONS = ("int8", "int4")
-
-
-def sha256_file(path: str | Path, chunk: int = 1 << 24) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def tokenizer_hash(directory: str | Path) -> str:
@@ -124,12 +126,21 @@ def build_graph(model: CogniMamba, dtype: str = "fp32", fused: bool = False, unt
     cfg: ModelConfig = model.cfg
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+    unknown = {f.name for f in dataclasses.fields(cfg)} - CONFIG_FIELDS_IN_GRAPH
+    if unknown:
+        raise ValueError(f"build_graph does not implement the config fields {sorted(unknown)}: teach it "
+                         "(and CONFIG_FIELDS_IN_GRAPH) before exporting")
     fp16 = dtype == "fp16"
     np_dt, T = (np.float16, TensorProto.FLOAT16) if fp16 else (np.float32, TensorProto.FLOAT)
     neg = float(np.finfo(np_dt).min)  # masked score; rows never mask the diagonal, so never all -inf
     nh, kvh, hd, D = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.dim
     sd = {k: v.detach().float().cpu().numpy() for k, v in model.state_dict().items()}
-    W = lambda k: sd[k].astype(np_dt)  # noqa: E731
+    used: set[str] = set()
+
+    def W(k: str) -> np.ndarray:  # every weight goes through here; leftovers are an error below
+        used.add(k)
+        return sd[k].astype(np_dt)
+
     g = _Graph()
 
     # ---- shapes, positions, the attention bias (shared by every layer)
@@ -251,6 +262,9 @@ def build_graph(model: CogniMamba, dtype: str = "fp32", fused: bool = False, unt
         flat = g.op("Gemm", g.op("Reshape", x, g.const([-1, D])), emb, transB=1)  # (B*S, vocab)
         g.op("Reshape", flat, g.op("Concat", ids_shape, g.const([cfg.vocab_size]), axis=0), outputs=["logits"])
 
+    if set(sd) - used:  # a weight the graph does not read: model/model.py has something the graph lacks
+        raise ValueError(f"build_graph left {len(set(sd) - used)} weights unused, e.g. {sorted(set(sd) - used)[0]}: "
+                         "the graph no longer matches model/model.py")
     kv_in = [helper.make_tensor_value_info(f"past_key_values.{i}.{n}", T, ["batch", kvh, "past", hd])
              for i in range(cfg.n_layers) for n in ("key", "value")]
     kv_out = [helper.make_tensor_value_info(f"present.{i}.{n}", T, ["batch", kvh, "total", hd])
@@ -302,13 +316,18 @@ def quantize_file(src: Path, dst: Path, quantize: str) -> None:
 
 @torch.inference_mode()
 def measure_parity(model: CogniMamba, onnx_path: Path, dtype: str = "fp32", steps: int = 8, seed: int = 0) -> dict:
-    """Prefill 16 tokens + `steps` decode steps, batch 1, on ORT CPU against the torch model in fp32."""
+    """Prefill 16 random tokens + `steps` decode steps (batch 1) on ORT CPU, and the same tokens
+    uncached through the model in torch fp32 and in float64. float64 is the truth both runtimes are
+    judged by: parity_ok compares ORT's error with PyTorch's own fp32 error on the same input."""
+    import copy
+
     import onnxruntime as ort
 
     sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     cfg = model.cfg
     ids = torch.randint(0, cfg.vocab_size, (1, 16 + steps), generator=torch.Generator().manual_seed(seed))
-    ref, _ = model(ids)  # (1, 16+steps, vocab), uncached: also checks the cache
+    ref32, _ = model(ids)  # (1, 16+steps, vocab), uncached: also checks the graph's cache
+    ref64 = copy.deepcopy(model).double()(ids)[0][0]  # (16+steps, vocab)
     np_dt = np.float16 if dtype == "fp16" else np.float32
     past = {f"past_key_values.{i}.{n}": np.zeros((1, cfg.n_kv_heads, 0, cfg.head_dim), np_dt)
             for i in range(cfg.n_layers) for n in ("key", "value")}
@@ -319,15 +338,58 @@ def measure_parity(model: CogniMamba, onnx_path: Path, dtype: str = "fp32", step
         outs.append(res[0].astype(np.float32))
         past = {k: v for k, v in zip(past, res[1:])}
         start = end
-    got = torch.from_numpy(np.concatenate(outs, 1))
-    return {"max_abs_logit_diff": float((got - ref).abs().max()),
-            "top1_agreement": float((got.argmax(-1) == ref.argmax(-1)).float().mean()),
+    got = torch.from_numpy(np.concatenate(outs, 1))[0].double()  # (16+steps, vocab)
+    cos = torch.nn.functional.cosine_similarity(got, ref64, dim=-1)
+    return {"max_abs_logit_diff": float((got - ref32[0]).abs().max()),
+            "onnx_error": float((got - ref64).abs().max()),  # vs float64
+            "torch_fp32_error": float((ref32[0].double() - ref64).abs().max()),
+            "logit_scale": float(ref64.abs().max()),
+            "min_cosine": float(cos.min()) if torch.isfinite(got).all() else float("nan"),
+            "finite": bool(torch.isfinite(got).all()),
+            "top1_agreement": float((got.argmax(-1) == ref32[0].argmax(-1)).float().mean()),
             "tokens": int(ids.shape[1])}
 
 
+# ORT and PyTorch compute the same fp32 products and differ only in the order of their sums and in
+# their kernels (MLAS blocking, fused norms, MLAS's own exp): their errors against float64 are of
+# one order, so ORT may have PARITY_FACTOR times PyTorch's (three doublings of slack), plus a floor
+# of 64 fp32 ulps of the largest logit for models whose error is near zero. fp16 rounds every
+# weight and activation to 11 bits instead of 24: the same rule scaled by 2**13. A real mistake (a
+# wrong position, a missing scale, a swapped head) is orders of magnitude above either bound.
+PARITY_FACTOR = 8
+# Quantized graphs differ from fp32 by design; --verify checks they are not broken (finite logits,
+# every position's logit vector within cosine 0.9 of float64's: measured >= 0.99 for int8/int4 of
+# SmolLM2). Their quality is measured on text (bench/decode_speed.py, tests/export).
+QUANTIZED_MIN_COSINE = 0.9
+
+
+def error_bound(torch_fp32_error: float, logit_scale: float, dtype: str = "fp32") -> float:
+    """The largest error against float64 an ONNX graph of this dtype may have (see above)."""
+    eps = float(np.finfo(np.float16 if dtype == "fp16" else np.float32).eps)
+    scale = 2.0 ** 13 if dtype == "fp16" else 1.0
+    return PARITY_FACTOR * scale * torch_fp32_error + 64 * eps * logit_scale
+
+
+def parity_ok(parity: dict, dtype: str, quantize: str | None) -> str | None:
+    """None if measure_parity's figures are within tolerance for this variant, else why not."""
+    if not parity["finite"]:
+        return "the ONNX graph produced non-finite logits"
+    if quantize:
+        if parity["min_cosine"] < QUANTIZED_MIN_COSINE:
+            return f"logits too far from PyTorch's (min cosine {parity['min_cosine']:.3f} < {QUANTIZED_MIN_COSINE})"
+        return None
+    bound = error_bound(parity["torch_fp32_error"], parity["logit_scale"], dtype)
+    if parity["onnx_error"] > bound:
+        return (f"ONNX logits are off by {parity['onnx_error']:.2e} from a float64 reference, more than the "
+                f"{bound:.2e} allowed ({PARITY_FACTOR}x PyTorch's own fp32 error{' x 2^13 for fp16' if dtype == 'fp16' else ''})")
+    return None
+
+
 def export_onnx(model: str | Path, out: str | Path, dtype: str = "fp32", quantize: str | None = None,
-                optimize: bool = False, verify: bool = False, log=print) -> dict:
+                optimize: bool = False, verify: bool = False, log=print, force: bool = False) -> dict:
     """Export the model named by `model` (a folder, or any spec model.weights accepts) into `out`.
+    `out` is replaced only if it is an earlier ONNX export (or anything but the source, with
+    force). With verify, parity outside tolerance fails the export and nothing is written.
     Returns the onnx_meta.json contents."""
     import onnxruntime as ort
 
@@ -337,10 +399,14 @@ def export_onnx(model: str | Path, out: str | Path, dtype: str = "fp32", quantiz
         raise ValueError("quantization starts from fp32 weights: use --dtype fp32 with --quantize")
     t0 = time.perf_counter()
     src = resolve_model(model)
+    sources = [src] + ([Path(model)] if Path(model).exists() else [])  # a .gguf or HF folder, too
+    out = Path(out)
+    from model.checkpoint import check_output_dir
+
+    check_output_dir(out, "ONNX export", force, sources)  # before the minutes of work, not after
     net, tokenizer, src_meta = load_model(src)
     net = net.float()
-    out = Path(out)
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, "ONNX export", force, sources) as tmp:
         proto = build_graph(net, dtype, fused=optimize, untie_lm_head=quantize is not None)
         t_build = time.perf_counter() - t0
         if quantize:
@@ -356,7 +422,8 @@ def export_onnx(model: str | Path, out: str | Path, dtype: str = "fp32", quantiz
         tokenizer.save(tmp)
         meta = {
             "format": "cogni-mamba-onnx", "format_version": META_VERSION,
-            "source": str(src), "source_sha256": sha256_file(src / "model.safetensors"),
+            "source": str(src), "source_sha256": src_meta.get("weights_sha256") or sha256_file(src / "model.safetensors"),
+            "exporter_version": EXPORTER_VERSION,
             "tokenizer_sha256": tokenizer_hash(tmp), "model": net.cfg.to_dict(),
             "dtype": dtype, "quantization": quantize, "fused_ops": optimize, "opset": OPSET,
             "io": {"inputs": ["input_ids", "attention_mask", "past_key_values.{i}.key/value"],
@@ -367,6 +434,8 @@ def export_onnx(model: str | Path, out: str | Path, dtype: str = "fp32", quantiz
         }
         if verify:
             meta["parity"] = measure_parity(net, tmp / "model.onnx", dtype)
+            if failure := parity_ok(meta["parity"], dtype, quantize):
+                raise ValueError(f"--verify: {failure}; nothing was written to {out}")
         meta["export_seconds"] = round(time.perf_counter() - t0, 2)
         meta["build_seconds"] = round(t_build, 2)
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
@@ -376,17 +445,21 @@ def export_onnx(model: str | Path, out: str | Path, dtype: str = "fp32", quantiz
     log(f"  inputs  input_ids (batch, seq), attention_mask (batch, past+seq), past_key_values.{{0..{net.cfg.n_layers - 1}}}.key/value")
     log("  outputs logits (batch, seq, vocab), present.{i}.key/value")
     if meta["parity"]:
-        log(f"  parity vs torch fp32: max |dlogit| {meta['parity']['max_abs_logit_diff']:.2e}, "
-            f"top-1 agreement {meta['parity']['top1_agreement']:.3f}")
+        par = meta["parity"]
+        log(f"  parity vs torch fp32: max |dlogit| {par['max_abs_logit_diff']:.2e}, top-1 agreement "
+            f"{par['top1_agreement']:.3f}; error vs float64 {par['onnx_error']:.2e} (PyTorch fp32's {par['torch_fp32_error']:.2e})")
     return meta
 
 
 def main(model: str = "default", out: str = "exports/model", dtype: str = "fp32", quantize: str | None = None,
-         optimize: bool = False, verify: bool = False) -> int:
+         optimize: bool = False, verify: bool = False, force: bool = False) -> int:
     try:
-        export_onnx(model, out, dtype, quantize, optimize, verify)
+        export_onnx(model, out, dtype, quantize, optimize, verify, force=force)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a read-only folder, a full disk
+        print(f"error: cannot write {e.filename or out}: {e.strerror or e}", file=sys.stderr)
         return 2
     return 0
 
@@ -394,11 +467,13 @@ def main(model: str = "default", out: str = "exports/model", dtype: str = "fp32"
 def parse_args(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="default", help="'default' (SmolLM2-135M-Instruct), a model folder, or any spec model.weights accepts")
-    p.add_argument("--out", required=True, help="folder to write (replaced if it exists)")
+    p.add_argument("--out", required=True, help="folder to write (an earlier ONNX export there is replaced; anything else is refused)")
     p.add_argument("--dtype", default="fp32", choices=DTYPES, help="fp16 is for CUDA: weights, activations and KV cache in fp16")
     p.add_argument("--quantize", choices=QUANTIZATIONS, help="CPU weight quantization: int8 dynamic or 4-bit MatMulNBits")
     p.add_argument("--optimize", action="store_true", help="emit ONNX Runtime's fused ops (GQA, RotaryEmbedding, SkipSimplifiedLayerNorm)")
-    p.add_argument("--verify", action="store_true", help="measure logit parity against PyTorch and record it in onnx_meta.json")
+    p.add_argument("--verify", action="store_true", help="measure logit parity against PyTorch (float64 reference), record it in "
+                                                         "onnx_meta.json, and fail the export if it is outside tolerance")
+    p.add_argument("--force", action="store_true", help="replace --out even if it is not an earlier ONNX export")
     return vars(p.parse_args(argv))
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from export.onnx import META_FILE, export_onnx, tokenizer_hash
+from export.onnx import EXPORTER_VERSION, META_FILE, export_onnx, tokenizer_hash
 from model.checkpoint import read_meta
 from model.config import ModelConfig
 from model.tokenizer import load_tokenizer
@@ -62,11 +62,14 @@ def check_export(directory: str | Path) -> dict:
     if not (d / META_FILE).is_file() or not (d / "model.onnx").is_file():
         raise FileNotFoundError(f"{d} is not an ONNX export (needs model.onnx and {META_FILE}); make one with "
                                 f"`python export/onnx.py --model MODEL --out {d}`")
-    meta = json.loads((d / META_FILE).read_text())
-    if meta.get("format") != "cogni-mamba-onnx":
+    try:
+        meta = json.loads((d / META_FILE).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{d / META_FILE} is not valid JSON ({e}); re-export the model") from None
+    if not isinstance(meta, dict) or meta.get("format") != "cogni-mamba-onnx":
         raise ValueError(f"{d / META_FILE} is not a CogniMamba ONNX meta file")
     config = read_meta(d)
-    if config.get("model") != meta["model"]:
+    if config.get("model") != meta.get("model"):
         raise ValueError(f"{d}: config.json describes another model than the one model.onnx was exported from "
                          f"(source sha256 {meta['source_sha256'][:12]}); re-export the model")
     if tokenizer_hash(d) != meta["tokenizer_sha256"]:
@@ -95,7 +98,11 @@ class OrtBackend:
         so.inter_op_num_threads = 1
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         providers = pick_providers(device)
-        self.session = ort.InferenceSession(str(Path(directory) / "model.onnx"), so, providers=providers)
+        try:
+            self.session = ort.InferenceSession(str(Path(directory) / "model.onnx"), so, providers=providers)
+        except Exception as e:  # onnxruntime's own exception types: a truncated or foreign file
+            raise ValueError(f"{Path(directory) / 'model.onnx'} cannot be loaded by ONNX Runtime "
+                             f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); re-export the model") from None
         self.device = self.session.get_providers()[0]  # what loaded, not what was asked for
         self.io_device = "cuda" if self.device in PROVIDER_ORDER[:2] else "cpu"
         n = self.cfg.n_layers
@@ -155,10 +162,11 @@ def load_ort_backend(spec: str | Path, device: str | None = None, dtype: str | N
         dtype = dtype or ("fp16" if providers[0] != "CPUExecutionProvider" else "fp32")
         fused = providers[0] != "TensorrtExecutionProvider"
         variant = f"{dtype}{'-' + quantize if quantize else ''}{'-fused' if fused else ''}"
-        d = cache_root() / "onnx" / f"{source_key(src / 'model.safetensors')}-{variant}"
+        # keyed by the weights file and the exporter's version: a fixed exporter re-exports
+        d = cache_root() / "onnx" / f"{source_key(src / 'model.safetensors')}-{variant}-v{EXPORTER_VERSION}"
         if not (d / META_FILE).is_file():
             _log(f"exporting {spec} to ONNX ({variant}) once, into {d} ...")
-            export_onnx(src, d, dtype=dtype, quantize=quantize, optimize=fused, verify=True, log=_log)
+            export_onnx(src, d, dtype=dtype, quantize=quantize, optimize=fused, verify=True, log=_log, force=True)
     backend = OrtBackend(d, device=device)
     tokenizer = load_tokenizer(d)
     if tokenizer.vocab_size > backend.cfg.vocab_size:

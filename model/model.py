@@ -7,8 +7,9 @@ token embedding (Press & Wolf 2017). Read beside nanoGPT's and llama2.c's model.
 
 The KV cache is plain tensors: `forward(input_ids, attention_mask, past_key_values)` returns
 `(logits, present_key_values)`, each layer's cache a pair of (B, n_kv_heads, T, head_dim)
-tensors. The module keeps no state between calls, so the same module trains, generates, and is
-traced to ONNX.
+tensors. The module keeps no state between calls, so the same module trains and generates.
+export/onnx.py writes the same network as an ONNX graph emitter by emitter (not traced); its parity
+tests and guards keep the two in step, so a change here is a change there.
 """
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # The mean of squares is taken in fp32: in fp16 it overflows past |x| ~ 256 (ORT #15752).
-        # Written out rather than F.rms_norm so that every ONNX exporter can trace it.
+        # Written out as export/onnx.py's rmsnorm() writes it, so both compute the same sums.
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.type_as(x)
