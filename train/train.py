@@ -12,11 +12,11 @@ checkpoint_epoch_N.pt (after each pass over the training tokens), model/ (the be
 model folder: chat and export load it directly), metrics.jsonl, loss_curve.png, and the tokenizer.
 Checkpoints hold only tensors and plain Python values: torch.load(..., weights_only=True) reads them.
 """
-# Bootstrap: `python train/train.py` puts train/ first on sys.path; the repository root is needed.
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if __name__ == "__main__":  # `python train/train.py` puts train/ on sys.path; the repository root is needed
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import argparse  # noqa: E402
 import contextlib  # noqa: E402
@@ -25,6 +25,7 @@ import json  # noqa: E402
 import math  # noqa: E402
 import os  # noqa: E402
 import random  # noqa: E402
+import shutil  # noqa: E402
 import time  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 
@@ -32,7 +33,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from model.checkpoint import save_model  # noqa: E402
+from model.checkpoint import check_output_dir, folder_writer, is_model_dir, save_model, WRITER_MARKER  # noqa: E402
 from model.config import ModelConfig, find_multiple  # noqa: E402
 from model.model import CogniMamba  # noqa: E402
 
@@ -65,6 +66,47 @@ class TrainConfig:
     val_fraction: float = 0.05
     seed: int = 1337
     num_proc: int = 0  # tokenizing processes; 0 -> automatic
+    force: bool = False  # replace --out even if it holds something else
+
+    def __post_init__(self):
+        """Every number is checked before any work: a zero, a negative, NaN or a string from a --config
+        file gets one sentence naming the flag, never a ZeroDivisionError or a NaN loss later."""
+        def flag(name):
+            return "--" + name.replace("_", "-")
+
+        for name in ("batch_size", "grad_accum", "seq_len", "eval_interval", "eval_batches", "vocab_size"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"{flag(name)} must be a whole number >= 1, got {v!r}")
+        for name in ("max_steps", "warmup_steps", "num_proc"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                raise ValueError(f"{flag(name)} must be a whole number >= 0, got {v!r}")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed < 2**63:
+            raise ValueError(f"--seed must be a whole number in [0, 2^63), got {self.seed!r}")
+        for name, low, high, open_low in (("lr", 0, 1, True), ("min_lr_ratio", 0, 1, False), ("weight_decay", 0, 10, False),
+                                          ("grad_clip", 0, math.inf, True), ("epochs", 0, math.inf, True),
+                                          ("val_fraction", 0, 0.5, True)):
+            v = getattr(self, name)
+            ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v <= high and (v > low if open_low else v >= low)
+            if not ok:
+                raise ValueError(f"{flag(name)} must be a finite number in {'(' if open_low else '['}{low}, {high}], got {v!r}")
+        if self.precision not in ("auto", "bf16", "fp16", "fp32"):
+            raise ValueError(f"--precision must be auto, bf16, fp16 or fp32, got {self.precision!r}")
+        for name in ("preset", "data", "tokenizer", "out", "init_from"):
+            if not isinstance(getattr(self, name), str):
+                raise ValueError(f"{flag(name)} must be a string, got {getattr(self, name)!r}")
+        if not self.out.strip():
+            raise ValueError("--out is empty: name the folder to write the run into")
+
+
+# Flags a resumed run takes from the command line; every other setting is the run's own (changing
+# the model, data, batch or tokenizer mid-run would make the checkpoint meaningless).
+RESUME_OVERRIDES = ("max_steps", "eval_interval", "eval_batches", "lr")
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
 
 
 # -------------------------------------------------------------------------------------------------
@@ -209,8 +251,8 @@ def plot_losses(metrics_path: Path, png: Path) -> None:
     import matplotlib.pyplot as plt
 
     rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
-    train = {r["step"]: r["loss"] for r in rows if "loss" in r}  # a resumed run's rows replace the old ones
-    val = {r["step"]: r["val_loss"] for r in rows if "val_loss" in r}
+    train = {r["step"]: r["loss"] for r in rows if r.get("loss") is not None}  # a resumed run's rows replace the old ones
+    val = {r["step"]: r["val_loss"] for r in rows if r.get("val_loss") is not None}
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.plot(list(train), list(train.values()), label="train", alpha=0.7)
     if val:
@@ -229,7 +271,7 @@ def plot_losses(metrics_path: Path, png: Path) -> None:
 
 def main(**kwargs) -> dict:
     cfg = TrainConfig(**kwargs)
-    out = Path(cfg.out)
+    out = Path(cfg.out).expanduser()
     # DDP under torchrun: one process per device, each with its slice of every global batch.
     ddp = int(os.environ.get("WORLD_SIZE", 1)) > 1
     rank, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if ddp else (0, 1)
@@ -246,8 +288,26 @@ def main(**kwargs) -> dict:
     resume_ckpt = None
     if cfg.resume:
         resume_ckpt = load_checkpoint(out)
-        saved = resume_ckpt["train_config"]
-        cfg = TrainConfig(**{**saved, "resume": True, "max_steps": saved["max_steps"]})
+        saved = {**resume_ckpt["train_config"], "out": cfg.out, "resume": True, "force": False}
+        given = {k: v for k, v in kwargs.items() if k not in ("out", "resume")}
+        taken = {k: v for k, v in given.items() if k in RESUME_OVERRIDES and v != saved.get(k)}
+        ignored = sorted(k for k, v in given.items() if k not in RESUME_OVERRIDES and v != saved.get(k))
+        if ignored:
+            log(f"note: --resume keeps the run's own {', '.join('--' + k.replace('_', '-') for k in ignored)} "
+                f"(only {', '.join('--' + k.replace('_', '-') for k in RESUME_OVERRIDES)} can change mid-run)")
+        if "lr" in taken:
+            log(f"note: peak learning rate {saved['lr']} -> {taken['lr']}: the warmup + cosine schedule continues "
+                f"from step {resume_ckpt['step']} with the new peak")
+        if "max_steps" in taken:
+            log(f"note: max steps {saved['max_steps']} -> {taken['max_steps']}: the cosine decay now ends at step "
+                f"{taken['max_steps']}")
+        cfg = TrainConfig(**{**saved, **taken})
+        if resume_ckpt["step"] >= cfg.max_steps:
+            log(f"{out} finished at step {resume_ckpt['step']} of {cfg.max_steps}: nothing to do. "
+                f"Give --max-steps larger than {resume_ckpt['step']} to train further.")
+            return {"out": str(out), "steps": resume_ckpt["step"], "best_val_loss": resume_ckpt["best_val"]}
+    elif master:
+        prepare_out(out, cfg)
 
     # --- tokenizer and model ---
     if cfg.resume:
@@ -340,18 +400,23 @@ def main(**kwargs) -> dict:
     bar = tqdm(total=max_steps, initial=step, disable=not master, desc="train", dynamic_ncols=True)
     t_last, tokens_since = time.perf_counter(), 0
     try:
+        def eval_and_save():
+            nonlocal best_val
+            val_loss = evaluate(raw_model, val_data, cfg, device, amp_dtype)
+            _append(metrics, {"step": step, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 20))})
+            if not math.isfinite(val_loss):
+                raise NonFiniteLoss(f"the validation loss is {val_loss} at step {step}")
+            if val_loss < best_val:
+                best_val = val_loss
+                checkpoint("best_model.pt")
+                save_model(out / "model", raw_model, tokenizer, source=f"trained: {out}",
+                           extra={"step": step, "val_loss": val_loss}, force=True)  # our own run's folder
+            checkpoint("latest.pt")
+            bar.set_postfix_str(f"val {val_loss:.3f}")
+
         while step < max_steps:
-            if step % cfg.eval_interval == 0 or step == max_steps - 1:
-                val_loss = evaluate(raw_model, val_data, cfg, device, amp_dtype) if master else 0.0
-                if master:
-                    _append(metrics, {"step": step, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 20))})
-                    if val_loss < best_val:
-                        best_val = val_loss
-                        checkpoint("best_model.pt")
-                        save_model(out / "model", raw_model, tokenizer, source=f"trained: {out}",
-                                   extra={"step": step, "val_loss": val_loss})
-                    checkpoint("latest.pt")
-                    bar.set_postfix_str(f"val {val_loss:.3f}")
+            if step % cfg.eval_interval == 0 and master:
+                eval_and_save()
             lr = get_lr(step, cfg, max_steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr
@@ -364,6 +429,14 @@ def main(**kwargs) -> dict:
                     loss = loss_fn(model, x, y) / cfg.grad_accum
                 scaler.scale(loss).backward()
                 loss_sum += loss.item()
+            if ddp:  # log the global batch's loss, not this rank's share of it
+                total = torch.tensor(loss_sum, device=device)
+                torch.distributed.all_reduce(total)
+                loss_sum = total.item() / world
+            if not math.isfinite(loss_sum):  # before the step: the weights stay as the last good step left them
+                if master:
+                    _append(metrics, {"step": step, "loss": loss_sum, "lr": lr})
+                raise NonFiniteLoss(f"the training loss is {loss_sum} at step {step} (learning rate {lr:.2e})")
             scaler.unscale_(optimizer)
             norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             scaler.step(optimizer)
@@ -380,6 +453,8 @@ def main(**kwargs) -> dict:
                 t_last, tokens_since = now, 0
                 if step % steps_per_epoch == 0:
                     checkpoint(f"checkpoint_epoch_{step // steps_per_epoch}.pt")
+        if master:  # the state after the last step: evaluated, saved, resumable with a larger --max-steps
+            eval_and_save()
     except KeyboardInterrupt:
         if master:
             checkpoint("latest.pt")
@@ -395,6 +470,8 @@ def main(**kwargs) -> dict:
             torch.distributed.destroy_process_group()
     result = {"out": str(out), "steps": step, "best_val_loss": best_val}
     if master:
+        if not is_model_dir(out / "model"):
+            raise RuntimeError(f"training ended without writing {out / 'model'}; see {metrics}")
         plot_losses(metrics, out / "loss_curve.png")
         log(f"done: best validation loss {best_val:.4f}\n  model folder  {out / 'model'}  (chat: python -m webui.cli "
             f"--model {out})\n  checkpoints   {out}/best_model.pt, latest.pt\n  metrics       {metrics}\n"
@@ -403,8 +480,25 @@ def main(**kwargs) -> dict:
 
 
 def _append(path: Path, row: dict) -> None:
+    """One JSON line; NaN/inf (not JSON) are written as null."""
+    row = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
     with open(path, "a") as f:
-        f.write(json.dumps(row) + "\n")
+        f.write(json.dumps(row, allow_nan=False) + "\n")
+
+
+def prepare_out(out: Path, cfg: TrainConfig) -> None:
+    """A new run's folder: refuse to mix it into another run or into anyone's folder (check_output_dir),
+    unless --force, which deletes what is there. The marker says this folder is a training run."""
+    init_from = Path(cfg.init_from).expanduser()
+    sources = [init_from] if cfg.init_from and init_from.exists() else []
+    if folder_writer(out) == "training run" and not cfg.force:
+        raise ValueError(f"--out {out} holds a training run: --resume continues it, another --out starts a new "
+                         "one, --force deletes it and starts over")
+    check_output_dir(out, "training run", cfg.force, sources)
+    if out.exists() and cfg.force:
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / WRITER_MARKER).write_text(json.dumps({"writer": "training run"}) + "\n")
 
 
 def _checkpoint_blocks(model: CogniMamba) -> None:
@@ -442,6 +536,7 @@ def parse_args(argv=None) -> dict:
     p.add_argument("--init-from", help="fine-tune this model (default, a model folder, a .gguf, a HF folder)")
     p.add_argument("--sft", action="store_true", default=None, help="chat fine-tuning: loss on assistant tokens only")
     p.add_argument("--seed", type=int, help="random seed")
+    p.add_argument("--force", action="store_true", default=None, help="start over in an --out that holds another run or other files (deletes them)")
     args = {k: v for k, v in vars(p.parse_args(argv)).items() if v is not None}
     config = {}
     if "config" in args:
@@ -458,6 +553,14 @@ def parse_args(argv=None) -> dict:
 if __name__ == "__main__":
     try:
         main(**parse_args())
+    except NonFiniteLoss as e:
+        print(f"error: {e}. Nothing after the last good checkpoint was saved. Try a lower --lr (or more "
+              "--warmup-steps), --precision fp32 or bf16 instead of fp16, or a smaller --grad-clip; "
+              "--resume continues from the last checkpoint with a new --lr", file=sys.stderr)
+        sys.exit(3)
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as e:  # a read-only or full disk: name the path
+        print(f"error: cannot write {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
         sys.exit(2)
