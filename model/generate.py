@@ -12,6 +12,7 @@ PyTorch (TorchBackend, here) and ONNX Runtime (export/ort_backend.py) share ever
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator, Protocol
@@ -31,6 +32,17 @@ class SamplingConfig:
     seed: int | None = None
 
     def __post_init__(self):
+        # NaN passes every comparison below as False, and inf turns sampling uniform: refuse both first.
+        for name in ("temperature", "top_p", "repetition_penalty"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
+                raise ValueError(f"{name} must be a finite number, got {v!r}")
+        for name in ("top_k", "max_new_tokens"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool):
+                raise ValueError(f"{name} must be a whole number, got {v!r}")
+        if self.seed is not None and (not isinstance(self.seed, int) or not 0 <= self.seed < 2**63):
+            raise ValueError(f"seed must be a whole number in [0, 2^63), got {self.seed!r}")
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if self.top_k < 0:

@@ -94,9 +94,11 @@ def state_dict_from_gguf(reader, cfg: ModelConfig) -> tuple[dict[str, torch.Tens
         for i in range(cfg.n_layers) if "{i}" in pattern else [None]:
             lookup[pattern.format(i=i)] = ours.format(i=i)
     state, qtypes = {}, set()
+    unknown = [t.name for t in reader.tensors if t.name not in lookup]
+    if unknown:  # e.g. Llama-3.1's rope_freqs (RoPE scaling): skipping it would load wrong logits
+        raise ValueError(f"GGUF tensor {unknown[0]} ({len(unknown)} unknown in all) is not implemented by this model; "
+                         "refusing rather than loading a model that computes something else")
     for t in reader.tensors:
-        if t.name not in lookup:
-            continue  # e.g. rope_freqs: derived from the config here
         try:
             w = dequantize(t.data, t.tensor_type)
         except NotImplementedError:
@@ -128,9 +130,15 @@ def tokenizer_from_gguf(reader) -> BPETokenizer:
     merges = [tuple(m.split(" ", 1)) for m in _field(reader, "tokenizer.ggml.merges")]
     backend = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges))
     splits = [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)]
-    pre = _field(reader, "tokenizer.ggml.pre", "default")
-    if pre in ("smollm", "starcoder", "qwen2", "llama3", "deepseek-llm"):  # these split digits one by one
+    # llama.cpp names each model family's pre-tokenizer split (its regex). We rebuild the two we
+    # implement and have tested against transformers; any other would tokenize differently. A file
+    # without the field predates it: its converter wrote GPT-2-style byte-level BPE.
+    pre = _field(reader, "tokenizer.ggml.pre", "gpt-2")
+    if pre in ("smollm", "starcoder"):  # GPT-2's split after digits are split one by one
         splits.insert(0, pre_tokenizers.Digits(individual_digits=True))
+    elif pre != "gpt-2":
+        raise ValueError(f"GGUF pre-tokenizer {pre!r} is not implemented (only 'gpt-2' and 'smollm'/'starcoder'); "
+                         "its text would be split differently from the model's training")
     backend.pre_tokenizer = pre_tokenizers.Sequence(splits)
     backend.decoder = decoders.ByteLevel()
     special = [t for t, ty in zip(tokens, types) if ty in (GGUF_TOKEN_CONTROL, GGUF_TOKEN_USER_DEFINED)]

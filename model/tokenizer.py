@@ -32,6 +32,17 @@ CHATML_TEMPLATE = (
 _SENTINEL = re.compile("\ue000(\\d+)\ue001")
 
 
+def clean_text(text: str) -> str:
+    """Text as the tokenizer can take it: invalid UTF-8 bytes from a terminal (surrogate escapes) and
+    lone surrogates from JSON become U+FFFD, as a browser shows them, instead of a TypeError deep in
+    `tokenizers`. Valid text is returned as it is (the common case costs one encode)."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+
+
 def _render(template: str, messages: list[dict], add_generation_prompt: bool) -> str:
     # The same sandboxed Jinja environment transformers' apply_chat_template uses.
     from jinja2.sandbox import ImmutableSandboxedEnvironment
@@ -63,7 +74,7 @@ class _ChatMixin:
         pos = 0
         for match in _SENTINEL.finditer(rendered):
             ids += self.encode_with_special(rendered[pos:match.start()])
-            ids += self.encode(messages[int(match.group(1))]["content"])
+            ids += self.encode(messages[int(match.group(1))]["content"])  # encode() cleans it
             pos = match.end()
         ids += self.encode_with_special(rendered[pos:])
         return ids
@@ -96,10 +107,10 @@ class BPETokenizer(_ChatMixin):
         return self.backend.get_vocab_size(with_added_tokens=True)
 
     def encode(self, text: str) -> list[int]:
-        return self._plain.encode(text, add_special_tokens=False).ids
+        return self._plain.encode(clean_text(text), add_special_tokens=False).ids
 
     def encode_with_special(self, text: str) -> list[int]:
-        return self.backend.encode(text, add_special_tokens=False).ids
+        return self.backend.encode(clean_text(text), add_special_tokens=False).ids
 
     def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
         return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)

@@ -42,6 +42,13 @@ def main(model: str = "default", backend: str = "torch", prompt: str | None = No
     except (ValueError, FileNotFoundError, RuntimeError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # e.g. a read-only cache folder for a first conversion
+        print(f"error: cannot write {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
+        return 2
+    # Bytes that are not UTF-8 (a pasted binary, another encoding) must not end the chat with a
+    # UnicodeDecodeError: they arrive as U+FFFD, as a browser shows them.
+    if hasattr(sys.stdin, "reconfigure"):
+        sys.stdin.reconfigure(errors="replace")
     system_msgs = [{"role": "system", "content": system}] if system else []
     if prompt is not None:
         if not prompt.strip():

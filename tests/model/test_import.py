@@ -1,5 +1,6 @@
 """Importing SmolLM2 from its GGUF is exact: our model and tokenizer against transformers' own
 GGUF loader on the same file; HF export round trips; broken files give one clear error."""
+import json
 import subprocess
 import sys
 
@@ -149,6 +150,54 @@ def test_bad_files_give_clear_errors(tmp_path, nano_with_bpe):
     folder = save_model(tmp_path / "ours", model, tok)
     weights = folder / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
-    with pytest.raises(ValueError, match="damaged or truncated"):
+    with pytest.raises(ValueError, match="damaged or truncated|checksum"):
         load_model(folder)
     assert (folder / "config.json").is_file()  # a failed load changes nothing on disk
+
+
+class _Field:
+    def __init__(self, value):
+        self.value = value
+
+    def contents(self):
+        return self.value
+
+
+class _Reader:
+    """Just enough of gguf.GGUFReader for the importer's checks."""
+
+    def __init__(self, fields, tensor_names=()):
+        self.fields = {k: _Field(v) for k, v in fields.items()}
+        self.tensors = [type("T", (), {"name": n})() for n in tensor_names]
+
+
+def test_gguf_refuses_what_it_does_not_implement():
+    from model.gguf import state_dict_from_gguf, tokenizer_from_gguf
+
+    cfg = ModelConfig.from_name("nano", vocab_size=64, n_layers=1)
+    with pytest.raises(ValueError, match="rope_freqs.weight"):  # Llama 3.1's RoPE scaling factors
+        state_dict_from_gguf(_Reader({}, ["token_embd.weight", "rope_freqs.weight"]), cfg)
+    tokens = ["a", "b", "ab", "<|endoftext|>"]
+    fields = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.tokens": tokens, "tokenizer.ggml.token_type": [1, 1, 1, 3],
+              "tokenizer.ggml.merges": ["a b"], "tokenizer.ggml.eos_token_id": 3}
+    for pre in ("llama-bpe", "qwen2", "default"):  # other regexes: refused, not silently GPT-2's
+        with pytest.raises(ValueError, match=f"pre-tokenizer '{pre}'"):
+            tokenizer_from_gguf(_Reader({**fields, "tokenizer.ggml.pre": pre}))
+    assert tokenizer_from_gguf(_Reader({**fields, "tokenizer.ggml.pre": "gpt-2"})).encode("ab") == [2]
+
+
+def test_hf_import_refuses_biases(tmp_path, nano_model):
+    from safetensors.torch import load_file, save_file
+
+    from model.hf import export_hf, load_hf
+    from model.tokenizer import train_bpe
+
+    folder = export_hf(nano_model, train_bpe(["hello world"] * 4, 300), tmp_path / "hf")
+    weights = load_file(folder / "model.safetensors")
+    save_file({**weights, "model.layers.0.self_attn.q_proj.bias": torch.zeros(128)}, folder / "model.safetensors")
+    with pytest.raises(ValueError, match="q_proj.bias"):
+        load_hf(folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "attention_bias": True}))
+    with pytest.raises(ValueError, match="attention_bias"):
+        load_hf(folder)
