@@ -29,9 +29,10 @@ def is_model_dir(path: str | Path) -> bool:
     if not ((p / "config.json").is_file() and (p / "model.safetensors").is_file()):
         return False
     try:
-        return json.loads((p / "config.json").read_text()).get("format") == FORMAT
+        meta = json.loads((p / "config.json").read_text())
     except (OSError, ValueError):
         return True  # ours but damaged: let load_model say what is wrong
+    return not isinstance(meta, dict) or meta.get("format") == FORMAT  # not an object: damaged, as above
 
 
 # Every folder writer leaves this file naming itself, and replaces an existing folder only if it
