@@ -107,14 +107,21 @@ class BPETokenizer(_ChatMixin):
     def token_id(self, token: str) -> int | None:
         return self.backend.token_to_id(token)
 
-    def save(self, directory: str | Path) -> None:
+    def save(self, directory: str | Path, model_max_length: int | None = None) -> None:
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         self.backend.save(str(d / "tokenizer.json"))
-        # The keys transformers' PreTrainedTokenizerFast reads, so exported folders load there too.
+        # The keys transformers' PreTrainedTokenizerFast reads, so exported folders load in
+        # transformers 4 and 5 alike: without model_input_names 4.x also returns token_type_ids,
+        # which LlamaForCausalLM.generate rejects; without pad_token it cannot batch with padding;
+        # without model_max_length it reports 1e30. Left padding is what batched generation needs.
         config = {"tokenizer_class": "PreTrainedTokenizerFast", "chat_template": self.chat_template,
-                  "eos_token": self.eos_token, "bos_token": self.bos_token,
+                  "eos_token": self.eos_token, "bos_token": self.bos_token, "pad_token": self.eos_token,
+                  "padding_side": "left",
+                  "model_input_names": ["input_ids", "attention_mask"], "clean_up_tokenization_spaces": False,
                   "stop_tokens": [self.backend.id_to_token(i) for i in self.stop_ids]}
+        if model_max_length is not None:
+            config["model_max_length"] = model_max_length
         (d / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
 
 
