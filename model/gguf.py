@@ -362,12 +362,12 @@ def export_gguf(model, tokenizer, out: str | Path, gguf_type: str = "auto", name
     return {"path": out, "types": counts, "pre": vocab["pre"], "bytes": out.stat().st_size}
 
 
-def main(model: str, out: str, type: str = "auto", force: bool = False) -> int:
+def main(model: str, out: str, gguf_type: str = "auto", force: bool = False) -> int:
     from model.weights import load_any
 
     try:
         net, tok, meta = load_any(model)
-        summary = export_gguf(net, tok, out, type, name=meta["name"], source=meta, force=force)
+        summary = export_gguf(net, tok, out, gguf_type, name=meta["name"], source=meta, force=force)
     except (ValueError, FileNotFoundError, RuntimeError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -383,7 +383,7 @@ def parse_args(argv=None) -> dict:
     p = argparse.ArgumentParser(description="Export one of our models as a llama-architecture GGUF for llama.cpp and Ollama.")
     p.add_argument("--model", required=True, help="'default', a model folder, a training --out folder, a HF Llama folder, a .gguf")
     p.add_argument("--out", required=True, help="the .gguf file to write (replaced only if this exporter wrote it)")
-    p.add_argument("--type", default="auto", choices=GGUF_TYPES,
+    p.add_argument("--type", dest="gguf_type", default="auto", choices=GGUF_TYPES,
                    help="weight type: auto = each tensor at its source GGUF type (f32 for other models); "
                         "norms stay f32")
     p.add_argument("--force", action="store_true", help="replace --out even if it is not a GGUF this exporter wrote")
