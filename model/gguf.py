@@ -283,7 +283,7 @@ def export_gguf(model, tokenizer, out: str | Path, gguf_type: str = "auto", name
     if not force and not _owned_or_absent(out):
         raise ValueError(f"{out} exists and is not a GGUF written by this exporter; refusing to replace it (--force to override)")
     source = source or {}
-    source_types = source.get("gguf_types") or {} if gguf_type == "auto" else {}
+    source_types = (source.get("gguf_types") or {}) if gguf_type == "auto" else {}
     cfg = model.cfg
     vocab = gguf_vocab(tokenizer, cfg.vocab_size, source.get("gguf_pre"))
     ours_to_gguf = {}
