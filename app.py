@@ -77,15 +77,15 @@ def build_demo(model: str = DEFAULT, backend: str = "onnx", note: str = "") -> g
         gr.Textbox("", label="System prompt", placeholder="(none: the model's own behaviour)", lines=2, render=False),
         backend_box, model_box,
         gr.Slider(0, 2, value=0.7, step=0.05, label="Temperature (0 = greedy)", render=False),
-        gr.Slider(0, 200, value=50, step=1, label="Top-k (0 = off)", render=False),
+        gr.Slider(0, 200, value=50, step=1, precision=0, label="Top-k (0 = off)", render=False),
         gr.Slider(0.05, 1, value=0.9, step=0.05, label="Top-p (1 = off)", render=False),
         gr.Slider(1, 2, value=1.1, step=0.05, label="Repetition penalty (1 = off)", render=False),
-        gr.Slider(1, 1024, value=256, step=1, label="Max new tokens", render=False),
+        gr.Slider(1, 1024, value=256, step=1, precision=0, label="Max new tokens", render=False),
         gr.Number(-1, precision=0, label="Seed (-1 = random)", render=False),
     ]
     with gr.Blocks(title="Cogni-Mamba chat") as demo:
         gr.Markdown("## Cogni-Mamba chat" + (f"\n{note}" if note else ""))
-        loaded = gr.Markdown("Loading the model ...")
+        loaded = gr.Markdown("Loading the model ...", label="Loaded model")
         with gr.Tab("Chat"):
             gr.ChatInterface(respond, additional_inputs=settings, additional_inputs_accordion=gr.Accordion(
                 "Settings: system prompt, backend, model, sampling", open=False, render=False),
@@ -94,9 +94,9 @@ def build_demo(model: str = DEFAULT, backend: str = "onnx", note: str = "") -> g
             gr.Markdown("One prompt, greedy, through both backends (the model chosen in Settings).")
             with gr.Row():
                 prompt = gr.Textbox(EXAMPLES[0], label="Prompt", scale=4)
-                n_tokens = gr.Slider(1, 128, value=24, step=1, label="Tokens", scale=1)
+                n_tokens = gr.Slider(1, 128, value=24, step=1, precision=0, label="Tokens", scale=1)
             run = gr.Button("Compare", variant="primary")
-            verdict = gr.Markdown()
+            verdict = gr.Markdown(label="Verdict")
             with gr.Row():
                 torch_out = gr.Textbox(label="PyTorch eager", lines=6)
                 onnx_out = gr.Textbox(label="ONNX Runtime", lines=6)
@@ -104,7 +104,7 @@ def build_demo(model: str = DEFAULT, backend: str = "onnx", note: str = "") -> g
             run.click(parity_panel, [prompt, model_box, n_tokens], [torch_out, onnx_out, verdict, figures],
                       api_name="parity")
         with gr.Tab("Model card"):
-            card_md = gr.Markdown()
+            card_md = gr.Markdown(label="Model card")
         for box in (backend_box, model_box):
             box.change(card, [model_box, backend_box], [loaded, card_md], api_name=False)
         demo.load(card, [model_box, backend_box], [loaded, card_md], api_name="model_card")

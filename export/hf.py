@@ -19,19 +19,17 @@ import argparse  # noqa: E402
 
 import torch  # noqa: E402
 
-from model.checkpoint import load_model  # noqa: E402
 from model.hf import export_hf  # noqa: E402
-from model.weights import resolve_model  # noqa: E402
+from model.weights import load_any  # noqa: E402
 
 DTYPES = ("float32", "float16", "bfloat16")
 
 
 def main(model: str, out: str, dtype: str = "float32", force: bool = False) -> int:
     try:
-        src = resolve_model(model)
-        net, tokenizer, _ = load_model(src)
-        sources = [src] + ([Path(model)] if Path(model).exists() else [])  # a .gguf or HF folder, too
-        folder = export_hf(net, tokenizer, out, getattr(torch, dtype), force=force, sources=sources)
+        net, tokenizer, meta = load_any(model)
+        sources = [meta["path"]] + ([Path(model)] if Path(model).exists() else [])  # a .gguf or HF folder, too
+        folder = export_hf(net, tokenizer, out, getattr(torch, dtype), meta, force=force, sources=sources)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

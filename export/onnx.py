@@ -30,7 +30,8 @@ wrote it twice); quantized variants give the head its own transposed weight, bec
 quantizers only quantize a MatMul with a constant weight, and the head is the largest matrix.
 
 Writes into --out: model.onnx (+ model.onnx.data above 1.8 GB), config.json, the tokenizer files,
-and onnx_meta.json (source hash, dtype, quantization, opset, versions, parity at export).
+onnx_meta.json (source hash, dtype, quantization, opset, versions, parity at export), and for
+BPE tokenizers genai_config.json + chat_template.jinja, so onnxruntime-genai opens the folder.
 """
 import sys
 from pathlib import Path
@@ -55,6 +56,7 @@ import onnx  # noqa: E402
 import torch  # noqa: E402
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
+from export.genai import write_genai_files  # noqa: E402
 from model.checkpoint import atomic_dir, load_model, sha256_file  # noqa: E402
 from model.weights import resolve_model  # noqa: E402
 from model.config import ModelConfig  # noqa: E402
@@ -420,6 +422,8 @@ def export_onnx(model: str | Path, out: str | Path, dtype: str = "fp32", quantiz
             del proto
         shutil.copy(src / "config.json", tmp / "config.json")
         tokenizer.save(tmp)
+        # onnxruntime-genai opens the folder as it is (export/genai.py: the graph's I/O in its terms)
+        write_genai_files(tmp, net.cfg, tokenizer, provider="cuda" if dtype == "fp16" else None)
         meta = {
             "format": "cogni-mamba-onnx", "format_version": META_VERSION,
             "source": str(src), "source_sha256": src_meta.get("weights_sha256") or sha256_file(src / "model.safetensors"),

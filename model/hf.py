@@ -110,10 +110,39 @@ def load_hf(directory: str | Path):
     return model, from_tokenizer_json(d / "tokenizer.json"), info
 
 
+def model_card(cfg: ModelConfig, dtype: torch.dtype, source: dict) -> str:
+    """README.md for the folder: what it is and where the weights came from, in plain words (no
+    local paths), so whoever uploads it says it: imported GGUF blocks are named as dequantized."""
+    name = source.get("name") or "cogni-mamba"
+    fmt, quant = source.get("source_format"), source.get("source_quantization") or ""
+    stored = str(dtype).removeprefix("torch.")
+    if fmt == "gguf":
+        blocks = [q for q in quant.split(",") if q not in ("F32", "F16", "BF16")]
+        origin = (f"imported from a GGUF file; the weights are dequantized from {' / '.join(blocks)} blocks "
+                  f"and stored as {stored}, so they carry that quantization's error" if blocks else
+                  f"imported from a GGUF file ({quant}), stored as {stored}")
+    elif fmt == "hf":
+        origin = f"imported from a HuggingFace Llama folder ({quant}), stored as {stored}"
+    else:
+        how = "trained with Cogni-Mamba's train/train.py" if str(source.get("source", "trained")).startswith("trained") \
+            else "written by Cogni-Mamba"
+        origin = f"{how}, stored as {stored}"
+    return (f"---\nlibrary_name: transformers\npipeline_tag: text-generation\ntags: [llama, cogni-mamba]\n---\n\n"
+            f"# {name}\n\nA Llama-architecture causal language model exported by Cogni-Mamba "
+            f"(`python export/hf.py`).\n\n- Weights: {origin}.\n"
+            f"- Shape: {cfg.n_layers} layers, dim {cfg.dim}, {cfg.n_heads} query / {cfg.n_kv_heads} KV heads, "
+            f"SwiGLU {cfg.hidden_dim}, vocabulary {cfg.vocab_size}, context {cfg.max_seq_len}, "
+            f"{'tied' if cfg.tie_embeddings else 'separate'} embeddings.\n\n"
+            "Load it with `transformers.AutoModelForCausalLM.from_pretrained(folder)` and "
+            "`AutoTokenizer.from_pretrained(folder)`; the tokenizer pads on the left and "
+            "`generation_config.json` lists the stop ids.\n")
+
+
 def export_hf(model, tokenizer: Tokenizer, directory: str | Path, dtype: torch.dtype = torch.float32,
-              force: bool = False, sources=()) -> Path:
-    """Write a HF Llama folder (atomically: temp folder, then rename). Replaces only a folder this
-    exporter wrote (or anything but `sources`, with force)."""
+              source: dict | None = None, force: bool = False, sources=()) -> Path:
+    """Write a HF Llama folder (atomically: temp folder, then rename). `source` is the model
+    folder's meta (name, source_format, source_quantization) for the model card. Replaces only a
+    folder this exporter wrote (or anything but `sources`, with force)."""
     from safetensors.torch import save_file
 
     if tokenizer.kind != "bpe":
@@ -131,10 +160,12 @@ def export_hf(model, tokenizer: Tokenizer, directory: str | Path, dtype: torch.d
             "vocab_size": cfg.vocab_size, "max_position_embeddings": cfg.max_seq_len, "rope_theta": cfg.rope_theta,
             "rms_norm_eps": cfg.norm_eps, "tie_word_embeddings": cfg.tie_embeddings, "hidden_act": "silu",
             "attention_bias": False, "mlp_bias": False, "torch_dtype": str(dtype).removeprefix("torch."),
-            "bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.stop_ids,
+            "bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.stop_ids, "pad_token_id": tokenizer.eos_id,
         }
         (tmp / "config.json").write_text(json.dumps(hf, indent=2))
         (tmp / "generation_config.json").write_text(json.dumps(
-            {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.stop_ids}, indent=2))
-        tokenizer.save(tmp)
+            {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.stop_ids,
+             "pad_token_id": tokenizer.eos_id}, indent=2))
+        tokenizer.save(tmp, model_max_length=cfg.max_seq_len)
+        (tmp / "README.md").write_text(model_card(cfg, dtype, source or {}))
     return d

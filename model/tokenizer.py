@@ -7,6 +7,10 @@
 Both give: encode(text), decode(ids), vocab_size, eos_id (end of document), stop_ids (ends a chat
 reply), render_chat(messages) -> the exact template text, encode_chat(messages) -> ids, save(dir).
 
+Templates render exactly as transformers' apply_chat_template renders them: with its own renderer
+(render_jinja_template: a sandboxed Jinja environment with {% break %}/{% continue %}, {% generation %},
+a tojson that does not HTML-escape, raise_exception, strftime_now) and the special tokens as variables.
+
 Text a user types is always encoded as plain text: "<|im_end|>" inside a message becomes the
 characters, never the control token. Only the template's own text may produce special tokens.
 """
@@ -27,9 +31,10 @@ CHATML_TEMPLATE = (
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 
-# Message contents are swapped for these sentinels (Unicode private use) while the template renders,
-# so the rendered text splits cleanly into template text and user text.
-_SENTINEL = re.compile("\ue000(\\d+)\ue001")
+# A control token typed inside a message is wrapped in these (Unicode private use) before the
+# template renders, so the rendered text tells it apart from the template's own tokens; the same
+# idea as transformers' mark_control_tokens / encode_marked_chat (sanitize_control_tokens=True).
+_MARK_START, _MARK_END = "\ue000", "\ue001"
 
 
 def clean_text(text: str) -> str:
@@ -43,12 +48,18 @@ def clean_text(text: str) -> str:
         return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
 
 
-def _render(template: str, messages: list[dict], add_generation_prompt: bool) -> str:
-    # The same sandboxed Jinja environment transformers' apply_chat_template uses.
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
+def _render(template: str, messages: list[dict], add_generation_prompt: bool, special_tokens: dict) -> str:
+    """transformers' own renderer, given the special tokens as apply_chat_template gives them
+    (bos_token, eos_token, pad_token). A template's raise_exception becomes one ValueError."""
+    import jinja2
+    from transformers.utils.chat_template_utils import render_jinja_template
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-    return env.from_string(template).render(messages=messages, add_generation_prompt=add_generation_prompt)
+    try:
+        rendered, _ = render_jinja_template([messages], chat_template=template,
+                                            add_generation_prompt=add_generation_prompt, **special_tokens)
+    except jinja2.TemplateError as e:
+        raise ValueError(f"the chat template refused these messages: {e}") from None
+    return rendered[0]
 
 
 def _check_messages(messages: list[dict]) -> None:
@@ -60,23 +71,34 @@ def _check_messages(messages: list[dict]) -> None:
 class _ChatMixin:
     chat_template: str
 
+    def _special_tokens_map(self) -> dict:
+        tokens = {"bos_token": self.bos_token, "eos_token": self.eos_token, "pad_token": self.eos_token}
+        return {k: v for k, v in tokens.items() if v is not None}
+
     def render_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
-        """The prompt text exactly as the model's template (Jinja, like transformers) renders it."""
+        """The prompt text exactly as transformers' apply_chat_template renders the model's template."""
         _check_messages(messages)
-        return _render(self.chat_template, messages, add_generation_prompt)
+        return _render(self.chat_template, messages, add_generation_prompt, self._special_tokens_map())
 
     def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
-        """Template text may contain special tokens; message contents are encoded as plain text."""
+        """Template text may contain special tokens; in message text they are encoded as plain text."""
         _check_messages(messages)
-        masked = [{**m, "content": f"\ue000{i}\ue001"} for i, m in enumerate(messages)]
-        rendered = _render(self.chat_template, masked, add_generation_prompt)
+        controls = sorted(self.control_tokens(), key=len, reverse=True)  # longest first: a token before its parts
+        control_re = "|".join(map(re.escape, controls)) or "(?!)"
+
+        def mark(text: str) -> str:  # markers typed by the user are dropped, so none can be forged
+            text = text.replace(_MARK_START, "").replace(_MARK_END, "")
+            return re.sub(control_re, lambda m: _MARK_START + m.group(0) + _MARK_END, text)
+
+        marked = [{k: mark(v) if isinstance(v, str) else v for k, v in m.items()} for m in messages]
+        rendered = _render(self.chat_template, marked, add_generation_prompt, self._special_tokens_map())
+        # [template text, typed token, template text, ...]; None where a lone marker was (a template
+        # that split a marked token): dropped, but the text on either side stays apart
+        pieces = re.split(f"{_MARK_START}({control_re}){_MARK_END}|[{_MARK_START}{_MARK_END}]", rendered)
         ids: list[int] = []
-        pos = 0
-        for match in _SENTINEL.finditer(rendered):
-            ids += self.encode_with_special(rendered[pos:match.start()])
-            ids += self.encode(messages[int(match.group(1))]["content"])  # encode() cleans it
-            pos = match.end()
-        ids += self.encode_with_special(rendered[pos:])
+        for i, piece in enumerate(pieces):
+            if piece:
+                ids += self.encode(piece) if i % 2 else self.encode_with_special(piece)
         return ids
 
 
@@ -118,14 +140,25 @@ class BPETokenizer(_ChatMixin):
     def token_id(self, token: str) -> int | None:
         return self.backend.token_to_id(token)
 
-    def save(self, directory: str | Path) -> None:
+    def control_tokens(self) -> list[str]:
+        """Every added token (special or not): what encode_with_special matches and user text must not make."""
+        return [t.content for t in self.backend.get_added_tokens_decoder().values()]
+
+    def save(self, directory: str | Path, model_max_length: int | None = None) -> None:
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         self.backend.save(str(d / "tokenizer.json"))
-        # The keys transformers' PreTrainedTokenizerFast reads, so exported folders load there too.
+        # The keys transformers' PreTrainedTokenizerFast reads, so exported folders load in
+        # transformers 4 and 5 alike: without model_input_names 4.x also returns token_type_ids,
+        # which LlamaForCausalLM.generate rejects; without pad_token it cannot batch with padding;
+        # without model_max_length it reports 1e30. Left padding is what batched generation needs.
         config = {"tokenizer_class": "PreTrainedTokenizerFast", "chat_template": self.chat_template,
-                  "eos_token": self.eos_token, "bos_token": self.bos_token,
+                  "eos_token": self.eos_token, "bos_token": self.bos_token, "pad_token": self.eos_token,
+                  "padding_side": "left",
+                  "model_input_names": ["input_ids", "attention_mask"], "clean_up_tokenization_spaces": False,
                   "stop_tokens": [self.backend.id_to_token(i) for i in self.stop_ids]}
+        if model_max_length is not None:
+            config["model_max_length"] = model_max_length
         (d / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
 
 
@@ -172,6 +205,9 @@ class CharTokenizer(_ChatMixin):
 
     def token_id(self, token: str) -> int | None:
         return self.stoi.get(token)
+
+    def control_tokens(self) -> list[str]:
+        return list(SPECIAL_TOKENS)
 
     def save(self, directory: str | Path) -> None:
         d = Path(directory)

@@ -93,5 +93,6 @@ def load_any(spec: str | Path = "default", device: str | torch.device = "cpu",
     meta = {**meta, "path": str(directory)}
     if str(spec) == "default":  # the GGUF's own general.name is a training-run label
         meta["name"] = "SmolLM2-135M-Instruct"
-    meta.setdefault("name", Path(directory).name)
+    # what the user named it (checkpoints/mine -> "mine", not its model/ subfolder or a cache folder)
+    meta.setdefault("name", Path(str(spec)).expanduser().resolve().name)
     return model, tokenizer, meta

@@ -128,3 +128,19 @@ def test_start_up_falls_back_to_torch_when_onnx_cannot_load(monkeypatch, nano_di
     backend, note = app.preload(str(nano_dir), "onnx")
     assert backend == "torch" and "using PyTorch eager instead" in note and "onnxruntime" in note
     assert (str(nano_dir), "torch") in app.MODELS.loaded
+
+
+def test_the_api_reads_like_an_api(client):
+    """gradio_client's view of the page: every output named by its label (no auto names such as
+    value_39) and the integer settings typed as integers."""
+    api = client.view_api(return_format="dict", print_info=False)["named_endpoints"]
+    assert {"/chat", "/parity", "/model_card"} <= set(api)
+    for name, endpoint in api.items():
+        for value in endpoint["parameters"]:  # inputs are called by their parameter names
+            assert not value["parameter_name"].startswith(("value_", "param_")), (name, value)
+        for value in endpoint["returns"]:
+            assert value["label"] and not value["label"].startswith("value_"), (name, value)
+    types = {p["parameter_name"]: p["python_type"]["type"] for p in api["/chat"]["parameters"]}
+    assert types["top_k"] == types["max_new_tokens"] == types["seed"] == "int"
+    assert types["temperature"] == "float"
+    assert {p["parameter_name"]: p["python_type"]["type"] for p in api["/parity"]["parameters"]}["max_new_tokens"] == "int"

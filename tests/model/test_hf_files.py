@@ -1,0 +1,95 @@
+"""The HF export's tokenizer and generation files as transformers users meet them: AutoTokenizer
+batches with padding, generate(**tok(...)) runs and gives our greedy tokens, and the model card
+says where the weights came from."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from model.config import ModelConfig
+from model.generate import SamplingConfig, TorchBackend, generate
+from model.hf import export_hf
+from model.model import CogniMamba
+from model.tokenizer import train_bpe
+
+TEXTS = ["Hello world 12345 and 3.14159", "ñandú, Ünïcode, emoji 🦊🚀", "def f(x):\n\treturn x ** 2\n"]
+
+
+@pytest.fixture(scope="module")
+def hf_folder(tmp_path_factory):
+    torch.manual_seed(0)
+    tok = train_bpe(TEXTS * 20, 320)
+    model = CogniMamba(ModelConfig.from_name("nano", vocab_size=384)).eval()
+    source = {"name": "nano-q41", "source_format": "gguf", "source_quantization": "F32,Q4_1"}
+    folder = export_hf(model, tok, tmp_path_factory.mktemp("hf") / "nano", source=source)
+    return model, tok, folder
+
+
+def test_tokenizer_batches_and_generates_in_transformers(hf_folder):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model, tok, folder = hf_folder
+    hf_tok = AutoTokenizer.from_pretrained(folder)
+    assert hf_tok.model_max_length == model.cfg.max_seq_len
+    assert hf_tok.pad_token == tok.eos_token and hf_tok.eos_token == tok.eos_token
+    chats = [[{"role": "user", "content": "Hello world"}], [{"role": "user", "content": "def f(x): return 12345"}]]
+    prompts = [hf_tok.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in chats]
+    batch = hf_tok(prompts, padding=True, return_tensors="pt")
+    assert sorted(batch) == ["attention_mask", "input_ids"]  # no token_type_ids for generate to reject
+    lengths = batch["attention_mask"].sum(1).tolist()
+    assert lengths[0] != lengths[1] and (batch["attention_mask"][:, -1] == 1).all()  # padded on the left
+
+    hf = AutoModelForCausalLM.from_pretrained(folder).eval()
+    gen = json.loads((folder / "generation_config.json").read_text())
+    assert gen["eos_token_id"] == tok.stop_ids and gen["pad_token_id"] == tok.eos_id
+    with torch.no_grad():
+        out = hf.generate(**batch, max_new_tokens=8, min_new_tokens=8, do_sample=False)
+    greedy = SamplingConfig(temperature=0, top_k=0, top_p=1.0, repetition_penalty=1.0, max_new_tokens=8)
+    for row, chat in zip(out, chats):
+        ids = tok.encode_chat(chat)
+        assert hf_tok(hf_tok.apply_chat_template(chat, tokenize=False, add_generation_prompt=True))["input_ids"] == ids
+        # ours never stops early here: min_new_tokens forces 8 on the HF side, so compare what we both made
+        ours = list(generate(TorchBackend(model), ids, greedy))
+        assert len(ours) >= 4 and row[batch["input_ids"].shape[1]:].tolist()[:len(ours)] == ours
+
+
+def test_model_card_names_the_source(hf_folder):
+    _, _, folder = hf_folder
+    card = (folder / "README.md").read_text()
+    assert card.startswith("---\nlibrary_name: transformers\n")
+    assert "# nano-q41" in card and "dequantized from Q4_1 blocks" in card
+    assert "/" + "tmp" not in card  # no local paths
+
+
+TF4_SCRIPT = """
+import json, sys, torch, transformers
+from transformers import AutoModelForCausalLM, AutoTokenizer
+tok = AutoTokenizer.from_pretrained(sys.argv[1])
+batch = tok(["Hello world", "def f(x): return 12345 and more"], padding=True, return_tensors="pt")
+out = AutoModelForCausalLM.from_pretrained(sys.argv[1]).generate(**batch, max_new_tokens=4, do_sample=False)
+print(json.dumps({"version": transformers.__version__, "keys": sorted(batch), "max_len": tok.model_max_length,
+                  "shape": list(out.shape)}))
+"""
+
+
+@pytest.mark.slow
+def test_transformers_4_reads_the_folder(hf_folder, tmp_path_factory):
+    """transformers 4.57 (what optimum and many servers pin) in its own folder on sys.path, beside
+    this venv's torch: installed from PyPI on the spot, skipped when PyPI is unreachable."""
+    model, _, folder = hf_folder
+    target = tmp_path_factory.mktemp("transformers4")
+    pip = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--retries", "0", "--timeout", "10",
+                          "--target", str(target), "transformers==4.57.*", "tokenizers>=0.22,<0.23",
+                          "huggingface_hub<1.0"], capture_output=True, text=True, timeout=600)
+    if pip.returncode:
+        pytest.skip(f"transformers 4.57 could not be installed (offline?): {pip.stderr.strip().splitlines()[-1:]}")
+    r = subprocess.run([sys.executable, "-c", TF4_SCRIPT, str(folder)], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "PYTHONPATH": str(target), "HF_HUB_OFFLINE": "1"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    got = json.loads(r.stdout.strip().splitlines()[-1])
+    assert got["version"].startswith("4.57")
+    assert got["keys"] == ["attention_mask", "input_ids"] and got["max_len"] == model.cfg.max_seq_len
+    assert got["shape"][0] == 2
