@@ -42,6 +42,8 @@ def test_out_is_never_someone_elses_folder(nano_dir, tmp_path):
     a_file.write_text("keep me")
     assert _one_error_line(_cli("--model", str(nano_dir), "--out", str(a_file)))
     assert a_file.read_text() == "keep me"
+    r = _cli("--model", str(nano_dir), "--out", "/sys/cogni-mamba-test/exp")  # read-only, even for root
+    assert _one_error_line(r) and "/sys/cogni-mamba-test" in r.stderr, r.stderr[-800:]
 
     for out in (nano_dir, nano_dir / "onnx", nano_dir.parent):  # the source itself, inside it, around it
         r = _cli("--model", str(nano_dir), "--out", str(out), "--force")

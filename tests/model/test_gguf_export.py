@@ -77,7 +77,7 @@ def test_quantized_export_equals_the_dequantized_weights(nano_bpe, tmp_path, ggu
 def test_smollm2_round_trip_gives_the_source_tensors(tmp_path):
     import gguf
 
-    from model.gguf import main
+    from export.gguf import main
     from model.weights import default_gguf, load_any
 
     assert main("default", str(tmp_path / "smol.gguf")) == 0  # --type auto: each tensor at its source type
