@@ -186,6 +186,7 @@ def test_load_ort_backend_exports_once_into_the_cache(nano_dir, tmp_path, monkey
     monkeypatch.setenv("COGNI_MAMBA_CACHE", str(tmp_path))
     backend, tok, meta = load_ort_backend(nano_dir)
     assert backend.name == "onnx" and backend.device == "CPUExecutionProvider"
+    assert meta["variant"]["name"] == "fp32" and "weights as they are" in meta["variant"]["why"]
     assert meta["onnx"]["parity"]["max_abs_logit_diff"] <= FP32_ATOL
     (cached,) = (tmp_path / "onnx").iterdir()
     stamp = (cached / "model.onnx").stat().st_mtime_ns
@@ -302,3 +303,14 @@ def test_gguf_quantization_needs_a_gguf_source(nano_dir, tmp_path):
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert "not imported from a GGUF" in r.stderr and "--quantize int4" in r.stderr
     assert not (tmp_path / "x").exists()
+
+
+def test_app_default_on_cpu_serves_the_gguf_blocks(smollm2_dir, nano_dir):
+    """The variant test_gguf_blocks_int8_activations_keep_perplexity measures is the one served."""
+    from export.ort_backend import pick_variant
+
+    dtype, quantize, why = pick_variant(smollm2_dir, "CPUExecutionProvider", None, None)
+    assert (dtype, quantize) == ("fp32", "gguf") and "Q4_1/Q8_0 blocks" in why
+    assert pick_variant(nano_dir, "CPUExecutionProvider", None, None)[:2] == ("fp32", None)
+    assert pick_variant(smollm2_dir, "CUDAExecutionProvider", None, None)[:2] == ("fp16", None)
+    assert pick_variant(smollm2_dir, "CPUExecutionProvider", None, "int4")[:2] == ("fp32", "int4")
