@@ -19,6 +19,10 @@ Sources of blocks:
     from_gguf(tensor)   a GGUF tensor's own blocks, as they are (llama.cpp's layouts, gguf-py
                         gguf/quants.py): Q4_0, Q4_1, Q8_0 and the K-quants Q4_K, Q5_K (5-bit codes
                         as 8-bit), Q6_K (6-bit codes as 8-bit, sub-blocks of 16)
+    quantize(w, bits)   fp32 weights (ours) into blocks of 32: 8 bits symmetric (Q8_0's scheme),
+                        4 bits asymmetric with each block's range clipped to the least squared
+                        error (a grid search, as llama.cpp's make_qkx and ORT's HQQ both refine
+                        plain min/max rounding)
 """
 from __future__ import annotations
 
@@ -213,4 +217,62 @@ def gguf_blocks(model_dir, state: dict) -> dict[str, BlockMatrix | None]:
             raise ValueError(f"{model_dir}'s weights differ from its source {source} ({t.name}): the model changed "
                              "after its import; use --quantize int4 or int8")
         blocks[name] = m
+    return blocks
+
+
+# Shrink factors for a block's [min, max] range searched by quantize(bits=4): 1.0 is plain min/max
+# rounding; clipping the few largest weights of a block buys a finer step for all the others.
+CLIP_GRID = (1.0, 0.97, 0.94, 0.91, 0.88, 0.85, 0.82, 0.79, 0.76, 0.73, 0.70)
+
+
+def quantize(w: np.ndarray, bits: int, block: int = 32, clip_grid: tuple = CLIP_GRID) -> BlockMatrix:
+    """(N, K) fp32 -> BlockMatrix. bits 8: symmetric, scale max|w| / 127, zero point 128 (no
+    offsets: exact zero, as Q8_0). bits 4: asymmetric as Q4_1, w = q * scale + min with a float
+    minimum (centred into zero point + offset), the block's [min, max] shrunk about its centre by
+    the CLIP_GRID factor with the least squared error. Weights already on a Q4_1 grid (SmolLM2's,
+    dequantized) come back as they are at factor 1; an integer zero point alone cannot align
+    with that grid and re-rounds every weight (measured: +35% perplexity, as ORT's symmetric int4)."""
+    import torch
+
+    N, K = w.shape
+    x = torch.from_numpy(np.ascontiguousarray(w, np.float32)).reshape(N, K // block, block)
+    if bits == 8:
+        scale = x.abs().amax(-1) / 127
+        safe = torch.where(scale == 0, 1, scale)
+        codes = torch.clamp(torch.round(x / safe[..., None]), -127, 127) + 128
+        zp = torch.full(scale.shape, 128)
+    elif bits == 4:
+        lo, hi = x.amin(-1), x.amax(-1)
+        best_err = torch.full(lo.shape, float("inf"))
+        scale, low = torch.ones_like(lo), torch.zeros_like(lo)
+        for f in clip_grid:  # the range shrunk about its centre by f
+            mid, half = (hi + lo) / 2, (hi - lo) * f / 2
+            s = torch.where(half == 0, 1, 2 * half / 15)
+            m = mid - half
+            q = torch.clamp(torch.round((x - m[..., None]) / s[..., None]), 0, 15)
+            err = (q * s[..., None] + m[..., None] - x).square().sum(-1)
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            scale, low = torch.where(better, s, scale), torch.where(better, m, low)
+        codes = torch.clamp(torch.round((x - low[..., None]) / scale[..., None]), 0, 15)
+        m = BlockMatrix(codes.reshape(N, K).to(torch.uint8).numpy(), scale.numpy(), np.zeros(lo.shape, np.uint8),
+                        4, block, low.numpy())
+        return center_offsets(m, code_max=15)
+    else:
+        raise ValueError(f"bits must be 4 or 8, got {bits}")
+    return BlockMatrix(codes.reshape(N, K).to(torch.uint8).numpy(), scale.float().numpy(),
+                       zp.to(torch.uint8).numpy(), bits, block)
+
+
+# Our linear layers' weights; the tied embedding's blocks feed only the head (the Gather keeps fp32).
+LINEAR_SUFFIXES = ("wq.weight", "wk.weight", "wv.weight", "wo.weight", "w1.weight", "w2.weight", "w3.weight")
+
+
+def quantized_state(state: dict, bits: int) -> dict[str, BlockMatrix]:
+    """Every linear layer's weights in `bits`-bit blocks; the head (output.weight, or the tied
+    tok_embeddings.weight) in 8 bits, as llama.cpp's Q4 files keep it: the head alone at 4 bits
+    cost SmolLM2 +6% perplexity on the held-out text, the 30 layers at 4 bits +0.1%."""
+    blocks = {k: quantize(w, bits) for k, w in state.items() if k.endswith(LINEAR_SUFFIXES)}
+    head = "output.weight" if "output.weight" in state else "tok_embeddings.weight"
+    blocks[head] = quantize(state[head], 8)
     return blocks

@@ -23,17 +23,17 @@ Variants (one dispatcher, `build_graph`):
                 fp32, CUDA in fp16; GQA has no fp32 CUDA kernel). GQA refuses a chunked prefill
                 (past > 0 and seq > 1) above batch 1; the plain graph takes every shape.
     --dtype fp16   weights, activations, KV cache and logits in fp16; RMSNorm and softmax reduce in fp32
-    --quantize int8   ORT dynamic int8 (per-channel) of every MatMul but the down projections (CPU)
-    --quantize int4   ORT MatMulNBits 4-bit weight-only, block 32 (CPU)
+    --quantize int8   MatMulNBits 8-bit weight-only, symmetric blocks of 32 (Q8_0's scheme) (CPU)
+    --quantize int4   MatMulNBits 4-bit weight-only, asymmetric blocks of 32 with MSE-clipped ranges
+                      (Q4_1's scheme), the head 8-bit as llama.cpp's Q4 files keep it (CPU)
     --quantize gguf   a quantized GGUF's own blocks, as they are, in MatMulNBits (export/blocks.py):
                       Q4_0/Q4_1/Q4_K 4-bit, Q8_0/Q5_K/Q6_K 8-bit, minimums through a per-block
                       correction; --accuracy-level 4 (default) takes int8 activations as llama.cpp
                       does, 0 computes in fp32 (8-bit blocks then run as fp32 MatMuls: ORT has no
                       fp32 kernel for them) and equals the fp32 export up to summation order
 A tied LM head is one initializer shared by the Gather and a Gemm(transB=1) (pytorch #108342
-wrote it twice); quantized variants give the head its own transposed weight, because ORT's
-quantizers only quantize a MatMul with a constant weight, and the head is the largest matrix; with
---quantize gguf the head reads the embedding's own blocks (SmolLM2: Q8_0), as llama.cpp's does.
+wrote it twice); quantized variants give the head its own 8-bit blocks (the largest matrix), and
+with --quantize gguf the embedding's own blocks (SmolLM2: Q8_0), as llama.cpp's head reads them.
 
 Writes into --out: model.onnx (+ model.onnx.data above 1.8 GB), config.json, the tokenizer files,
 and onnx_meta.json (source hash, dtype, quantization, opset, versions, parity at export).
@@ -152,11 +152,11 @@ def block_linear(g: _Graph, x: str, name: str, m: BlockMatrix, accuracy_level: i
     return g.op("Add", y, corr, outputs=[out] if out else 1)
 
 
-def build_graph(model: CogniMamba, dtype: str = "fp32", fused: bool = False, untie_lm_head: bool = False,
+def build_graph(model: CogniMamba, dtype: str = "fp32", fused: bool = False,
                 blocks: dict[str, BlockMatrix | None] | None = None, accuracy_level: int = 4) -> onnx.ModelProto:
-    """The whole network as one ONNX graph. `fused` emits ORT contrib ops; `untie_lm_head` stores a
-    tied head as its own (dim, vocab) MatMul weight, for the quantizers. `blocks` (state-dict name ->
-    BlockMatrix) makes every linear layer whose weights it holds a MatMulNBits with those blocks."""
+    """The whole network as one ONNX graph. `fused` emits ORT contrib ops. `blocks` (state-dict
+    name -> BlockMatrix) makes every linear layer whose weights it holds a MatMulNBits with those
+    blocks; a tied head with blocks for tok_embeddings.weight gets its own quantized copy."""
     cfg: ModelConfig = model.cfg
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
@@ -297,9 +297,9 @@ def build_graph(model: CogniMamba, dtype: str = "fp32", fused: bool = False, unt
             x = rmsnorm(h, gamma[2 * i + 2])
     if not cfg.tie_embeddings:
         linear(x, "output.weight", ["output.weight"], out="logits")
-    elif untie_lm_head or quantized(["tok_embeddings.weight"]) is not None:
-        # its own constant (dim, vocab) weight, which the quantizers can see; or the embedding's
-        # own blocks (a GGUF's Q8_0 token_embd), so the head reads what llama.cpp's head reads
+    elif quantized(["tok_embeddings.weight"]) is not None:
+        # the embedding's blocks (a GGUF's Q8_0 token_embd: what llama.cpp's head reads); the
+        # Gather keeps the fp32 table, which holds the same values
         linear(x, "lm_head.weight", ["tok_embeddings.weight"], out="logits")
     else:  # the embedding itself, read transposed: one copy on disk (pytorch #108342)
         flat = g.op("Gemm", g.op("Reshape", x, g.const([-1, D])), emb, transB=1)  # (B*S, vocab)
@@ -325,33 +325,6 @@ def save_onnx(proto: onnx.ModelProto, path: Path) -> None:
                         location=path.name + ".data", size_threshold=1024)
     else:
         onnx.save_model(proto, str(path))
-
-
-def quantize_file(src: Path, dst: Path, quantize: str) -> None:
-    """ORT's own quantizers (int8 dynamic, 4-bit MatMulNBits) on a graph with an untied head."""
-    import logging
-
-    logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)  # one INFO line per node
-    if quantize == "int8":
-        from onnxruntime.quantization import QuantType, quantize_dynamic
-
-        # The down projections stay fp32: their input (SwiGLU output) has outlier channels that one
-        # dynamic uint8 activation scale crushes; quantizing them took SmolLM2's perplexity on our
-        # test text from 11.1 to 19.2 (top-1 0.60); keeping them fp32 gives 11.5 (top-1 0.85).
-        w2 = [n.name for n in onnx.load(str(src), load_external_data=False).graph.node
-              if n.op_type == "MatMul" and n.input[1].endswith("feed_forward.w2")]
-        quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"],
-                         per_channel=True, nodes_to_exclude=w2, extra_options={"MatMulConstBOnly": True,
-                                                        # contrib-op outputs have no inferred type
-                                                        "DefaultTensorType": TensorProto.FLOAT})
-    elif quantize == "int4":
-        from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
-
-        q = MatMulNBitsQuantizer(onnx.load(str(src)), block_size=32, is_symmetric=True, accuracy_level=4)
-        q.process()
-        save_onnx(q.model.model, dst)
-    else:
-        raise ValueError(f"quantize must be one of {QUANTIZATIONS} or None, got {quantize!r}")
 
 
 @torch.inference_mode()
@@ -391,29 +364,25 @@ def export_onnx(model: str | Path, out: str | Path, dtype: str = "fp32", quantiz
         raise ValueError("quantization starts from fp32 weights: use --dtype fp32 with --quantize")
     if accuracy_level not in ACCURACY_LEVELS:
         raise ValueError(f"accuracy_level must be one of {ACCURACY_LEVELS}, got {accuracy_level!r}")
+    if accuracy_level != 4 and quantize != "gguf":  # int8/int4 at 0 would run their 8-bit heads as fp32
+        raise ValueError("--accuracy-level 0 is for --quantize gguf (the GGUF's values in fp32 arithmetic); "
+                         "int8 and int4 run with int8 activations")
     t0 = time.perf_counter()
     src = resolve_model(model)
     net, tokenizer, src_meta = load_model(src)
     net = net.float()
     out = Path(out)
     blocks = None
-    if quantize == "gguf":
-        from export.blocks import gguf_blocks
+    if quantize:
+        from export.blocks import gguf_blocks, quantized_state
 
-        blocks = gguf_blocks(src, {k: v.numpy() for k, v in net.state_dict().items()})
+        state = {k: v.numpy() for k, v in net.state_dict().items()}
+        blocks = gguf_blocks(src, state) if quantize == "gguf" else quantized_state(state, 8 if quantize == "int8" else 4)
     with atomic_dir(out) as tmp:
-        proto = build_graph(net, dtype, fused=optimize, untie_lm_head=quantize in ("int8", "int4"),
-                            blocks=blocks, accuracy_level=accuracy_level)
+        proto = build_graph(net, dtype, fused=optimize, blocks=blocks, accuracy_level=accuracy_level)
         t_build = time.perf_counter() - t0
-        if quantize in ("int8", "int4"):
-            save_onnx(proto, tmp / "unquantized.onnx")
-            del proto
-            quantize_file(tmp / "unquantized.onnx", tmp / "model.onnx", quantize)
-            for f in tmp.glob("unquantized.onnx*"):
-                f.unlink()
-        else:
-            save_onnx(proto, tmp / "model.onnx")
-            del proto
+        save_onnx(proto, tmp / "model.onnx")
+        del proto
         shutil.copy(src / "config.json", tmp / "config.json")
         tokenizer.save(tmp)
         meta = {
@@ -421,7 +390,7 @@ def export_onnx(model: str | Path, out: str | Path, dtype: str = "fp32", quantiz
             "source": str(src), "source_sha256": sha256_file(src / "model.safetensors"),
             "tokenizer_sha256": tokenizer_hash(tmp), "model": net.cfg.to_dict(),
             "dtype": dtype, "quantization": quantize, "fused_ops": optimize, "opset": OPSET,
-            "accuracy_level": accuracy_level if quantize == "gguf" else None,
+            "accuracy_level": accuracy_level if quantize else None,
             "source_blocks": None if blocks is None else sorted({f"{m.bits}-bit block {m.block}" for m in blocks.values() if m}),
             "io": {"inputs": ["input_ids", "attention_mask", "past_key_values.{i}.key/value"],
                    "outputs": ["logits", "present.{i}.key/value"]},
@@ -460,10 +429,10 @@ def parse_args(argv=None) -> dict:
     p.add_argument("--model", default="default", help="'default' (SmolLM2-135M-Instruct), a model folder, or any spec model.weights accepts")
     p.add_argument("--out", required=True, help="folder to write (replaced if it exists)")
     p.add_argument("--dtype", default="fp32", choices=DTYPES, help="fp16 is for CUDA: weights, activations and KV cache in fp16")
-    p.add_argument("--quantize", choices=QUANTIZATIONS, help="CPU weight quantization: int8 dynamic, 4-bit MatMulNBits, "
+    p.add_argument("--quantize", choices=QUANTIZATIONS, help="CPU weight-only quantization into MatMulNBits: int8, int4, "
                    "or gguf: a quantized GGUF's own blocks as they are (Q4_0, Q4_1, Q8_0, Q4_K, Q5_K, Q6_K)")
     p.add_argument("--accuracy-level", type=int, default=4, choices=ACCURACY_LEVELS,
-                   help="--quantize gguf: MatMulNBits arithmetic, 0 = fp32, 4 = int8 activations (faster)")
+                   help="with --quantize: MatMulNBits arithmetic, 0 = fp32, 4 = int8 activations (faster)")
     p.add_argument("--optimize", action="store_true", help="emit ONNX Runtime's fused ops (GQA, RotaryEmbedding, SkipSimplifiedLayerNorm)")
     p.add_argument("--verify", action="store_true", help="measure logit parity against PyTorch and record it in onnx_meta.json")
     return vars(p.parse_args(argv))

@@ -108,3 +108,35 @@ def test_unsupported_block_type_names_it_and_the_alternative(tmp_path):
     w.close()
     with pytest.raises(ValueError, match=r"Q5_0.*--quantize int4"):
         from_gguf(gguf.GGUFReader(tmp_path / "q5.gguf").tensors[0])
+
+
+def test_int8_blocks_round_to_half_a_step():
+    from export.blocks import quantize
+
+    w = np.random.default_rng(2).standard_normal((N, K)).astype(np.float32)
+    m = quantize(w, 8)
+    step = np.abs(w.reshape(N, -1, 32)).max(-1, keepdims=True) / 127  # per block
+    err = np.abs(m.dequantize() - w).reshape(N, -1, 32)
+    assert m.bits == 8 and (err <= step / 2 * (1 + 1e-5)).all()
+
+
+def test_int4_blocks_recover_a_q4_1_grid_and_clip_by_least_squares():
+    """Weights already on Q4_1's grid (SmolLM2's, dequantized) come back as they are: the sanity
+    check that re-quantizing them loses nothing. On heavy-tailed weights the clip search beats
+    plain min/max (the CLIP_GRID factor 1.0 it also tries) in squared error."""
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize
+    from gguf.quants import quantize as gguf_quantize
+
+    from export.blocks import quantize
+
+    rng = np.random.default_rng(3)
+    grid = dequantize(gguf_quantize(rng.standard_normal((N, K)).astype(np.float32), GGMLQuantizationType.Q4_1),
+                      GGMLQuantizationType.Q4_1).reshape(N, K)
+    # (q*s + m computed from a recomputed s = (max - min)/15: a few ulps of the block's range)
+    assert np.abs(quantize(grid, 4).dequantize() - grid).max() <= 1e-6 * np.abs(grid).max()
+    w = rng.laplace(size=(N, K)).astype(np.float32)
+    err = np.square(quantize(w, 4).dequantize() - w).sum()
+    err_minmax = np.square(quantize(w, 4, clip_grid=(1.0,)).dequantize() - w).sum()
+    print(f"int4 on Laplace weights: squared error {err / err_minmax:.3f} x plain min/max")
+    assert err < err_minmax

@@ -114,19 +114,16 @@ def test_tied_embedding_stored_once(nano_dir, nano_export):
     assert copies == ["tok_embeddings.weight"]  # Gather and the Gemm(transB=1) head read one copy (pytorch #108342)
 
 
-def test_int8_quantizes_the_tied_head(nano_export):
-    """ORT's quantizer skips a MatMul fed by a Transpose; the head has its own constant weight."""
-    m = onnx.load(str(nano_export("fp32", "int8", True) / "model.onnx"))
-    names = {i.name for i in m.graph.initializer}
-    assert "lm_head.weight_quantized" in names and "lm_head.weight" not in names
-    plain = [n.input[1] for n in m.graph.node if n.op_type == "MatMul"]
-    assert all(w.endswith("feed_forward.w2") for w in plain)  # only the down projections stay fp32
-
-
-def test_int4_uses_matmulnbits(nano_export):
-    m = onnx.load(str(nano_export("fp32", "int4", True) / "model.onnx"))
+@pytest.mark.parametrize("quantize,bits", [("int8", 8), ("int4", 4)])
+def test_quantized_linears_are_matmulnbits(nano_export, quantize, bits):
+    """Every linear layer weight-only in MatMulNBits (no dynamic int8 activations, which crushed the
+    down projections), the tied head in 8 bits, the Gather on the fp32 table."""
+    m = onnx.load(str(nano_export("fp32", quantize, True) / "model.onnx"))
     ops = [n.op_type for n in m.graph.node]
-    assert "MatMul" not in ops and ops.count("MatMulNBits") == 4 * 4 + 1  # (qkv, wo, w13, w2) x 4 layers + head
+    assert "MatMul" not in ops or quantize == "int4"  # int4's Q4_1-style minimums: one small MatMul each
+    nbits = {n.input[1]: {a.name: a.i for a in n.attribute}["bits"] for n in m.graph.node if n.op_type == "MatMulNBits"}
+    assert len(nbits) == 4 * 4 + 1  # (qkv, wo, w13, w2) x 4 layers + head
+    assert nbits.pop("lm_head.weight.q") == 8 and set(nbits.values()) == {bits}
 
 
 def _quality(model_dir, ref_dir, test_dir):
@@ -153,9 +150,10 @@ def test_quantized_nano_runs(nano_dir, nano_export):
 
 # (variant, min top-1 agreement with fp32, max relative perplexity change) over TEXT (~60 tokens, so
 # one token is ~1.7 points of agreement). Measured on SmolLM2-135M-Instruct (fp32 perplexity 11.12):
-# fp16 1.00 / 11.11, int8 0.85 / 11.51 (+3.5%), int4 0.65 / 12.48 (+12%). Bounds leave a token or
-# two of slack; int8 with its down projections quantized (0.60 / +72%) fails them, as it should.
-QUALITY = [(("fp16", None), 0.97, 0.01), (("fp32", "int8"), 0.80, 0.06), (("fp32", "int4"), 0.58, 0.16)]
+# fp16 1.00 / 11.11, int8 0.93 / 11.13 (+0.1%), int4 0.97 / 11.22 (+0.9%). Perplexity bounds are the
+# issue's goals (int8 1%, int4 5%); agreement leaves two or three tokens of slack. The previous
+# schemes fail them: dynamic int8 0.85 / +3.5%, ORT's symmetric int4 0.65 / +12%.
+QUALITY = [(("fp16", None), 0.97, 0.01), (("fp32", "int8"), 0.88, 0.01), (("fp32", "int4"), 0.90, 0.05)]
 
 
 @pytest.mark.slow
