@@ -1,18 +1,25 @@
-"""Greedy decoding speed of SmolLM2-135M-Instruct on this machine, every engine in one run.
+"""Greedy decoding speed and quality of SmolLM2-135M-Instruct on this machine, every engine in one run.
 
     python bench/decode_speed.py                  # 3 repeats, writes bench/results/decode_speed.{json,png}
     python bench/decode_speed.py --repeats 5 --new-tokens 128
 
-Engines: our TorchBackend; our ONNX export in fp32, int8 and int4 on ONNX Runtime; transformers'
-generate on the same weights (loaded from the GGUF); llama.cpp through llama-cpp-python on the
-GGUF itself, when installed (`pip install llama-cpp-python` compiles for ~10 min on 2 cores).
+Engines: our TorchBackend; our ONNX export in fp32, int8, int4 and gguf (the GGUF's own blocks,
+what the app serves on CPU) on ONNX Runtime; transformers' generate on the same weights (loaded
+from the GGUF); llama.cpp through llama-cpp-python on the GGUF itself, when installed
+(`pip install llama-cpp-python` compiles for ~10+ min on 2 cores), in a subprocess so that its
+crash cannot end the benchmark (0.3.36 built on an AVX512/AMX Xeon segfaults on quantized GGUFs
+when n_batch > 1: the peer is then retried with n_batch=1 and the table says so).
 Decode speed = (new_tokens - 1) / (time for new_tokens - time for 1), so prompt processing is
 not counted; time to first token is measured on a ~500-token prompt. Medians over repeats.
+Perplexity: every engine on the same held-out text (bench/data/romeo_and_juliet.txt, used by no
+test), in independent windows of 512 tokens.
 """
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
+import math
 import os
 import platform
 import statistics
@@ -23,13 +30,76 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python bench/decode_speed.py` from anywhere
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from model.generate import SamplingConfig, TorchBackend, generate  # noqa: E402
 from model.weights import cache_root, default_gguf, resolve_model  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
+HELD_OUT = Path(__file__).resolve().parent / "data" / "romeo_and_juliet.txt"
+PPL_WINDOW = 512
 CHAT = [{"role": "user", "content": "Write a short story about a robot who learns to paint."}]
+
+
+def perplexity(logits_of, ids: list[int], window: int = PPL_WINDOW) -> float:
+    """exp(mean next-token NLL) over independent windows of `window` tokens; logits_of(ids) -> (T, vocab)."""
+    nll, n = 0.0, 0
+    for start in range(0, len(ids) - 1, window):
+        chunk = ids[start:start + window + 1]
+        if len(chunk) < 2:
+            break
+        logits = torch.as_tensor(logits_of(chunk[:-1]), dtype=torch.float32)
+        nll += float(torch.nn.functional.cross_entropy(logits, torch.tensor(chunk[1:]), reduction="sum"))
+        n += len(chunk) - 1
+    return math.exp(nll / n)
+
+
+def llama_cpp_worker(args: dict) -> dict:
+    """Runs in its own process (`--llama-worker`): one timed repeat of llama.cpp, as time_round_robin
+    times ours, and optionally its perplexity. Prints nothing but the JSON result."""
+    from llama_cpp import Llama
+
+    llm = Llama(str(default_gguf()), n_ctx=2048, n_threads=args["threads"], n_batch=args["n_batch"],
+                logits_all=args["ppl"], verbose=False)
+
+    def run(ids, n):
+        llm.reset()
+        out = 0
+        for _ in llm.generate(ids, temp=0.0, top_k=1, reset=True):
+            out += 1
+            if out == n:
+                break
+        return out
+
+    run(args["short"], 4)  # warm-up
+    start = time.perf_counter(); run(args["short"], args["new_tokens"]); full = time.perf_counter() - start
+    start = time.perf_counter(); run(args["short"], 1); first = time.perf_counter() - start
+    start = time.perf_counter(); run(args["long"], 1); ttft = time.perf_counter() - start
+    result = {"full": full, "first": first, "ttft": ttft}
+    if args["ppl"]:
+        def logits_of(chunk):
+            llm.reset()
+            llm.eval(chunk)
+            return llm.scores[:len(chunk)]
+
+        result["ppl"] = perplexity(logits_of, args["text_ids"])
+    return result
+
+
+def llama_cpp_repeat(args: dict) -> dict | None:
+    """One repeat of the llama.cpp peer in a subprocess; on a crash with n_batch > 1, once more with
+    n_batch=1 (PITFALLS: llama-cpp-python 0.3.36 on AVX512/AMX). None when it cannot run."""
+    import subprocess
+
+    for n_batch in ([args["n_batch"]] if args["n_batch"] == 1 else [args["n_batch"], 1]):
+        r = subprocess.run([sys.executable, __file__, "--llama-worker", json.dumps({**args, "n_batch": n_batch})],
+                           capture_output=True, text=True, timeout=1800)
+        if r.returncode == 0:
+            return {**json.loads(r.stdout.strip().splitlines()[-1]), "n_batch": n_batch}
+        print(f"llama.cpp (n_batch={n_batch}) failed with exit code {r.returncode}: {r.stderr.strip()[-300:]}",
+              file=sys.stderr)
+    return None
 
 
 def load_hf():
@@ -87,13 +157,18 @@ def main(repeats: int = 3, new_tokens: int = 128, threads: int | None = None) ->
     long_ids = long_ids[-500:]
     print(f"prompts: {len(short_ids)} and {len(long_ids)} tokens; {new_tokens} new tokens; {threads} threads; "
           f"{repeats} repeats", file=sys.stderr)
-    engines, exports = {}, {}
+    text_ids = tok.encode(HELD_OUT.read_text())
+    engines, exports, logits = {}, {}, {}
     engines["cogni torch fp32"] = ours(TorchBackend(model))
-    for q in (None, "int8", "int4"):
+    logits["cogni torch fp32"] = lambda ids: model(torch.tensor([ids]))[0][0]
+    for q in (None, "int8", "int4", "gguf"):
         out = cache_root() / "bench" / f"onnx-{q or 'fp32'}"
         meta = export_onnx(src, out, quantize=q, optimize=True, verify=True, log=lambda m: print(m, file=sys.stderr))
         exports[q or "fp32"] = {"export_seconds": meta["export_seconds"], "parity": meta["parity"]}
-        engines[f"cogni onnx {q or 'fp32'}"] = ours(OrtBackend(out, threads=threads))
+        backend = OrtBackend(out, threads=threads)
+        name = "cogni onnx gguf blocks (app default)" if q == "gguf" else f"cogni onnx {q or 'fp32'}"
+        engines[name] = ours(backend)
+        logits[name] = lambda ids, b=backend: b.run(np.array([ids], np.int64), np.ones((1, len(ids)), np.int64))[0][0]
 
     def hf_run(ids, n):
         x = torch.tensor([ids])
@@ -103,40 +178,42 @@ def main(repeats: int = 3, new_tokens: int = 128, threads: int | None = None) ->
         return y.shape[1] - x.shape[1]
 
     engines["transformers eager fp32"] = hf_run
-    try:
-        from llama_cpp import Llama
-
-        llm = Llama(str(default_gguf()), n_ctx=2048, n_threads=threads, verbose=False)
-
-        def llama_run(ids, n):
-            llm.reset()
-            out = 0
-            for _ in llm.generate(ids, temp=0.0, top_k=1, reset=True):
-                out += 1
-                if out == n:
-                    break
-            return out
-
-        engines["llama.cpp Q4_1"] = llama_run
-    except ImportError:
-        print("llama.cpp skipped: llama-cpp-python is not installed (`pip install llama-cpp-python`, "
-              "compiles for ~10 min on 2 cores)", file=sys.stderr)
+    logits["transformers eager fp32"] = lambda ids: hf_model(torch.tensor([ids])).logits[0]
 
     results = time_round_robin(engines, short_ids, long_ids, new_tokens, repeats)
+    with torch.inference_mode():
+        for name, fn in logits.items():
+            results[name]["ppl"] = perplexity(fn, text_ids)
+            print(f"  perplexity {name}: {results[name]['ppl']:.3f}", file=sys.stderr, flush=True)
+    if importlib.util.find_spec("llama_cpp") is None:
+        print("llama.cpp skipped: llama-cpp-python is not installed (`pip install llama-cpp-python`, "
+              "compiles for ~10+ min on 2 cores)", file=sys.stderr)
+    else:  # timed after ours, one subprocess per repeat; its perplexity from the first
+        args = {"threads": threads, "n_batch": 512, "new_tokens": new_tokens, "short": short_ids, "long": long_ids,
+                "text_ids": text_ids}
+        runs = [llama_cpp_repeat({**args, "ppl": r == 0}) for r in range(repeats)]
+        runs = [r for r in runs if r]
+        if runs:
+            name = "llama.cpp Q4_1" + (" (n_batch=1: batched prefill crashed)" if runs[0]["n_batch"] == 1 else "")
+            results[name] = {"tok_s": statistics.median((new_tokens - 1) / (r["full"] - r["first"]) for r in runs),
+                             "ttft_500_s": statistics.median(r["ttft"] for r in runs),
+                             "seconds_full": statistics.median(r["full"] for r in runs), "ppl": runs[0].get("ppl")}
     ref_hf = results["transformers eager fp32"]["tok_s"]
-    ref_llama = results.get("llama.cpp Q4_1", {}).get("tok_s")
-    lines = ["| engine | tok/s | first token (500-token prompt) | vs transformers | vs llama.cpp |",
-             "|---|---|---|---|---|"]
+    ref_llama = next((r for n, r in results.items() if n.startswith("llama.cpp")), None)
+    lines = ["| engine | perplexity (held-out) | tok/s | first token (500-token prompt) | vs transformers | vs llama.cpp |",
+             "|---|---|---|---|---|---|"]
     for name, r in results.items():
-        vs_llama = f"{r['tok_s'] / ref_llama:.2f}x" if ref_llama else "n/a"
-        lines.append(f"| {name} | {r['tok_s']:.1f} | {r['ttft_500_s']:.3f} s | {r['tok_s'] / ref_hf:.2f}x | {vs_llama} |")
+        vs_llama = f"{r['tok_s'] / ref_llama['tok_s']:.2f}x" if ref_llama else "n/a"
+        ppl = f"{r['ppl']:.3f}" if r.get("ppl") else "n/a"
+        lines.append(f"| {name} | {ppl} | {r['tok_s']:.1f} | {r['ttft_500_s']:.3f} s | {r['tok_s'] / ref_hf:.2f}x | {vs_llama} |")
     table = "\n".join(lines)
     print(table)
     RESULTS.mkdir(parents=True, exist_ok=True)
     report = {"model": "SmolLM2-135M-Instruct", "weights": str(src), "new_tokens": new_tokens, "repeats": repeats,
               "threads": threads, "prompt_tokens": len(short_ids), "ttft_prompt_tokens": len(long_ids),
-              "machine": platform.platform(), "cpu_count": os.cpu_count(), "results": results, "exports": exports,
-              "table": table}
+              "held_out_text": HELD_OUT.name, "held_out_tokens": len(text_ids), "ppl_window": PPL_WINDOW,
+              "machine": platform.platform(), "cpu": cpu_name(), "cpu_count": os.cpu_count(), "results": results,
+              "exports": exports, "table": table}
     (RESULTS / "decode_speed.json").write_text(json.dumps(report, indent=2))
     import matplotlib
 
@@ -149,11 +226,18 @@ def main(repeats: int = 3, new_tokens: int = 128, threads: int | None = None) ->
     for i, n in enumerate(names):
         ax.text(results[n]["tok_s"], i, f" {results[n]['tok_s']:.1f}", va="center")
     ax.set_xlabel(f"greedy decode tokens/s ({threads} threads, median of {repeats})")
-    ax.set_title("SmolLM2-135M-Instruct on CPU")
+    ax.set_title(f"SmolLM2-135M-Instruct on {cpu_name()}")
     fig.tight_layout()
     fig.savefig(RESULTS / "decode_speed.png", dpi=120)
     print(f"wrote {RESULTS / 'decode_speed.json'} and {RESULTS / 'decode_speed.png'}", file=sys.stderr)
     return 0
+
+
+def cpu_name() -> str:
+    try:
+        return next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or "unknown"
 
 
 def parse_args(argv=None) -> dict:
@@ -165,4 +249,7 @@ def parse_args(argv=None) -> dict:
 
 
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["--llama-worker"]:
+        print(json.dumps(llama_cpp_worker(json.loads(sys.argv[2]))))
+        sys.exit(0)
     sys.exit(main(**parse_args()))

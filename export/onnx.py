@@ -23,11 +23,17 @@ Variants (one dispatcher, `build_graph`):
                 fp32, CUDA in fp16; GQA has no fp32 CUDA kernel). GQA refuses a chunked prefill
                 (past > 0 and seq > 1) above batch 1; the plain graph takes every shape.
     --dtype fp16   weights, activations, KV cache and logits in fp16; RMSNorm and softmax reduce in fp32
-    --quantize int8   ORT dynamic int8 (per-channel) of every MatMul but the down projections (CPU)
-    --quantize int4   ORT MatMulNBits 4-bit weight-only, block 32 (CPU)
+    --quantize int8   MatMulNBits 8-bit weight-only, symmetric blocks of 32 (Q8_0's scheme) (CPU)
+    --quantize int4   MatMulNBits 4-bit weight-only, asymmetric blocks of 32 with MSE-clipped ranges
+                      (Q4_1's scheme), the head 8-bit as llama.cpp's Q4 files keep it (CPU)
+    --quantize gguf   a quantized GGUF's own blocks, as they are, in MatMulNBits (export/blocks.py):
+                      Q4_0/Q4_1/Q4_K 4-bit, Q8_0/Q5_K/Q6_K 8-bit, minimums through a per-block
+                      correction; --accuracy-level 4 (default) takes int8 activations as llama.cpp
+                      does, 0 computes in fp32 (8-bit blocks then run as fp32 MatMuls: ORT has no
+                      fp32 kernel for them) and equals the fp32 export up to summation order
 A tied LM head is one initializer shared by the Gather and a Gemm(transB=1) (pytorch #108342
-wrote it twice); quantized variants give the head its own transposed weight, because ORT's
-quantizers only quantize a MatMul with a constant weight, and the head is the largest matrix.
+wrote it twice); quantized variants give the head its own 8-bit blocks (the largest matrix), and
+with --quantize gguf the embedding's own blocks (SmolLM2: Q8_0), as llama.cpp's head reads them.
 
 Writes into --out: model.onnx (+ model.onnx.data above 1.8 GB), config.json, the tokenizer files,
 onnx_meta.json (source hash, dtype, quantization, opset, versions, parity at export), and for
@@ -56,6 +62,7 @@ import onnx  # noqa: E402
 import torch  # noqa: E402
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
+from export.blocks import BlockMatrix, concat_rows  # noqa: E402
 from export.genai import write_genai_files  # noqa: E402
 from model.checkpoint import atomic_dir, load_model, sha256_file  # noqa: E402
 from model.weights import resolve_model  # noqa: E402
@@ -74,7 +81,8 @@ CONFIG_FIELDS_IN_GRAPH = {"dim", "n_layers", "n_heads", "n_kv_heads", "vocab_siz
                           "max_seq_len", "rope_theta", "norm_eps", "tie_embeddings"}
 EXTERNAL_DATA_BYTES = 1_800_000_000  # protobuf's hard limit is 2 GB
 DTYPES = ("fp32", "fp16")
-QUANTIZATIONS = ("int8", "int4")
+QUANTIZATIONS = ("int8", "int4", "gguf")
+ACCURACY_LEVELS = (0, 4)  # MatMulNBits: 0 = fp32 arithmetic, 4 = int8 activations (as llama.cpp's dot products)
 
 
 def tokenizer_hash(directory: str | Path) -> str:
@@ -122,9 +130,37 @@ def rope_tables(model: CogniMamba) -> tuple[np.ndarray, np.ndarray]:
     return freqs.cos().numpy(), freqs.sin().numpy()
 
 
-def build_graph(model: CogniMamba, dtype: str = "fp32", fused: bool = False, untie_lm_head: bool = False) -> onnx.ModelProto:
-    """The whole network as one ONNX graph. `fused` emits ORT contrib ops; `untie_lm_head` stores a
-    tied head as its own (dim, vocab) MatMul weight, for the quantizers."""
+def block_linear(g: _Graph, x: str, name: str, m: BlockMatrix, accuracy_level: int = 4, out: str | None = None) -> str:
+    """x (..., K) @ W.T -> (..., N) for a block-quantized W (N, K), as it is: MatMulNBits on
+    (codes - zero_point) * scales, plus sum_b offsets[:, b] * sum(x over block b) when the blocks
+    have Q4_1-style offsets (ORT's float zero points would run ~100x slower, export/blocks.py)."""
+    N, K = m.shape
+    nb = K // m.block
+    q = m.codes.reshape(N, nb, m.block)
+    if m.bits == 4:  # two codes a byte, element 2i in the low nibble (MatMulNBits' B layout)
+        q = q[..., 0::2] | (q[..., 1::2] << 4)
+    inputs = [x, g.weight(name + ".q", q), g.weight(name + ".scales", m.scales.reshape(-1))]  # B (N, nb, blob)
+    if (m.zero_points != 1 << (m.bits - 1)).any():  # MatMulNBits' default zero point is 2^(bits-1)
+        zp = m.zero_points
+        if m.bits == 4:  # packed like B, each row padded to whole bytes
+            zp = np.pad(zp, ((0, 0), (0, nb % 2)))
+            zp = zp[:, 0::2] | (zp[:, 1::2] << 4)
+        inputs.append(g.weight(name + ".zero_points", zp.reshape(-1)))
+    last = m.offsets is None
+    y = g.op("MatMulNBits", *inputs, domain="com.microsoft", K=K, N=N, bits=m.bits, block_size=m.block,
+             accuracy_level=accuracy_level, outputs=[out] if last and out else 1)
+    if last:
+        return y
+    sums = g.op("ReduceSum", g.op("Reshape", x, g.const([0, 0, nb, m.block])), g.const([-1]), keepdims=0)  # (B, S, nb)
+    corr = g.op("MatMul", sums, g.weight(name + ".offsets", m.offsets.T))  # (B, S, N)
+    return g.op("Add", y, corr, outputs=[out] if out else 1)
+
+
+def build_graph(model: CogniMamba, dtype: str = "fp32", fused: bool = False,
+                blocks: dict[str, BlockMatrix | None] | None = None, accuracy_level: int = 4) -> onnx.ModelProto:
+    """The whole network as one ONNX graph. `fused` emits ORT contrib ops. `blocks` (state-dict
+    name -> BlockMatrix) makes every linear layer whose weights it holds a MatMulNBits with those
+    blocks; a tied head with blocks for tok_embeddings.weight gets its own quantized copy."""
     cfg: ModelConfig = model.cfg
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
@@ -144,6 +180,23 @@ def build_graph(model: CogniMamba, dtype: str = "fp32", fused: bool = False, unt
         return sd[k].astype(np_dt)
 
     g = _Graph()
+
+    def quantized(parts) -> BlockMatrix | None:
+        """The parts' blocks stacked along N, or None for a plain MatMul: some part unquantized, or
+        8-bit blocks at accuracy level 0, where ORT's CPU MatMulNBits has no fp32 kernel and
+        dequantizes the whole matrix on every call (measured ~50x slower than its fp32 weights)."""
+        if blocks is None or any(blocks.get(p) is None for p in parts):
+            return None
+        m = concat_rows([blocks[p] for p in parts])
+        return None if accuracy_level == 0 and m.bits == 8 else m
+
+    def linear(x, name, parts, out=None):  # x @ W.T, W = the parts (N_i, K) stacked along the output
+        m = quantized(parts)
+        if m is not None:
+            used.update(parts)  # read as their blocks
+            return block_linear(g, x, name, m, accuracy_level, out)
+        w = g.weight(name, np.concatenate([W(p) for p in parts]).T)  # stored (in, out)
+        return g.op("MatMul", x, w, outputs=[out] if out else 1)
 
     # ---- shapes, positions, the attention bias (shared by every layer)
     ids_shape = g.op("Shape", "input_ids")  # [B, S]
@@ -236,20 +289,20 @@ def build_graph(model: CogniMamba, dtype: str = "fp32", fused: bool = False, unt
     for i in range(cfg.n_layers):
         p = f"layers.{i}."
         # q, k, v in one MatMul (and w1, w3 below): fewer, larger kernels; weights stored (in, out)
-        wqkv = g.weight(p + "attention.wqkv", np.concatenate([W(p + f"attention.{n}.weight") for n in ("wq", "wk", "wv")]).T)
-        q, k, v = g.op("Split", g.op("MatMul", x, wqkv), split_qkv, axis=-1, outputs=3)
+        qkv = linear(x, p + "attention.wqkv", [p + f"attention.{n}.weight" for n in ("wq", "wk", "wv")])
+        q, k, v = g.op("Split", qkv, split_qkv, axis=-1, outputs=3)
         y = (attention_fused if fused else attention_plain)(q, k, v, i)
-        a = g.op("MatMul", y, g.weight(p + "attention.wo", W(p + "attention.wo.weight").T))
+        a = linear(y, p + "attention.wo", [p + "attention.wo.weight"])
         if fused:  # residual add and the next norm in one kernel; output 3 is the new residual
             x, _, _, h = g.op("SkipSimplifiedLayerNormalization", a, h, gamma[2 * i + 1], domain="com.microsoft",
                               outputs=[f"/ln_{i}_1", "", "", f"/res_{i}_1"], epsilon=cfg.norm_eps)
         else:
             h = g.op("Add", h, a)
             x = rmsnorm(h, gamma[2 * i + 1])
-        w13 = g.weight(p + "feed_forward.w13", np.concatenate([W(p + "feed_forward.w1.weight"), W(p + "feed_forward.w3.weight")]).T)
-        gate, up = g.op("Split", g.op("MatMul", x, w13), split_ff, axis=-1, outputs=2)
+        w13 = linear(x, p + "feed_forward.w13", [p + "feed_forward.w1.weight", p + "feed_forward.w3.weight"])
+        gate, up = g.op("Split", w13, split_ff, axis=-1, outputs=2)
         f = g.op("Mul", g.op("Mul", gate, g.op("Sigmoid", gate)), up)  # SwiGLU: silu(w1 x) * w3 x
-        d = g.op("MatMul", f, g.weight(p + "feed_forward.w2", W(p + "feed_forward.w2.weight").T))
+        d = linear(f, p + "feed_forward.w2", [p + "feed_forward.w2.weight"])
         if fused:
             x, _, _, h = g.op("SkipSimplifiedLayerNormalization", d, h, gamma[2 * i + 2], domain="com.microsoft",
                               outputs=[f"/ln_{i}_2", "", "", f"/res_{i}_2"], epsilon=cfg.norm_eps)
@@ -257,9 +310,11 @@ def build_graph(model: CogniMamba, dtype: str = "fp32", fused: bool = False, unt
             h = g.op("Add", h, d)
             x = rmsnorm(h, gamma[2 * i + 2])
     if not cfg.tie_embeddings:
-        g.op("MatMul", x, g.weight("output.weight", W("output.weight").T), outputs=["logits"])
-    elif untie_lm_head:  # its own constant (dim, vocab) weight, which the quantizers can see
-        g.op("MatMul", x, g.weight("lm_head.weight", W("tok_embeddings.weight").T), outputs=["logits"])
+        linear(x, "output.weight", ["output.weight"], out="logits")
+    elif quantized(["tok_embeddings.weight"]) is not None:
+        # the embedding's blocks (a GGUF's Q8_0 token_embd: what llama.cpp's head reads); the
+        # Gather keeps the fp32 table, which holds the same values
+        linear(x, "lm_head.weight", ["tok_embeddings.weight"], out="logits")
     else:  # the embedding itself, read transposed: one copy on disk (pytorch #108342)
         flat = g.op("Gemm", g.op("Reshape", x, g.const([-1, D])), emb, transB=1)  # (B*S, vocab)
         g.op("Reshape", flat, g.op("Concat", ids_shape, g.const([cfg.vocab_size]), axis=0), outputs=["logits"])
@@ -287,33 +342,6 @@ def save_onnx(proto: onnx.ModelProto, path: Path) -> None:
                         location=path.name + ".data", size_threshold=1024)
     else:
         onnx.save_model(proto, str(path))
-
-
-def quantize_file(src: Path, dst: Path, quantize: str) -> None:
-    """ORT's own quantizers (int8 dynamic, 4-bit MatMulNBits) on a graph with an untied head."""
-    import logging
-
-    logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)  # one INFO line per node
-    if quantize == "int8":
-        from onnxruntime.quantization import QuantType, quantize_dynamic
-
-        # The down projections stay fp32: their input (SwiGLU output) has outlier channels that one
-        # dynamic uint8 activation scale crushes; quantizing them took SmolLM2's perplexity on our
-        # test text from 11.1 to 19.2 (top-1 0.60); keeping them fp32 gives 11.5 (top-1 0.85).
-        w2 = [n.name for n in onnx.load(str(src), load_external_data=False).graph.node
-              if n.op_type == "MatMul" and n.input[1].endswith("feed_forward.w2")]
-        quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"],
-                         per_channel=True, nodes_to_exclude=w2, extra_options={"MatMulConstBOnly": True,
-                                                        # contrib-op outputs have no inferred type
-                                                        "DefaultTensorType": TensorProto.FLOAT})
-    elif quantize == "int4":
-        from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
-
-        q = MatMulNBitsQuantizer(onnx.load(str(src)), block_size=32, is_symmetric=True, accuracy_level=4)
-        q.process()
-        save_onnx(q.model.model, dst)
-    else:
-        raise ValueError(f"quantize must be one of {QUANTIZATIONS} or None, got {quantize!r}")
 
 
 @torch.inference_mode()
@@ -388,7 +416,8 @@ def parity_ok(parity: dict, dtype: str, quantize: str | None) -> str | None:
 
 
 def export_onnx(model: str | Path, out: str | Path, dtype: str = "fp32", quantize: str | None = None,
-                optimize: bool = False, verify: bool = False, log=print, force: bool = False) -> dict:
+                optimize: bool = False, verify: bool = False, log=print, force: bool = False,
+                accuracy_level: int = 4) -> dict:
     """Export the model named by `model` (a folder, or any spec model.weights accepts) into `out`.
     `out` is replaced only if it is an earlier ONNX export (or anything but the source, with
     force). With verify, parity outside tolerance fails the export and nothing is written.
@@ -399,6 +428,11 @@ def export_onnx(model: str | Path, out: str | Path, dtype: str = "fp32", quantiz
         raise ValueError(f"quantize must be one of {QUANTIZATIONS} or None, got {quantize!r}")
     if quantize and dtype != "fp32":
         raise ValueError("quantization starts from fp32 weights: use --dtype fp32 with --quantize")
+    if accuracy_level not in ACCURACY_LEVELS:
+        raise ValueError(f"accuracy_level must be one of {ACCURACY_LEVELS}, got {accuracy_level!r}")
+    if accuracy_level != 4 and quantize != "gguf":  # int8/int4 at 0 would run their 8-bit heads as fp32
+        raise ValueError("--accuracy-level 0 is for --quantize gguf (the GGUF's values in fp32 arithmetic); "
+                         "int8 and int4 run with int8 activations")
     t0 = time.perf_counter()
     src = resolve_model(model)
     sources = [src] + ([Path(model)] if Path(model).exists() else [])  # a .gguf or HF folder, too
@@ -408,18 +442,17 @@ def export_onnx(model: str | Path, out: str | Path, dtype: str = "fp32", quantiz
     check_output_dir(out, "ONNX export", force, sources)  # before the minutes of work, not after
     net, tokenizer, src_meta = load_model(src)
     net = net.float()
+    blocks = None
+    if quantize:
+        from export.blocks import gguf_blocks, quantized_state
+
+        state = {k: v.numpy() for k, v in net.state_dict().items()}
+        blocks = gguf_blocks(src, state) if quantize == "gguf" else quantized_state(state, 8 if quantize == "int8" else 4)
     with atomic_dir(out, "ONNX export", force, sources) as tmp:
-        proto = build_graph(net, dtype, fused=optimize, untie_lm_head=quantize is not None)
+        proto = build_graph(net, dtype, fused=optimize, blocks=blocks, accuracy_level=accuracy_level)
         t_build = time.perf_counter() - t0
-        if quantize:
-            save_onnx(proto, tmp / "unquantized.onnx")
-            del proto
-            quantize_file(tmp / "unquantized.onnx", tmp / "model.onnx", quantize)
-            for f in tmp.glob("unquantized.onnx*"):
-                f.unlink()
-        else:
-            save_onnx(proto, tmp / "model.onnx")
-            del proto
+        save_onnx(proto, tmp / "model.onnx")
+        del proto
         shutil.copy(src / "config.json", tmp / "config.json")
         tokenizer.save(tmp)
         # onnxruntime-genai opens the folder as it is (export/genai.py: the graph's I/O in its terms)
@@ -430,6 +463,8 @@ def export_onnx(model: str | Path, out: str | Path, dtype: str = "fp32", quantiz
             "exporter_version": EXPORTER_VERSION,
             "tokenizer_sha256": tokenizer_hash(tmp), "model": net.cfg.to_dict(),
             "dtype": dtype, "quantization": quantize, "fused_ops": optimize, "opset": OPSET,
+            "accuracy_level": accuracy_level if quantize else None,
+            "source_blocks": None if blocks is None else sorted({f"{m.bits}-bit block {m.block}" for m in blocks.values() if m}),
             "io": {"inputs": ["input_ids", "attention_mask", "past_key_values.{i}.key/value"],
                    "outputs": ["logits", "present.{i}.key/value"]},
             "versions": {"exporter": "cogni-mamba build_graph (onnx.helper)", "onnx": onnx.__version__,
@@ -456,9 +491,9 @@ def export_onnx(model: str | Path, out: str | Path, dtype: str = "fp32", quantiz
 
 
 def main(model: str = "default", out: str = "exports/model", dtype: str = "fp32", quantize: str | None = None,
-         optimize: bool = False, verify: bool = False, force: bool = False) -> int:
+         optimize: bool = False, verify: bool = False, force: bool = False, accuracy_level: int = 4) -> int:
     try:
-        export_onnx(model, out, dtype, quantize, optimize, verify, force=force)
+        export_onnx(model, out, dtype, quantize, optimize, verify, force=force, accuracy_level=accuracy_level)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -473,7 +508,10 @@ def parse_args(argv=None) -> dict:
     p.add_argument("--model", default="default", help="'default' (SmolLM2-135M-Instruct), a model folder, or any spec model.weights accepts")
     p.add_argument("--out", required=True, help="folder to write (an earlier ONNX export there is replaced; anything else is refused)")
     p.add_argument("--dtype", default="fp32", choices=DTYPES, help="fp16 is for CUDA: weights, activations and KV cache in fp16")
-    p.add_argument("--quantize", choices=QUANTIZATIONS, help="CPU weight quantization: int8 dynamic or 4-bit MatMulNBits")
+    p.add_argument("--quantize", choices=QUANTIZATIONS, help="CPU weight-only quantization into MatMulNBits: int8, int4, "
+                   "or gguf: a quantized GGUF's own blocks as they are (Q4_0, Q4_1, Q8_0, Q4_K, Q5_K, Q6_K)")
+    p.add_argument("--accuracy-level", type=int, default=4, choices=ACCURACY_LEVELS,
+                   help="with --quantize: MatMulNBits arithmetic, 0 = fp32, 4 = int8 activations (faster)")
     p.add_argument("--optimize", action="store_true", help="emit ONNX Runtime's fused ops (GQA, RotaryEmbedding, SkipSimplifiedLayerNorm)")
     p.add_argument("--verify", action="store_true", help="measure logit parity against PyTorch (float64 reference), record it in "
                                                          "onnx_meta.json, and fail the export if it is outside tolerance")

@@ -149,18 +149,37 @@ def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
+def pick_variant(src: Path, provider: str, dtype: str | None, quantize: str | None) -> tuple[str, str | None, str]:
+    """(dtype, quantize, why) for a model folder on a provider, when the caller did not choose."""
+    if dtype or quantize:
+        return dtype or "fp32", quantize, "as asked"
+    if provider != "CPUExecutionProvider":
+        return "fp16", None, "fp16 on the GPU: ORT's GroupQueryAttention has no fp32 CUDA kernel"
+    from export.blocks import GGUF_SUPPORTED, GGUF_UNQUANTIZED
+
+    meta = read_meta(src)
+    types = set((meta.get("source_quantization") or "").split(",")) - {""}
+    if meta.get("source_format") == "gguf" and types - set(GGUF_UNQUANTIZED) and types <= set(GGUF_SUPPORTED + GGUF_UNQUANTIZED) \
+            and Path(meta.get("source", "")).is_file():
+        return "fp32", "gguf", (f"the GGUF's own {'/'.join(sorted(types - set(GGUF_UNQUANTIZED)))} blocks as llama.cpp runs "
+                                "them (int8 activations): the source's quality (held-out perplexity within 0.5% of "
+                                "fp32) at 4-bit speed")
+    return "fp32", None, "fp32: the weights as they are (export with --quantize int4 or int8 for speed)"
+
+
 def load_ort_backend(spec: str | Path, device: str | None = None, dtype: str | None = None,
                      quantize: str | None = None):
     """spec: an export folder (has onnx_meta.json), or anything model.weights.load_any accepts, which
     is exported once into <cache>/onnx/<source key>-<variant>/ (the key changes with the weights
-    file's size or mtime). Returns (backend, tokenizer, meta)."""
+    file's size or mtime); the variant is pick_variant's unless dtype/quantize choose one.
+    Returns (backend, tokenizer, meta); meta["variant"] says which variant runs and why."""
     d = Path(spec)
+    why = "an export folder, run as it is"
     if not (d / META_FILE).is_file():
         src = resolve_model(spec)
         providers = pick_providers(device)
-        # fp16 on CUDA (GQA has no fp32 CUDA kernel); plain ops for TensorRT, which has no contrib ops
-        dtype = dtype or ("fp16" if providers[0] != "CPUExecutionProvider" else "fp32")
-        fused = providers[0] != "TensorrtExecutionProvider"
+        dtype, quantize, why = pick_variant(src, providers[0], dtype, quantize)
+        fused = providers[0] != "TensorrtExecutionProvider"  # plain ops for TensorRT: it has no contrib ops
         variant = f"{dtype}{'-' + quantize if quantize else ''}{'-fused' if fused else ''}"
         # keyed by the weights file and the exporter's version: a fixed exporter re-exports
         d = cache_root() / "onnx" / f"{source_key(src / 'model.safetensors')}-{variant}-v{EXPORTER_VERSION}"
@@ -171,5 +190,10 @@ def load_ort_backend(spec: str | Path, device: str | None = None, dtype: str | N
     tokenizer = load_tokenizer(d)
     if tokenizer.vocab_size > backend.cfg.vocab_size:
         raise ValueError(f"{d}: tokenizer has {tokenizer.vocab_size} tokens, the exported model only {backend.cfg.vocab_size}")
-    meta = {**read_meta(d), "onnx": backend.meta}
+    q = backend.meta.get("quantization")
+    if q == "gguf":
+        name = f"GGUF blocks, {'int8 activations' if backend.meta.get('accuracy_level') else 'fp32 arithmetic'}"
+    else:
+        name = f"{backend.meta['dtype']}{' ' + q if q else ''}"
+    meta = {**read_meta(d), "onnx": backend.meta, "variant": {"name": name, "why": why}}
     return backend, tokenizer, meta

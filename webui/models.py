@@ -97,8 +97,9 @@ def display_name(spec: str, meta: dict) -> str:
 def loaded_line(spec: str, meta: dict, engine) -> str:
     """One line for the top of the page: which model runs where."""
     params = f", {meta['num_params'] / 1e6:.1f}M parameters" if isinstance(meta.get("num_params"), int) else ""
+    variant = f", {meta['variant']['name']}" if meta.get("variant") else ""
     return (f"Loaded: **{display_name(spec, meta)}**{params} on {BACKEND_LABELS.get(engine.name, engine.name)} "
-            f"({engine.device})")
+            f"({engine.device}{variant})")
 
 
 def model_card(spec: str, meta: dict, engine=None) -> str:
@@ -106,7 +107,9 @@ def model_card(spec: str, meta: dict, engine=None) -> str:
     cfg = meta.get("model", {})
     onnx = meta.get("onnx") or {}
     quant = onnx.get("quantization") or "none"
-    if meta.get("source_quantization"):
+    if quant == "gguf":
+        quant += f" (the source's own {meta.get('source_quantization')} blocks in MatMulNBits)"
+    elif meta.get("source_quantization"):
         quant += f" (weights dequantized from {meta.get('source_format', 'source')} tensors {meta['source_quantization']})"
     rows = [
         ("name", display_name(spec, meta)),
@@ -121,6 +124,8 @@ def model_card(spec: str, meta: dict, engine=None) -> str:
         ("quantization", quant),
         ("weights from", meta.get("source", "?")),
     ]
+    if meta.get("variant"):
+        rows.append(("variant", f"{meta['variant']['name']}: {meta['variant']['why']}"))
     if meta.get("path"):
         rows.append(("loaded from", meta["path"]))
     if onnx:

@@ -14,11 +14,12 @@ def _exporter(tmp_path_factory, source):
 
     done = {}
 
-    def get(dtype="fp32", quantize=None, fused=True):
-        key = (dtype, quantize, fused)
+    def get(dtype="fp32", quantize=None, fused=True, accuracy_level=4):
+        key = (dtype, quantize, fused, accuracy_level)
         if key not in done:
-            out = tmp_path_factory.mktemp("onnx") / f"{dtype}-{quantize}-{fused}"
-            export_onnx(source, out, dtype=dtype, quantize=quantize, optimize=fused, log=lambda *_: None)
+            out = tmp_path_factory.mktemp("onnx") / f"{dtype}-{quantize}-{fused}-{accuracy_level}"
+            export_onnx(source, out, dtype=dtype, quantize=quantize, optimize=fused, log=lambda *_: None,
+                        accuracy_level=accuracy_level)
             done[key] = out
         return done[key]
 

@@ -139,19 +139,16 @@ def test_tied_embedding_stored_once(nano_dir, nano_export):
     assert copies == ["tok_embeddings.weight"]  # Gather and the Gemm(transB=1) head read one copy (pytorch #108342)
 
 
-def test_int8_quantizes_the_tied_head(nano_export):
-    """ORT's quantizer skips a MatMul fed by a Transpose; the head has its own constant weight."""
-    m = onnx.load(str(nano_export("fp32", "int8", True) / "model.onnx"))
-    names = {i.name for i in m.graph.initializer}
-    assert "lm_head.weight_quantized" in names and "lm_head.weight" not in names
-    plain = [n.input[1] for n in m.graph.node if n.op_type == "MatMul"]
-    assert all(w.endswith("feed_forward.w2") for w in plain)  # only the down projections stay fp32
-
-
-def test_int4_uses_matmulnbits(nano_export):
-    m = onnx.load(str(nano_export("fp32", "int4", True) / "model.onnx"))
+@pytest.mark.parametrize("quantize,bits", [("int8", 8), ("int4", 4)])
+def test_quantized_linears_are_matmulnbits(nano_export, quantize, bits):
+    """Every linear layer weight-only in MatMulNBits (no dynamic int8 activations, which crushed the
+    down projections), the tied head in 8 bits, the Gather on the fp32 table."""
+    m = onnx.load(str(nano_export("fp32", quantize, True) / "model.onnx"))
     ops = [n.op_type for n in m.graph.node]
-    assert "MatMul" not in ops and ops.count("MatMulNBits") == 4 * 4 + 1  # (qkv, wo, w13, w2) x 4 layers + head
+    assert "MatMul" not in ops or quantize == "int4"  # int4's Q4_1-style minimums: one small MatMul each
+    nbits = {n.input[1]: {a.name: a.i for a in n.attribute}["bits"] for n in m.graph.node if n.op_type == "MatMulNBits"}
+    assert len(nbits) == 4 * 4 + 1  # (qkv, wo, w13, w2) x 4 layers + head
+    assert nbits.pop("lm_head.weight.q") == 8 and set(nbits.values()) == {bits}
 
 
 def _quality(model_dir, ref_dir, test_dir):
@@ -177,12 +174,16 @@ def test_quantized_nano_runs(nano_dir, nano_export):
 
 
 # (variant, min top-1 agreement with fp32, max relative perplexity change) over tests/data/
-# quality_text.txt (456 SmolLM2 tokens, written for these tests). Measured on an AMD EPYC
-# (fp32 perplexity 17.90): fp16 1.000 / +0.01%; int8 0.837 (standard error 0.017) / +6.7% (standard
-# error of the log ratio 0.020); int4 0.613 (0.023) / +29.6% (0.042). Each bound is four standard
-# errors from the measurement, so another CPU's rounding (VNNI or not) cannot make it flaky, and
-# still fails a real regression: int8 with its down projections quantized is +72%.
-QUALITY = [(("fp16", None), 0.98, 0.01), (("fp32", "int8"), 0.77, 0.16), (("fp32", "int4"), 0.52, 0.53)]
+# quality_text.txt (456 SmolLM2 tokens, written for these tests). Measured on an AMD EPYC (fp32
+# perplexity 17.90): fp16 1.000 / +0.0%; int8 (8-bit blocks) 0.952 / +0.8%; int4 (asymmetric
+# block-32, MSE-clipped) 0.956 / -0.2%. Agreement bounds are four standard errors (~0.01 at 456
+# tokens) below the measurement, so another CPU's near-ties cannot make them flaky. Perplexity
+# bounds are the goals (int8 1%, int4 5%): on a fixed text the figure moves across CPUs only by
+# fp32 summation order (MatMulNBits' int8 dot products are exact), far below the margin. The
+# schemes these replaced fail them: dynamic int8 was 0.837 / +6.7%, ORT's symmetric int4 0.613 / +29.6%.
+QUALITY = [(("fp16", None), 0.98, 0.01), (("fp32", "int8"), 0.91, 0.01), (("fp32", "int4"), 0.91, 0.05)]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("variant,min_agree,max_ppl", QUALITY, ids=["fp16", "int8", "int4"])
 def test_quantized_quality_smollm2(smollm2_dir, smollm2_export, variant, min_agree, max_ppl):
@@ -211,6 +212,7 @@ def test_load_ort_backend_exports_once_into_the_cache(nano_dir, tmp_path, monkey
     monkeypatch.setenv("COGNI_MAMBA_CACHE", str(tmp_path))
     backend, tok, meta = load_ort_backend(nano_dir)
     assert backend.name == "onnx" and backend.device == "CPUExecutionProvider"
+    assert meta["variant"]["name"] == "fp32" and "weights as they are" in meta["variant"]["why"]
     par = meta["onnx"]["parity"]
     assert par["onnx_error"] <= error_bound(par["torch_fp32_error"], par["logit_scale"])
     (cached,) = (tmp_path / "onnx").iterdir()
@@ -256,3 +258,62 @@ def test_tensorrt_greedy_matches_torch(nano_dir, nano_export):
     trt = TrtBackend(nano_export("fp16", None, False), max_len=256)
     cfg = SamplingConfig(temperature=0, top_k=0, top_p=1, repetition_penalty=1, max_new_tokens=32)
     assert list(generate(trt, [5, 6, 7, 8], cfg)) == list(generate(TorchBackend(model), [5, 6, 7, 8], cfg))
+
+
+# ---- --quantize gguf: the GGUF's own blocks (export/blocks.py)
+
+@pytest.mark.slow
+def test_gguf_blocks_at_fp32_arithmetic_match_the_fp32_export(smollm2, smollm2_export):
+    """accuracy_level 0: the GGUF's blocks are the very weights the fp32 export holds (the import
+    dequantizes them), and MatMulNBits computes in fp32, so only the order of summation differs
+    (MLAS's blocked kernel, the Q4_1 minimum added per block): the fp32 rule against float64
+    applies (Float64.check), and greedy text over 64 tokens is the fp32 export's."""
+    model, tok, _ = smollm2
+    prompt = tok.encode_chat([{"role": "user", "content": "What is the capital of France?"}])
+    ref, test = OrtBackend(smollm2_export("fp32", None, True)), OrtBackend(smollm2_export("fp32", "gguf", True, 0))
+    cfg = SamplingConfig(temperature=0, top_k=0, top_p=1, repetition_penalty=1, max_new_tokens=64)
+    t_ref, t_gguf = (list(generate(b, prompt, cfg)) for b in (ref, test))
+    assert t_gguf == t_ref and len(t_ref) == 64
+    ids = torch.tensor([prompt + t_ref])
+    _, _, err = Float64(model).check(test.run(ids.numpy(), np.ones_like(ids.numpy()))[0], ids)
+    print(f"SmolLM2 gguf blocks, fp32 arithmetic: error vs float64 {err:.2e} over {ids.shape[1]} positions")
+
+
+@pytest.mark.slow
+def test_gguf_blocks_int8_activations_keep_perplexity(smollm2, smollm2_export):
+    """accuracy_level 4 (the app's CPU default) rounds activations to int8 per block of 32, as
+    llama.cpp does. Over TEXT (456 tokens) we measured -0.15% perplexity against the fp32
+    export (the benchmark's 4,920 held-out tokens: +0.10% +- 0.13%); the number is fixed by the
+    weights and the text up to fp32 reordering, which moves it by far less than the 0.5% the
+    issue allows. Top-1 agreement: measured 0.956; 0.91 is four standard errors below it."""
+    ref_dir, test_dir = smollm2_export("fp32", None, True), smollm2_export("fp32", "gguf", True, 4)
+    _, tok, _ = smollm2
+    ids = np.array([tok.encode(TEXT)], np.int64)
+    nll, top = [], []
+    for d in (ref_dir, test_dir):
+        logits = torch.from_numpy(OrtBackend(d).run(ids, np.ones_like(ids))[0][0, :-1].astype(np.float32))
+        nll.append(torch.nn.functional.cross_entropy(logits, torch.from_numpy(ids[0, 1:]), reduction="none"))
+        top.append(logits.argmax(-1))
+    rel = math.exp(float((nll[1] - nll[0]).mean())) - 1
+    agree = float((top[0] == top[1]).float().mean())
+    print(f"SmolLM2 gguf blocks, int8 activations: {ids.shape[1]} tokens, perplexity {rel:+.2%} vs fp32, top-1 {agree:.3f}")
+    assert ids.shape[1] >= 400 and abs(rel) <= 0.005 and agree >= 0.91
+
+
+def test_gguf_quantization_needs_a_gguf_source(nano_dir, tmp_path):
+    r = subprocess.run([sys.executable, "export/onnx.py", "--model", str(nano_dir), "--out", str(tmp_path / "x"),
+                        "--quantize", "gguf"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "not imported from a GGUF" in r.stderr and "--quantize int4" in r.stderr
+    assert not (tmp_path / "x").exists()
+
+
+def test_app_default_on_cpu_serves_the_gguf_blocks(smollm2_dir, nano_dir):
+    """The variant test_gguf_blocks_int8_activations_keep_perplexity measures is the one served."""
+    from export.ort_backend import pick_variant
+
+    dtype, quantize, why = pick_variant(smollm2_dir, "CPUExecutionProvider", None, None)
+    assert (dtype, quantize) == ("fp32", "gguf") and "Q4_1/Q8_0 blocks" in why
+    assert pick_variant(nano_dir, "CPUExecutionProvider", None, None)[:2] == ("fp32", None)
+    assert pick_variant(smollm2_dir, "CUDAExecutionProvider", None, None)[:2] == ("fp16", None)
+    assert pick_variant(smollm2_dir, "CPUExecutionProvider", None, "int4")[:2] == ("fp32", "int4")
