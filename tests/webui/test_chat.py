@@ -113,9 +113,14 @@ def test_history_reaches_the_model(torch_models):
 
 
 class Broken:
-    name, device, max_seq_len = "torch", "cpu", 256
+    name, device, max_seq_len, vocab_size = "torch", "cpu", 256, 512
 
-    def prefill(self, ids):
+    def new_cache(self, rows, capacity):
+        from model.model import StaticCache
+
+        return StaticCache.zeros(1, rows, 1, capacity, 2)
+
+    def forward(self, tokens, cache, last_only):
         raise RuntimeError("the accelerator caught fire")
 
 
@@ -136,15 +141,15 @@ def test_closing_the_generator_stops_generation(torch_models):
     engine, tokenizer, meta = torch_models.loaded
 
     class Counting:
-        name, device, max_seq_len = engine.name, engine.device, engine.max_seq_len
+        name, device, max_seq_len, vocab_size = engine.name, engine.device, engine.max_seq_len, engine.vocab_size
         steps = 0
 
-        def prefill(self, ids):
-            return engine.prefill(ids)
+        def new_cache(self, rows, capacity):
+            return engine.backend.new_cache(rows, capacity)
 
-        def decode(self, token, cache):
+        def forward(self, tokens, cache, last_only):
             Counting.steps += 1
-            return engine.decode(token, cache)
+            return engine.backend.forward(tokens, cache, last_only)
 
     gen = respond("hello", [], "", "torch", "m", **{**SAMPLING, "max_new_tokens": 200}, models=Fixed((Counting(), tokenizer, meta)))
     next(gen), next(gen)
@@ -163,7 +168,7 @@ def test_a_model_is_loaded_once_by_concurrent_sessions():
     def slow_loader(spec, backend):
         calls.append((spec, backend))
         time.sleep(0.3)
-        return type("E", (), {"name": backend, "device": "cpu"})(), None, {"name": spec}
+        return type("E", (), {"name": backend, "device": "cpu", "max_seq_len": 64, "vocab_size": 8})(), None, {"name": spec}
 
     cache = ModelCache(loader=slow_loader, log=lambda msg: None)
     results = []
