@@ -19,8 +19,10 @@ Read beside gpt-fast's generate.py (the ladder) and vLLM's scheduler (the batchi
 """
 from __future__ import annotations
 
+import atexit
 import itertools
 import math
+import weakref
 import queue
 import threading
 import time
@@ -238,7 +240,7 @@ def run_alone(backend: Backend, seq: Sequence) -> Iterator[int]:
             token = sample(logits, [seq])[0]
             if seq.accept(token, backend.max_seq_len):
                 yield token
-            if seq.finish_reason:
+            if seq.finish_reason or seq.cancelled.is_set():
                 return
             logits = decode_step(backend, cache, [seq])
     finally:
@@ -287,12 +289,26 @@ class Engine:
         self.wake = threading.Condition()
         self.thread: threading.Thread | None = None
         self.steps = 0  # decode steps taken (network calls for decoding): tests count batching by it
+        self.closed = False
+        _ENGINES.add(self)
+
+    def close(self) -> None:
+        """Stop the scheduler thread (at exit: a thread left inside torch at shutdown aborts the process)."""
+        with self.wake:
+            self.closed = True
+            for seq in self.waiting + self.active:
+                seq.cancelled.set()
+            self.wake.notify()
+        if self.thread is not None and self.thread is not threading.current_thread():
+            self.thread.join(timeout=10)
 
     # ---- the consumer side (any thread)
     def run(self, seq: Sequence) -> Iterator[int]:
         """Submit `seq` and yield its tokens; closing the iterator cancels it."""
         start(seq, self.vocab_size, self.max_seq_len)
         with self.wake:
+            if self.closed:
+                raise RuntimeError("the engine is closed")
             self.waiting.append(seq)
             if self.thread is None or not self.thread.is_alive():
                 self.thread = threading.Thread(target=self._loop, name="engine", daemon=True)
@@ -317,9 +333,15 @@ class Engine:
     def _loop(self) -> None:
         while True:
             with self.wake:
-                while not self.waiting and not self.active:
+                while not self.waiting and not self.active and not self.closed:
                     self.cache = None  # idle: give the memory back
                     self.wake.wait()
+                if self.closed:
+                    for seq in self.waiting + self.active:
+                        seq.finish_reason = seq.finish_reason or "cancelled"
+                        seq.out.put(None)
+                    self.waiting, self.active = [], []
+                    return
                 joining = []
                 while self.waiting and len(self.active) + len(joining) < self.max_batch:
                     joining.append(self.waiting.pop(0))
@@ -417,6 +439,10 @@ class Engine:
         self.saved_bytes += nbytes
 
 
+_ENGINES: weakref.WeakSet = weakref.WeakSet()
+atexit.register(lambda: [engine.close() for engine in list(_ENGINES)])
+
+
 def stream_text(tokenizer, tokens: Iterable[int], stop_strings: Iterable[str] = ()) -> Iterator[str]:
     """Turn token ids into text pieces as they come. A piece is held back while it ends in an
     incomplete UTF-8 character (decoded as U+FFFD) or could be the start of a stop string.
@@ -495,7 +521,7 @@ class ChatStats:
     seconds: float = 0.0
     notice: str = ""
     finish_reason: str = ""
-    _start: float = field(default=0.0, repr=False)
+    sequence: Sequence | None = field(default=None, repr=False)  # its `cancelled` stops it from any thread
 
     @property
     def tokens_per_second(self) -> float:
@@ -519,7 +545,7 @@ def chat(engine: Engine | Backend, tokenizer, messages: list[dict], cfg: Samplin
     stats.backend, stats.device = engine.name, engine.device
     stats.prompt_tokens, stats.context_max, stats.new_tokens = len(ids), engine.max_seq_len, 0
     began = time.perf_counter()
-    seq = Sequence(ids, cfg, tokenizer.stop_ids, conversation)
+    seq = stats.sequence = Sequence(ids, cfg, tokenizer.stop_ids, conversation)
     tokens = engine.run(seq) if isinstance(engine, Engine) else run_alone(engine, seq)
 
     def counted(tokens):
