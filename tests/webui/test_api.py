@@ -22,9 +22,9 @@ def models(nano_dir):
     return ModelCache(log=lambda msg: None)
 
 
-def make_client(models, nano_dir, api_key=None, key_sent="unused"):
+def make_client(models, nano_dir, api_key=None, key_sent="unused", max_waiting=32):
     app = FastAPI()
-    app.include_router(make_router(models, str(nano_dir), "torch", api_key))
+    app.include_router(make_router(models, str(nano_dir), "torch", api_key, max_waiting=max_waiting))
     http = TestClient(app)
     return openai.OpenAI(base_url="http://testserver/v1", api_key=key_sent, http_client=http, max_retries=0), http
 
@@ -119,6 +119,13 @@ def test_an_api_key_when_one_is_set(models, nano_dir):
         bad.models.list()
     good, _ = make_client(models, nano_dir, api_key=KEY, key_sent=KEY)
     assert good.chat.completions.create(model="nano", messages=[{"role": "user", "content": "hi"}], max_tokens=2).usage
+
+
+def test_too_many_waiting_requests_get_429(models, nano_dir):
+    busy, _ = make_client(models, nano_dir, max_waiting=0)  # as if the queue were full
+    with pytest.raises(openai.RateLimitError) as info:
+        busy.chat.completions.create(model="nano", messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+    assert info.value.status_code == 429 and "waiting" in str(info.value)
 
 
 def test_the_api_needs_a_key_off_the_loopback():
