@@ -160,11 +160,11 @@ def build_graph(model: CogniMamba, dtype: str = "fp32", fused: bool = False, unt
     # model.attention_mask_4d: causal from positions (not is_causal: pytorch #103082), padding
     # keys hidden, the diagonal always kept so a padding row is never fully masked (NaN).
     key_real = g.op("Unsqueeze", g.op("Cast", "attention_mask", to=TensorProto.BOOL), g.const([1, 2]))  # (B, 1, 1, P+S)
-    keep = g.op("Or", g.op("And", g.op("LessOrEqual", k_pos, q_pos), key_real), g.op("Equal", k_pos, q_pos))  # (B, 1, S, P+S)
+    keep = g.op("And", g.op("LessOrEqual", k_pos, q_pos), key_real)  # (B, 1, S, P+S)
+    if not fused:  # GQA's bias is finite (a padding query seeing no key gets a uniform row, not NaN),
+        # and with a shared buffer the diagonal is not the row's own key (right padding)
+        keep = g.op("Or", keep, g.op("Equal", k_pos, q_pos))
     bias_dt, bias_neg = (T, neg) if fused else (TensorProto.FLOAT, float(np.finfo(np.float32).min))
-    if fused:  # GQA's bias is finite, so a padding query that sees no key gets a uniform row, not NaN;
-        # and with a shared buffer the diagonal is not the row's own key (right padding).
-        keep = g.op("And", g.op("LessOrEqual", k_pos, q_pos), key_real)
     bias = g.op("Where", keep, g.const(0.0, np.float16 if bias_dt == TensorProto.FLOAT16 else np.float32),
                 g.const(bias_neg, np.float16 if bias_dt == TensorProto.FLOAT16 else np.float32))
 
