@@ -399,13 +399,15 @@ class Engine:
             seq.out.put(token)
         if seq.finish_reason is None:
             return
-        self._keep(seq, self.cache.lengths[row], row)
+        handed_over = self._keep(seq, self.cache.lengths[row], row)
         last = len(self.active) - 1
         if row != last:
             self.cache.copy_row(last, row)
             self.active[row] = self.active[last]
         self.active.pop()
         self.cache.lengths[last] = 0
+        if handed_over:
+            self.cache = None  # its memory now belongs to the kept cache; a new sequence gets a new one
         seq.out.put(None)
 
     # ---- kept caches (cross-turn reuse)
@@ -424,19 +426,26 @@ class Engine:
         self.saved_bytes -= saved.nbytes
         return best, saved
 
-    def _keep(self, seq: Sequence, length: int, row: int) -> None:
+    def _keep(self, seq: Sequence, length: int, row: int) -> bool:
+        """Keep a departing row's tokens and cache for the conversation's next turn. The last
+        sequence of a one-row cache hands the buffers over as they are (views, no copy: a long chat
+        alone would otherwise hold its cache twice at this moment); True if it did."""
         tokens = (seq.prompt + seq.tokens)[:length]  # the last sampled token was never fed
-        nbytes = length * self.cache.bytes_per_token
+        hand_over = self.cache.num_rows == 1 and len(self.active) == 1
+        nbytes = (self.cache.capacity if hand_over else length) * self.cache.bytes_per_token  # memory held
         if seq.finish_reason == "error" or length == 0 or nbytes > self.cache_budget_bytes:
-            return
+            return False
         old = self.saved.pop(seq.conversation, None)
         if old is not None:
             self.saved_bytes -= old.nbytes
         while self.saved and self.saved_bytes + nbytes > self.cache_budget_bytes:
             _, evicted = self.saved.popitem(last=False)  # least recently used first
             self.saved_bytes -= evicted.nbytes
-        self.saved[seq.conversation] = SavedCache(tokens, self.cache.save_row(row, length), nbytes)
+        tensors = ([buf[0, :, :length] for buf in self.cache.k + self.cache.v] if hand_over
+                   else self.cache.save_row(row, length))
+        self.saved[seq.conversation] = SavedCache(tokens, tensors, nbytes)
         self.saved_bytes += nbytes
+        return hand_over
 
 
 _ENGINES: weakref.WeakSet = weakref.WeakSet()

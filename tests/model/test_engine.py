@@ -7,7 +7,7 @@ import time
 import pytest
 import torch
 
-from model.generate import Engine, SamplingConfig, Sequence, TorchBackend, generate
+from model.generate import CAPACITY_STEP, Engine, SamplingConfig, Sequence, TorchBackend, generate
 from model.model import StaticCache
 
 EPS32 = torch.finfo(torch.float32).eps  # 1.19e-7
@@ -177,11 +177,13 @@ def test_second_turn_with_reuse_equals_a_cold_prefill_torch(nano_model):
 def test_kept_caches_are_evicted_least_recently_used_first(nano_model):
     backend = TorchBackend(nano_model)
     per_token = backend.new_cache(1, 1).bytes_per_token
-    engine = Engine(backend, max_batch=2, cache_budget_bytes=60 * per_token)  # room for ~two 25-token chats
+    # a chat alone hands its whole buffer over (capacity 256 positions, no copy): room for two of them
+    budget = (2 * CAPACITY_STEP + 50) * per_token
+    engine = Engine(backend, max_batch=2, cache_budget_bytes=budget)
     chats = {name: [i] * 20 for i, name in enumerate(("a", "b", "c"), start=1)}
     for name, prompt in chats.items():
         list(engine.run(Sequence(prompt, greedy(5), conversation=name)))
-    assert list(engine.saved) == ["b", "c"] and engine.saved_bytes <= 60 * per_token
+    assert list(engine.saved) == ["b", "c"] and engine.saved_bytes <= budget
     again = Sequence(chats["a"] + [7], greedy(2), conversation="a")  # evicted: prefills again, same answer
     assert list(engine.run(again)) == list(generate(backend, chats["a"] + [7], greedy(2))) and again.reused_tokens == 0
 
