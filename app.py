@@ -1,12 +1,19 @@
-"""Chat with a Cogni-Mamba model in the browser; also the HuggingFace Spaces entry point.
+"""Chat with a Cogni-Mamba model in the browser, and an OpenAI-compatible API on the same port;
+also the HuggingFace Spaces entry point.
 
     python app.py                                  # SmolLM2-135M-Instruct on ONNX Runtime, http://127.0.0.1:7860
     python app.py --model checkpoints/run/model --backend torch
-    python app.py --host 0.0.0.0 --port 8080       # reachable from other machines
-    python app.py --share                          # a temporary public gradio.live link
+    python app.py --host 0.0.0.0 --port 8080 --api-key KEY   # reachable from other machines, API with a key
+    python app.py --share                          # a temporary public gradio.live link (page only)
 
-The logic lives in webui/ (chat.respond, parity.parity_panel, models.MODELS); this file only lays
-out the page and launches it. Spaces run `python app.py` and set GRADIO_SERVER_NAME=0.0.0.0.
+    from openai import OpenAI                      # the API: /v1/chat/completions, /v1/models
+    OpenAI(base_url="http://127.0.0.1:7860/v1", api_key="unused").chat.completions.create(
+        model="SmolLM2-135M-Instruct", messages=[{"role": "user", "content": "Hi!"}])
+
+The logic lives in webui/ (chat.respond, parity.parity_panel, models.MODELS, api.make_router); this
+file lays out the page, mounts it on a FastAPI app beside the API, and serves both with uvicorn.
+Every chat, from the page or the API, goes through the model's Engine (model/generate.py), which
+decodes them together. Spaces run `python app.py` and set GRADIO_SERVER_NAME=0.0.0.0.
 """
 from __future__ import annotations
 
@@ -14,15 +21,14 @@ import argparse
 import os
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # `python /elsewhere/app.py` finds model/, webui/
+import gradio as gr
 
-import gradio as gr  # noqa: E402
-
-from webui.chat import respond  # noqa: E402
-from webui.models import BACKEND_CHOICES, BACKEND_LABELS, DEFAULT, MODELS, list_models, loaded_line, model_card  # noqa: E402
-from webui.parity import parity_panel  # noqa: E402
+from webui.api import API_KEY_ENV, api_access, make_router
+from webui.chat import respond
+from webui.models import (BACKEND_CHOICES, BACKEND_LABELS, CACHE_BUDGET_MB, DEFAULT, MAX_BATCH, MODELS, list_models,
+                          loaded_line, model_card)
+from webui.parity import parity_panel
 
 EXAMPLES = ["What is the capital of France?", "Explain what a KV cache is, in two sentences.",
             "Write a haiku about the sea."]
@@ -83,7 +89,7 @@ def build_demo(model: str = DEFAULT, backend: str = "onnx", note: str = "") -> g
         gr.Slider(1, 1024, value=256, step=1, precision=0, label="Max new tokens", render=False),
         gr.Number(-1, precision=0, label="Seed (-1 = random)", render=False),
     ]
-    with gr.Blocks(title="Cogni-Mamba chat") as demo:
+    with gr.Blocks(title="Cogni-Mamba chat") as demo:  # built when called, never on import
         gr.Markdown("## Cogni-Mamba chat" + (f"\n{note}" if note else ""))
         loaded = gr.Markdown("Loading the model ...", label="Loaded model")
         with gr.Tab("Chat"):
@@ -114,18 +120,48 @@ def build_demo(model: str = DEFAULT, backend: str = "onnx", note: str = "") -> g
     return demo
 
 
+def make_app(model: str = DEFAULT, backend: str = "onnx", note: str = "", host: str = "127.0.0.1",
+             api_key: str | None = None, log=lambda msg: print(msg, file=sys.stderr, flush=True)):
+    """The FastAPI app: the API routes (when api_access allows them) and the Gradio page at /."""
+    from fastapi import FastAPI
+
+    app = FastAPI(title="Cogni-Mamba", docs_url=None, redoc_url=None, openapi_url=None)
+    serve_api, line = api_access(host, api_key)
+    log(line)
+    if serve_api:
+        app.include_router(make_router(MODELS, model, backend, api_key, max_waiting=4 * MODELS.max_batch))
+    demo = build_demo(model, backend, note)
+    # As many generations at once as the engine decodes together; more wait in Gradio's queue.
+    demo.queue(default_concurrency_limit=MODELS.max_batch)
+    return gr.mount_gradio_app(app, demo, path="/")
+
+
 def main(host: str = "127.0.0.1", port: int = 7860, model: str = DEFAULT, backend: str = "onnx",
-         share: bool = False) -> None:
-    global demo
+         share: bool = False, api_key: str | None = None, max_batch: int = MAX_BATCH,
+         cache_budget_mb: float = CACHE_BUDGET_MB) -> int:
+    if max_batch < 1 or not cache_budget_mb >= 0:
+        print("error: --max-batch must be >= 1 and --cache-budget-mb >= 0", file=sys.stderr)
+        return 2
+    MODELS.max_batch, MODELS.cache_budget_mb = max_batch, cache_budget_mb
+    api_key = api_key or os.environ.get(API_KEY_ENV) or None
     start = time.perf_counter()
     print(f"Cogni-Mamba chat: loading {model} on {BACKEND_LABELS[backend]} (a first start converts and "
           "exports the model once; later starts read the cache) ...", file=sys.stderr, flush=True)
     install_default_model_on_spaces()
     backend, note = preload(model, backend)
-    demo = build_demo(model, backend, note)
-    print(f"ready in {time.perf_counter() - start:.1f} s; serving on http://{host}:{port}", file=sys.stderr, flush=True)
-    # Two generations at once fill two cores; more would only slow every reply down.
-    demo.queue(default_concurrency_limit=2).launch(server_name=host, server_port=port, share=share)
+    if share:  # gradio.live tunnels gradio's own server: the page only
+        print("note: --share serves the page only; the API needs the app's own server", file=sys.stderr)
+        demo = build_demo(model, backend, note)
+        print(f"ready in {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
+        demo.queue(default_concurrency_limit=max_batch).launch(server_name=host, server_port=port, share=True)
+        return 0
+    import uvicorn
+
+    app = make_app(model, backend, note, host, api_key)
+    print(f"ready in {time.perf_counter() - start:.1f} s; serving on http://{host}:{port} "
+          f"(up to {max_batch} chats decoded together)", file=sys.stderr, flush=True)
+    uvicorn.run(app, host=host, port=port, log_level="warning")
+    return 0
 
 
 def parse_args(argv=None) -> dict:
@@ -134,11 +170,14 @@ def parse_args(argv=None) -> dict:
     p.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)), help="port to serve on")
     p.add_argument("--model", default=DEFAULT, help="'default' (SmolLM2-135M-Instruct), a model folder, an ONNX export folder, a HF Llama folder or a .gguf file")
     p.add_argument("--backend", default="onnx", choices=[v for _, v in BACKEND_CHOICES], help="start-up backend (falls back to torch if ONNX Runtime cannot load); switchable in the page")
-    p.add_argument("--share", action="store_true", help="also serve through a temporary public gradio.live link")
+    p.add_argument("--share", action="store_true", help="also serve through a temporary public gradio.live link (page only, no API)")
+    p.add_argument("--api-key", help=f"key the OpenAI-compatible API requires (or ${API_KEY_ENV}); without one the API "
+                                     "serves only when bound to 127.0.0.1")
+    p.add_argument("--max-batch", type=int, default=MAX_BATCH, help="chats decoded together in one step (continuous batching)")
+    p.add_argument("--cache-budget-mb", type=float, default=CACHE_BUDGET_MB,
+                   help="memory for the caches chats keep between turns (least recently used evicted first)")
     return vars(p.parse_args(argv))
 
 
 if __name__ == "__main__":
-    main(**parse_args())
-else:  # imported (gradio's reload mode, tests): the page, models loaded on first use
-    demo = build_demo()
+    sys.exit(main(**parse_args()))

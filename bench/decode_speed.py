@@ -2,6 +2,8 @@
 
     python bench/decode_speed.py                  # 3 repeats, writes bench/results/decode_speed.{json,png}
     python bench/decode_speed.py --repeats 5 --new-tokens 128
+    python bench/decode_speed.py --contexts 40,1000,4000   # decode tok/s after prompts of N tokens
+                                                           # -> bench/results/decode_contexts.{json,png}
 
 Engines: our TorchBackend; our ONNX export in fp32, int8, int4 and gguf (the GGUF's own blocks,
 what the app serves on CPU) on ONNX Runtime; transformers' generate on the same weights (loaded
@@ -136,12 +138,50 @@ def time_round_robin(engines: dict, short_ids, long_ids, new_tokens, repeats) ->
     return results
 
 
+def time_contexts(engines: dict, tok, contexts: list[int], new_tokens: int, repeats: int, threads: int) -> int:
+    """Decode tok/s after a prompt of N tokens for each N: what a growing KV cache costs each step
+    (time_round_robin with an N-token prompt; its first-token time is then the N-token prefill)."""
+    filler = tok.encode(" ".join(["The history of painting reaches back to the artifacts of pre-historic humans."] * 600))
+    by_context = {}
+    for n in contexts:
+        ids = (filler * (n // len(filler) + 1))[:n]
+        print(f"context {n}:", file=sys.stderr, flush=True)
+        by_context[n] = time_round_robin(engines, ids, ids, new_tokens, repeats)
+    names = list(engines)
+    lines = ["| engine | " + " | ".join(f"tok/s at {n}" for n in contexts) + f" | {contexts[-1]} vs {contexts[0]} |",
+             "|---|" + "---|" * (len(contexts) + 1)]
+    for name in names:
+        rates = [by_context[n][name]["tok_s"] for n in contexts]
+        lines.append(f"| {name} | " + " | ".join(f"{r:.1f}" for r in rates) + f" | {rates[-1] / rates[0]:.2f}x |")
+    table = "\n".join(lines)
+    print(table)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "decode_contexts.json").write_text(json.dumps(
+        {"model": "SmolLM2-135M-Instruct", "contexts": contexts, "new_tokens": new_tokens, "repeats": repeats,
+         "threads": threads, "machine": platform.platform(), "results": by_context, "table": table}, indent=2))
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name in names:
+        ax.plot(contexts, [by_context[n][name]["tok_s"] for n in contexts], "o-", label=name)
+    ax.set_xlabel("context (prompt tokens)")
+    ax.set_ylabel("greedy decode tokens/s")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(RESULTS / "decode_contexts.png", dpi=120)
+    print(f"wrote {RESULTS / 'decode_contexts.json'} and {RESULTS / 'decode_contexts.png'}", file=sys.stderr)
+    return 0
+
+
 def ours(backend):
     cfg_for = lambda n: SamplingConfig(temperature=0, top_k=0, top_p=1, repetition_penalty=1, max_new_tokens=n)  # noqa: E731
     return lambda ids, n: sum(1 for _ in generate(backend, ids, cfg_for(n)))  # no stop ids: exactly n tokens
 
 
-def main(repeats: int = 3, new_tokens: int = 128, threads: int | None = None) -> int:
+def main(repeats: int = 3, new_tokens: int = 128, threads: int | None = None, contexts: str | None = None) -> int:
     from export.onnx import export_onnx
     from export.ort_backend import OrtBackend, physical_cores
     from model.checkpoint import load_model
@@ -180,6 +220,8 @@ def main(repeats: int = 3, new_tokens: int = 128, threads: int | None = None) ->
     engines["transformers eager fp32"] = hf_run
     logits["transformers eager fp32"] = lambda ids: hf_model(torch.tensor([ids])).logits[0]
 
+    if contexts:
+        return time_contexts(engines, tok, [int(n) for n in contexts.split(",")], new_tokens, repeats, threads)
     results = time_round_robin(engines, short_ids, long_ids, new_tokens, repeats)
     with torch.inference_mode():
         for name, fn in logits.items():
@@ -245,6 +287,7 @@ def parse_args(argv=None) -> dict:
     p.add_argument("--repeats", type=int, default=3, help="timed runs per engine; medians are reported")
     p.add_argument("--new-tokens", type=int, default=128, help="greedy tokens generated per run")
     p.add_argument("--threads", type=int, help="threads for every engine (default: physical cores)")
+    p.add_argument("--contexts", help="comma-separated prompt lengths, e.g. 40,1000,4000: decode speed by context")
     return vars(p.parse_args(argv))
 
 

@@ -10,10 +10,26 @@ SmolLM2 in ~200 s on 2 cores), and it lets us emit ONNX Runtime's fused kernels.
 
 Graph I/O (batch, seq, past dynamic; past is 0 on the first step):
     input_ids                     int64 (batch, seq)
-    attention_mask                int64 (batch, past + seq)   1 = token, 0 = left padding
+    attention_mask                int64 (batch, past + seq)   1 = token, 0 = padding
+    num_logits_to_keep            int64 scalar: logits for the last k positions (seq for all of
+                                  them; 1 when generating, so memory does not grow with vocab x seq).
+                                  Optional: a runtime that does not feed it (onnxruntime-genai) gets
+                                  every position, its default
     past_key_values.{i}.key/value dtype (batch, n_kv_heads, past, head_dim)
-    logits                        dtype (batch, seq, vocab_size)
+    logits                        dtype (batch, num_logits_to_keep, vocab_size)
     present.{i}.key/value         dtype (batch, n_kv_heads, past + seq, head_dim)
+Two ways to drive the cache:
+    concatenating (both variants)  past as long as the mask minus seq; present comes back longer by
+                                   seq (a copy of the whole cache per step). Left padding allowed.
+    shared buffer (--optimize)     onnxruntime-genai's past_present_share_buffer: past and present
+                                   bound to the same (batch, n_kv_heads, capacity, head_dim) memory;
+                                   row b holds its first valid tokens (right padding) and its mask
+                                   row is 1 up to its valid length + seq; GroupQueryAttention writes
+                                   the new keys/values in place at seqlens_k (the index of the mask
+                                   row's last 1). Decoding a token copies nothing. One row at a time
+                                   when seq > 1 (GQA refuses a chunked prefill above batch 1).
+The plain graph keeps concatenation: it is the one TensorRT (no contrib ops) and fp32 CUDA (no
+fp32 GQA kernel) run.
 
 Variants (one dispatcher, `build_graph`):
     default     plain opset-17 ops (MatMul/Softmax attention, RMSNorm written out): runs on any
@@ -71,10 +87,10 @@ from model.model import CogniMamba  # noqa: E402
 
 OPSET = 17
 META_FILE = "onnx_meta.json"
-META_VERSION = 1
+META_VERSION = 2  # 2: num_logits_to_keep input, shared-buffer GQA (seqlens_k per row)
 # Bump when build_graph or the quantizers change what an export computes: exports cached by
 # export/ort_backend.py are keyed by it, so a fixed exporter never serves a stale graph.
-EXPORTER_VERSION = 2
+EXPORTER_VERSION = 3
 # Every ModelConfig field that build_graph reads. A new field makes build_graph refuse to run until
 # the graph implements it (and a test fails), so the graph and model/model.py cannot drift apart.
 CONFIG_FIELDS_IN_GRAPH = {"dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "hidden_dim", "head_dim",
@@ -212,7 +228,10 @@ def build_graph(model: CogniMamba, dtype: str = "fp32", fused: bool = False,
     # model.attention_mask_4d: causal from positions (not is_causal: pytorch #103082), padding
     # keys hidden, the diagonal always kept so a padding row is never fully masked (NaN).
     key_real = g.op("Unsqueeze", g.op("Cast", "attention_mask", to=TensorProto.BOOL), g.const([1, 2]))  # (B, 1, 1, P+S)
-    keep = g.op("Or", g.op("And", g.op("LessOrEqual", k_pos, q_pos), key_real), g.op("Equal", k_pos, q_pos))  # (B, 1, S, P+S)
+    keep = g.op("And", g.op("LessOrEqual", k_pos, q_pos), key_real)  # (B, 1, S, P+S)
+    if not fused:  # GQA's bias is finite (a padding query seeing no key gets a uniform row, not NaN),
+        # and with a shared buffer the diagonal is not the row's own key (right padding)
+        keep = g.op("Or", keep, g.op("Equal", k_pos, q_pos))
     bias_dt, bias_neg = (T, neg) if fused else (TensorProto.FLOAT, float(np.finfo(np.float32).min))
     bias = g.op("Where", keep, g.const(0.0, np.float16 if bias_dt == TensorProto.FLOAT16 else np.float32),
                 g.const(bias_neg, np.float16 if bias_dt == TensorProto.FLOAT16 else np.float32))
@@ -220,9 +239,12 @@ def build_graph(model: CogniMamba, dtype: str = "fp32", fused: bool = False,
     cos, sin = rope_tables(model)
     if fused:
         cos_c, sin_c = g.weight("rope.cos", cos.astype(np_dt)), g.weight("rope.sin", sin.astype(np_dt))
-        # GQA reads seqlens_k as per-row valid lengths of a right-padded cache; ours is left-padded
-        # and the padding is in the bias, so every row holds P+S entries.
-        seqlens_k = g.op("Cast", g.op("Expand", g.op("Sub", total, g.const(1)), g.op("Unsqueeze", B, g.const([0]))), to=TensorProto.INT32)
+        # GQA reads seqlens_k as each row's index of its last valid key: the index of the mask
+        # row's last 1. Left-padded (concatenating) rows end in 1, so that is P+S-1 and the padding
+        # is in the bias; right-padded rows of a shared buffer give their own length - 1, where GQA
+        # writes the new keys (onnxruntime-genai: past_present_share_buffer).
+        last_one = g.op("ReduceMax", g.op("Mul", "attention_mask", g.op("Add", k_pos, g.const(1))), axes=[1], keepdims=0)
+        seqlens_k = g.op("Cast", g.op("Sub", last_one, g.const(1)), to=TensorProto.INT32)  # (B,)
         total_i32 = g.op("Cast", total, to=TensorProto.INT32)
     else:
         # (B, 1, S, head_dim): "rotate half" tables, cos/sin of pairs (i, i + head_dim/2)
@@ -309,6 +331,9 @@ def build_graph(model: CogniMamba, dtype: str = "fp32", fused: bool = False,
         else:
             h = g.op("Add", h, d)
             x = rmsnorm(h, gamma[2 * i + 2])
+    # Only the last num_logits_to_keep positions reach the head: a generating prefill needs one.
+    x = g.op("Slice", x, g.op("Unsqueeze", g.op("Neg", "num_logits_to_keep"), g.const([0])),
+             g.const([np.iinfo(np.int64).max]), g.const([1]))  # (B, k, dim)
     if not cfg.tie_embeddings:
         linear(x, "output.weight", ["output.weight"], out="logits")
     elif quantized(["tok_embeddings.weight"]) is not None:
@@ -317,11 +342,14 @@ def build_graph(model: CogniMamba, dtype: str = "fp32", fused: bool = False,
         linear(x, "lm_head.weight", ["tok_embeddings.weight"], out="logits")
     else:  # the embedding itself, read transposed: one copy on disk (pytorch #108342)
         flat = g.op("Gemm", g.op("Reshape", x, g.const([-1, D])), emb, transB=1)  # (B*S, vocab)
-        g.op("Reshape", flat, g.op("Concat", ids_shape, g.const([cfg.vocab_size]), axis=0), outputs=["logits"])
+        g.op("Reshape", flat, g.op("Concat", g.op("Unsqueeze", B, g.const([0])), g.const([-1, cfg.vocab_size]), axis=0), outputs=["logits"])
 
     if set(sd) - used:  # a weight the graph does not read: model/model.py has something the graph lacks
         raise ValueError(f"build_graph left {len(set(sd) - used)} weights unused, e.g. {sorted(set(sd) - used)[0]}: "
                          "the graph no longer matches model/model.py")
+    # An initializer named like an input is that input's default (ONNX IR >= 4): 2^62 keeps every
+    # position (Slice clamps the start), which is what runtimes that never feed it expect.
+    g.weight("num_logits_to_keep", np.array(2**62, np.int64))
     kv_in = [helper.make_tensor_value_info(f"past_key_values.{i}.{n}", T, ["batch", kvh, "past", hd])
              for i in range(cfg.n_layers) for n in ("key", "value")]
     kv_out = [helper.make_tensor_value_info(f"present.{i}.{n}", T, ["batch", kvh, "total", hd])
@@ -329,8 +357,9 @@ def build_graph(model: CogniMamba, dtype: str = "fp32", fused: bool = False,
     graph = helper.make_graph(
         g.nodes, "cogni_mamba",
         [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"]),
-         helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "total"])] + kv_in,
-        [helper.make_tensor_value_info("logits", T, ["batch", "seq", cfg.vocab_size])] + kv_out,
+         helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "total"]),
+         helper.make_tensor_value_info("num_logits_to_keep", TensorProto.INT64, [])] + kv_in,
+        [helper.make_tensor_value_info("logits", T, ["batch", "kept", cfg.vocab_size])] + kv_out,
         g.inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid("com.microsoft", 1)],
                              producer_name="cogni-mamba", ir_version=9)
@@ -363,7 +392,8 @@ def measure_parity(model: CogniMamba, onnx_path: Path, dtype: str = "fp32", step
             for i in range(cfg.n_layers) for n in ("key", "value")}
     outs, start = [], 0
     for end in [16] + list(range(17, 17 + steps)):
-        feed = {"input_ids": ids[:, start:end].numpy(), "attention_mask": np.ones((1, end), np.int64), **past}
+        feed = {"input_ids": ids[:, start:end].numpy(), "attention_mask": np.ones((1, end), np.int64),
+                "num_logits_to_keep": np.array(end - start, np.int64), **past}
         res = sess.run(None, feed)
         outs.append(res[0].astype(np.float32))
         past = {k: v for k, v in zip(past, res[1:])}
@@ -465,7 +495,8 @@ def export_onnx(model: str | Path, out: str | Path, dtype: str = "fp32", quantiz
             "dtype": dtype, "quantization": quantize, "fused_ops": optimize, "opset": OPSET,
             "accuracy_level": accuracy_level if quantize else None,
             "source_blocks": None if blocks is None else sorted({f"{m.bits}-bit block {m.block}" for m in blocks.values() if m}),
-            "io": {"inputs": ["input_ids", "attention_mask", "past_key_values.{i}.key/value"],
+            "io": {"inputs": ["input_ids", "attention_mask", "num_logits_to_keep", "past_key_values.{i}.key/value"],
+                   "shared_buffer": optimize,  # past and present may be bound to one buffer (GQA)
                    "outputs": ["logits", "present.{i}.key/value"]},
             "versions": {"exporter": "cogni-mamba build_graph (onnx.helper)", "onnx": onnx.__version__,
                          "onnxruntime": ort.__version__, "torch": torch.__version__},
@@ -481,8 +512,10 @@ def export_onnx(model: str | Path, out: str | Path, dtype: str = "fp32", quantiz
     size = sum(f.stat().st_size for f in out.iterdir()) / 2**20
     log(f"wrote {out / 'model.onnx'} ({size:.0f} MB in {out.name}/, {meta['export_seconds']} s): "
         f"{dtype}{' ' + quantize if quantize else ''}{', fused ORT ops' if optimize else ''}")
-    log(f"  inputs  input_ids (batch, seq), attention_mask (batch, past+seq), past_key_values.{{0..{net.cfg.n_layers - 1}}}.key/value")
-    log("  outputs logits (batch, seq, vocab), present.{i}.key/value")
+    log(f"  inputs  input_ids (batch, seq), attention_mask (batch, past+seq), num_logits_to_keep, "
+        f"past_key_values.{{0..{net.cfg.n_layers - 1}}}.key/value")
+    log("  outputs logits (batch, num_logits_to_keep, vocab), present.{i}.key/value"
+        + (" (may share the past's buffer)" if optimize else ""))
     if meta["parity"]:
         par = meta["parity"]
         log(f"  parity vs torch fp32: max |dlogit| {par['max_abs_logit_diff']:.2e}, top-1 agreement "

@@ -5,24 +5,24 @@
 
 Providers are taken from what is installed and what actually loads: TensorRT, then CUDA, then CPU
 (onnxruntime-gpu without CUDA libraries falls back to CPU with only a printed error, so the
-provider in use is read back from the session). The KV cache never goes through numpy: IOBinding
-feeds the present OrtValues of one step as the past of the next, on the device they live on; only
-the last logits are copied out.
+provider in use is read back from the session). The KV cache never goes through numpy: it is a
+StaticCache of torch tensors that IOBinding binds by pointer, on the device it lives on (with the
+fused graph, as one buffer for past and present, written in place); only the logits come out.
 """
 from __future__ import annotations
 
 import json
 import os
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from export.onnx import EXPORTER_VERSION, META_FILE, export_onnx, tokenizer_hash
+from export.onnx import EXPORTER_VERSION, META_FILE, META_VERSION, export_onnx, tokenizer_hash
 from model.checkpoint import read_meta
 from model.config import ModelConfig
+from model.model import StaticCache
 from model.tokenizer import load_tokenizer
 from model.weights import cache_root, resolve_model, source_key
 
@@ -68,6 +68,10 @@ def check_export(directory: str | Path) -> dict:
         raise ValueError(f"{d / META_FILE} is not valid JSON ({e}); re-export the model") from None
     if not isinstance(meta, dict) or meta.get("format") != "cogni-mamba-onnx":
         raise ValueError(f"{d / META_FILE} is not a CogniMamba ONNX meta file")
+    if meta.get("format_version") != META_VERSION:
+        raise ValueError(f"{d} was exported by another version of the exporter (format {meta.get('format_version')}, "
+                         f"this code reads {META_VERSION}); re-export it with `python export/onnx.py --model "
+                         f"{meta.get('source', 'MODEL')} --out {d}`")
     config = read_meta(d)
     if config.get("model") != meta.get("model"):
         raise ValueError(f"{d}: config.json describes another model than the one model.onnx was exported from "
@@ -78,13 +82,16 @@ def check_export(directory: str | Path) -> dict:
     return meta
 
 
-@dataclass
-class OrtCache:
-    past: list  # OrtValues, (1, n_kv_heads, length, head_dim) each, in graph input order
-    length: int
-
-
 class OrtBackend:
+    """ONNX Runtime behind model.generate's Backend contract: new_cache() and forward().
+
+    The cache is a model.model.StaticCache of torch tensors (CPU or CUDA) whose memory ONNX Runtime
+    reads and writes through IOBinding's raw pointers. With the fused graph (GroupQueryAttention)
+    past and present are bound to the same buffer and the graph writes the new keys/values in
+    place (onnxruntime-genai's past_present_share_buffer): decoding copies nothing. The plain graph
+    (chosen for TensorRT, which has no contrib ops, and fp32 CUDA, which has no fp32 GQA kernel)
+    can only concatenate: its present is copied back into the cache each step.
+    """
     name = "onnx"
 
     def __init__(self, directory: str | Path, device: str | None = None, threads: int | None = None):
@@ -93,6 +100,8 @@ class OrtBackend:
         self.meta = check_export(directory)
         self.cfg = ModelConfig.from_dict(self.meta["model"])
         self.max_seq_len = self.cfg.max_seq_len
+        self.vocab_size = self.cfg.vocab_size
+        self.shared_buffer = bool(self.meta.get("fused_ops"))
         so = ort.SessionOptions()
         so.intra_op_num_threads = threads or physical_cores()  # hyperthreads only contend for the FPUs
         so.inter_op_num_threads = 1
@@ -109,7 +118,72 @@ class OrtBackend:
         self.past_names = [f"past_key_values.{i}.{k}" for i in range(n) for k in ("key", "value")]
         self.present_names = [f"present.{i}.{k}" for i in range(n) for k in ("key", "value")]
         self.kv_dtype = np.float16 if self.meta["dtype"] == "fp16" else np.float32
+        self.min_past = 0  # TensorRT's shape profiles start at 1 (export/tensorrt.py)
 
+    # ---- the Backend contract (model/generate.py)
+    def new_cache(self, rows: int, capacity: int) -> StaticCache:
+        c = self.cfg
+        return StaticCache.zeros(c.n_layers, rows, c.n_kv_heads, capacity, c.head_dim,
+                                 self.io_device, torch.float16 if self.kv_dtype == np.float16 else torch.float32)
+
+    def forward(self, tokens: torch.Tensor, cache: StaticCache, last_only: bool) -> torch.Tensor:
+        B, T = tokens.shape
+        if self.shared_buffer:
+            return self._forward_shared(tokens, cache, last_only)
+        return self._forward_concat(tokens, cache, last_only)
+
+    def _bind(self, binding, name: str, t: torch.Tensor, output: bool = False) -> None:
+        args = (name, self.io_device, 0, self.kv_dtype, list(t.shape), t.data_ptr())
+        binding.bind_output(*args) if output else binding.bind_input(*args)
+
+    def _forward_shared(self, tokens, cache, last_only):
+        """Past and present bound to the same (B, n_kv_heads, capacity, head_dim) buffers; mask row b
+        is 1 over its valid tokens and the new ones (right padding)."""
+        B, T = tokens.shape
+        total = max(cache.lengths) + T
+        if total > cache.capacity:
+            raise ValueError(f"the cache holds {cache.capacity} positions; this step needs {total}")
+        if T > 1 and B > 1:
+            raise ValueError("GroupQueryAttention takes several new tokens (a prefill) only one row at a time")
+        mask = (np.arange(total)[None] < np.array(cache.lengths)[:, None] + T).astype(np.int64)  # (B, total)
+        binding = self._binding(tokens, mask, 1 if last_only else T)
+        for name, out, buf in zip(self.past_names, self.present_names, cache.k_v_interleaved()):
+            self._bind(binding, name, buf)
+            self._bind(binding, out, buf, output=True)  # the same memory: GQA writes in place
+        self.session.run_with_iobinding(binding)
+        return torch.from_numpy(binding.get_outputs()[0].numpy().astype(np.float32, copy=False))
+
+    def _forward_concat(self, tokens, cache, last_only):
+        """The plain graph: past = each row's first P = max(lengths) positions (copied, contiguous),
+        a row's slots beyond its own length masked out; the T new positions come back at the end of
+        present and are copied into the cache at each row's length."""
+        B, T = tokens.shape
+        P = max(max(cache.lengths), self.min_past)
+        lengths = np.array(cache.lengths)
+        mask = np.concatenate([np.arange(P)[None] < lengths[:, None], np.ones((B, T), bool)], 1).astype(np.int64)
+        binding = self._binding(tokens, mask, 1 if last_only else T)
+        pasts = [buf[:, :, :P].contiguous() for buf in cache.k_v_interleaved()]
+        presents = [torch.empty(B, buf.shape[1], P + T, buf.shape[3], dtype=buf.dtype, device=buf.device)
+                    for buf in pasts]
+        for name, out, past, present in zip(self.past_names, self.present_names, pasts, presents):
+            self._bind(binding, name, past)
+            self._bind(binding, out, present, output=True)
+        self.session.run_with_iobinding(binding)
+        rows = torch.arange(B)[:, None]
+        positions = torch.tensor(lengths)[:, None] + torch.arange(T)  # (B, T)
+        for buf, present in zip(cache.k_v_interleaved(), presents):
+            buf[rows, :, positions] = present[:, :, P:].transpose(1, 2)  # (B, T, n_kv_heads, head_dim)
+        return torch.from_numpy(binding.get_outputs()[0].numpy().astype(np.float32, copy=False))
+
+    def _binding(self, tokens: torch.Tensor, mask: np.ndarray, keep: int):
+        binding = self.session.io_binding()
+        binding.bind_cpu_input("input_ids", np.ascontiguousarray(tokens.numpy(), dtype=np.int64))
+        binding.bind_cpu_input("attention_mask", mask)
+        binding.bind_cpu_input("num_logits_to_keep", np.array(keep, np.int64))
+        binding.bind_output("logits", "cpu")
+        return binding
+
+    # ---- the graph as it is, for parity tests and perplexity (concatenating, OrtValues)
     def empty_past(self, batch_size: int = 1) -> list:
         """Zeros of shape (B, n_kv_heads, 0, head_dim): never np.empty (transformers #13175)."""
         import onnxruntime as ort
@@ -118,12 +192,15 @@ class OrtBackend:
             np.zeros((batch_size, self.cfg.n_kv_heads, 0, self.cfg.head_dim), self.kv_dtype), self.io_device, 0)
         return [z] * len(self.past_names)
 
-    def run(self, input_ids: np.ndarray, attention_mask: np.ndarray, past: list | None = None):
+    def run(self, input_ids: np.ndarray, attention_mask: np.ndarray, past: list | None = None,
+            num_logits_to_keep: int | None = None):
         """One graph call. input_ids (B, S) int64, attention_mask (B, P+S) int64, past OrtValues or
-        None (= empty). Returns logits (B, S, vocab) as numpy and the present OrtValues."""
+        None (= empty). Returns logits (B, num_logits_to_keep or S, vocab) as numpy and the present
+        OrtValues (P+S long: the concatenating way)."""
         binding = self.session.io_binding()
         binding.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids, dtype=np.int64))
         binding.bind_cpu_input("attention_mask", np.ascontiguousarray(attention_mask, dtype=np.int64))
+        binding.bind_cpu_input("num_logits_to_keep", np.array(num_logits_to_keep or input_ids.shape[1], np.int64))
         for name, value in zip(self.past_names, past or self.empty_past(input_ids.shape[0])):
             binding.bind_ortvalue_input(name, value)
         binding.bind_output("logits", "cpu")
@@ -132,17 +209,6 @@ class OrtBackend:
         self.session.run_with_iobinding(binding)
         outputs = binding.get_outputs()
         return outputs[0].numpy(), outputs[1:]
-
-    def _last(self, logits: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(logits[0, -1].astype(np.float32, copy=False))
-
-    def prefill(self, ids: list[int]):
-        logits, present = self.run(np.array([ids], np.int64), np.ones((1, len(ids)), np.int64))
-        return self._last(logits), OrtCache(present, len(ids))
-
-    def decode(self, token: int, cache: OrtCache):
-        logits, present = self.run(np.array([[token]], np.int64), np.ones((1, cache.length + 1), np.int64), cache.past)
-        return self._last(logits), OrtCache(present, cache.length + 1)
 
 
 def _log(msg: str) -> None:

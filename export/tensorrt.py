@@ -10,10 +10,10 @@ SkipSimplifiedLayerNormalization), so export the plain graph: `python export/onn
   TensorRT dislikes zero-size tensors: the first step therefore feeds one masked dummy past slot
   (attention_mask 0 there), which the graph ignores exactly as it ignores left padding;
 - the engine is built once and cached (trt_engine_cache_enable) beside the export, then warmed up;
-- IOBinding keeps the cache on the GPU: each step's present OrtValues are bound as the next step's
-  past, never copied to the host. This is not yet one preallocated max-length buffer written in
-  place (what onnxruntime-genai #1604 needs for its TensorRT graphs); our graph concatenates, so
-  present is a fresh buffer each step. Untested on a GPU: see below.
+- IOBinding keeps the cache on the GPU (a StaticCache of CUDA tensors bound by pointer). The plain
+  graph concatenates, so each step's present is copied back into the cache (OrtBackend's
+  _forward_concat); not one buffer written in place (what onnxruntime-genai #1604 needs for its
+  TensorRT graphs). Untested on a GPU: see below.
 
 Not tested here: our machines have no GPU, so tests/export skips the TensorRT case, stating why,
 whenever TensorrtExecutionProvider is not in onnxruntime.get_available_providers().
@@ -22,9 +22,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
+import torch
 
-from export.ort_backend import OrtBackend, OrtCache
+from export.ort_backend import OrtBackend
 
 
 def shape_profiles(cfg, max_batch: int = 1, max_len: int | None = None, opt_len: int = 512) -> dict:
@@ -62,24 +62,7 @@ class TrtBackend(OrtBackend):
                                                        "CPUExecutionProvider"])
         self.device = self.session.get_providers()[0]
         self.io_device = "cuda"
-        self.prefill([0, 1])  # warm-up: builds (or loads) the engine now, not on the first reply
-
-    def empty_past(self, batch_size: int = 1) -> list:
-        """TensorRT's profile starts at past 1: one zero slot, masked out by attention_mask."""
-        import onnxruntime as ort
-
-        z = ort.OrtValue.ortvalue_from_numpy(
-            np.zeros((batch_size, self.cfg.n_kv_heads, 1, self.cfg.head_dim), self.kv_dtype), "cuda", 0)
-        return [z] * len(self.past_names)
-
-    def prefill(self, ids: list[int]):
-        mask = np.ones((1, len(ids) + 1), np.int64)
-        mask[0, 0] = 0  # the dummy past slot
-        logits, present = self.run(np.array([ids], np.int64), mask, self.empty_past(1))
-        return self._last(logits), OrtCache(present, len(ids) + 1)
-
-    def decode(self, token: int, cache: OrtCache):
-        mask = np.ones((1, cache.length + 1), np.int64)
-        mask[0, 0] = 0
-        logits, present = self.run(np.array([[token]], np.int64), mask, cache.past)
-        return self._last(logits), OrtCache(present, cache.length + 1)
+        self.shared_buffer = False  # the plain graph concatenates
+        self.min_past = 1  # the profile's minimum past: one zero slot, masked out by attention_mask
+        warm = self.new_cache(1, 8)
+        self.forward(torch.tensor([[0, 1]]), warm, last_only=True)  # builds (or loads) the engine now

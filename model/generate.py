@@ -1,25 +1,41 @@
-"""Generation: a ladder of small functions over a two-method backend, ending in a generator.
+"""Generation: one ladder of small functions under every entry point (CLI, browser chat, HTTP API).
 
-    sample(logits)            temperature 0 = greedy; top-k, top-p, repetition penalty
-    Backend.prefill(ids)      -> (last logits, cache)     a new sequence
-    Backend.decode(tok, cache)-> (last logits, cache)     one more token
-    generate(...)             yields token ids until a stop token, max_new_tokens or a full context
-    stream_text(...)          yields text pieces, never half a UTF-8 character or half a stop string
-    chat(...)                 messages -> trimmed prompt -> streamed reply, with stats
+    sample(logits, seqs)          (B, vocab) -> B tokens; temperature 0 = greedy; top-k, top-p and the
+                                  repetition penalty per row, each row drawing from its own generator
+    prefill(backend, cache, row, ids)  a sequence's prompt into one cache row, in chunks -> last logits
+    decode_step(backend, cache, seqs)  one token for every active row: one network call -> (B, vocab)
+    Sequence.accept(token)        the stopping rules: a stop id, max_new_tokens, a full context
+    generate(backend, ids, cfg)   one sequence alone, no thread: yields token ids
+    Engine                        continuous batching: a scheduler thread steps every active sequence
+                                  with one network call; sequences join after their own prefill and
+                                  leave on finish or cancel; each chat's cache is kept for its next turn
+    stream_text(tokenizer, tokens) text pieces, never half a UTF-8 character or half a stop string
+    chat(engine, tokenizer, messages)  messages -> trimmed prompt -> streamed reply, with stats
 
-The cache is returned, not kept inside the backend, so one backend serves many chats at once.
-PyTorch (TorchBackend, here) and ONNX Runtime (export/ort_backend.py) share every line above.
+The backends (TorchBackend here, OrtBackend in export/ort_backend.py) only run the network:
+`new_cache(rows, capacity)` gives a StaticCache (model/model.py) and `forward(tokens, cache,
+last_only)` writes the new keys/values in place and returns logits. Everything else is here, once.
+Read beside gpt-fast's generate.py (the ladder) and vLLM's scheduler (the batching).
 """
 from __future__ import annotations
 
+import atexit
+import itertools
 import math
+import weakref
+import queue
+import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator, Protocol
+from typing import Iterable, Iterator, Protocol
 
 import torch
 
-from model.model import CogniMamba
+from model.model import CogniMamba, StaticCache
+
+PREFILL_CHUNK = 512  # prompt tokens per network call: bounds the (T x context) attention scores
+CAPACITY_STEP = 256  # caches grow in steps of this many positions, so a resize (a copy) is rare
 
 
 @dataclass
@@ -58,43 +74,102 @@ class SamplingConfig:
 GREEDY = SamplingConfig(temperature=0.0, top_k=0, top_p=1.0, repetition_penalty=1.0)
 
 
-def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
-    """CTRL (Keskar et al. 2019): shrink the logits of tokens already in the context."""
-    if penalty == 1.0 or seen.numel() == 0:
-        return logits
-    logits = logits.clone()
-    picked = logits[seen]
-    logits[seen] = torch.where(picked > 0, picked / penalty, picked * penalty)
-    return logits
+class Sequence:
+    """One generation request: its prompt, settings, stopping rules and, once finished, why."""
+
+    _ids = itertools.count()
+
+    def __init__(self, prompt: list[int], cfg: SamplingConfig = GREEDY, stop_ids: Iterable[int] = (),
+                 conversation: str | None = None):
+        if not prompt:
+            raise ValueError("the prompt is empty: give at least one token")
+        self.prompt, self.cfg, self.stop_ids = list(prompt), cfg, frozenset(stop_ids)
+        self.conversation = conversation if conversation is not None else f"seq-{next(self._ids)}"
+        self.tokens: list[int] = []
+        self.finish_reason: str | None = None  # "stop", "length", "cancelled" or "error"
+        self.reused_tokens = 0  # prompt tokens whose cache came from an earlier turn
+        self.generator = None
+        if cfg.temperature > 0:
+            self.generator = torch.Generator()
+            self.generator.manual_seed(cfg.seed if cfg.seed is not None else int(torch.randint(2**62, (1,))))
+        self.seen: torch.Tensor | None = None  # (vocab,) bool: tokens in the context, for the penalty
+        self.cancelled = threading.Event()
+        self.out: queue.Queue = queue.Queue()  # Engine -> consumer: token ids, then None or an exception
+
+    def accept(self, token: int, max_seq_len: int) -> bool:
+        """Apply the stopping rules to a sampled token; True if it is part of the reply."""
+        if token in self.stop_ids:
+            self.finish_reason = "stop"
+            return False
+        self.tokens.append(token)
+        if self.seen is not None:
+            self.seen[token] = True
+        if len(self.tokens) >= self.cfg.max_new_tokens or len(self.prompt) + len(self.tokens) >= max_seq_len:
+            self.finish_reason = "length"
+        return True
 
 
-def sample(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-           generator: torch.Generator | None = None) -> int:
-    """logits (vocab,) -> one token id."""
-    if temperature == 0:
-        return int(torch.argmax(logits))
-    logits = logits.float() / temperature
-    if 0 < top_k < logits.numel():
-        kth = torch.topk(logits, top_k).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        # Nucleus sampling (Holtzman et al. 2019): keep the smallest set whose mass reaches top_p.
-        sorted_logits, order = torch.sort(logits, descending=True)
-        cum = torch.softmax(sorted_logits, -1).cumsum(-1)
-        drop = cum - torch.softmax(sorted_logits, -1) >= top_p  # the mass before this token already suffices
-        logits = logits.index_fill(0, order[drop], float("-inf"))
-    probs = torch.softmax(logits, -1)
-    return int(torch.multinomial(probs, 1, generator=generator))
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: torch.Tensor) -> torch.Tensor:
+    """CTRL (Keskar et al. 2019): shrink the logits of tokens already in the context.
+    logits (B, vocab), seen (B, vocab) bool, penalty (B, 1)."""
+    penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return torch.where(seen, penalised, logits)
+
+
+def logits_to_probs(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
+                    top_p: torch.Tensor) -> torch.Tensor:
+    """(B, vocab) logits -> (B, vocab) probabilities; temperature (B, 1) > 0, top_k (B, 1) (0 = off),
+    top_p (B, 1) (1 = off)."""
+    logits = logits / temperature
+    V = logits.shape[-1]
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)  # (B, vocab)
+    k = torch.where(top_k > 0, top_k.clamp(max=V), V)  # (B, 1)
+    drop = torch.arange(V, device=logits.device)[None] >= k  # beyond the k-th largest
+    # Nucleus sampling (Holtzman et al. 2019): keep the smallest set whose mass reaches top_p; a token
+    # goes when the mass before it already suffices. Ties with the k-th value are cut by index.
+    probs = torch.softmax(sorted_logits.masked_fill(drop, float("-inf")), -1)
+    drop |= ((probs.cumsum(-1) - probs) >= top_p) & (top_p < 1)
+    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+    out = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    return torch.softmax(out, -1)
+
+
+def sample(logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
+    """logits (B, vocab) float32 -> one token per row, each row with its own settings. A row draws
+    one uniform number from its own generator (inverse-CDF sampling), so its tokens do not depend on
+    which other sequences share the batch."""
+    B, V = logits.shape
+    penalty = torch.tensor([[s.cfg.repetition_penalty] for s in seqs])  # (B, 1)
+    if bool((penalty != 1.0).any()):
+        seen = torch.stack([s.seen if s.seen is not None else torch.zeros(V, dtype=torch.bool) for s in seqs])
+        logits = apply_repetition_penalty(logits, seen, penalty)
+    tokens = logits.argmax(-1)  # (B,): the greedy rows' answer
+    rows = [i for i, s in enumerate(seqs) if s.cfg.temperature > 0]
+    if rows:
+        picked = [seqs[i].cfg for i in rows]
+        probs = logits_to_probs(logits[rows], torch.tensor([[c.temperature] for c in picked]),
+                                torch.tensor([[c.top_k] for c in picked]), torch.tensor([[c.top_p] for c in picked]))
+        cdf = probs.cumsum(-1)  # (b, vocab)
+        u = torch.cat([torch.rand(1, generator=seqs[i].generator) for i in rows])[:, None] * cdf[:, -1:]
+        # right=True: the first index whose cdf exceeds u, which never lands on a zero-probability token
+        drawn = torch.searchsorted(cdf, u, right=True)[:, 0]
+        last_nonzero = V - 1 - (probs > 0).flip(-1).float().argmax(-1)  # rounding can push u past the end
+        tokens[rows] = torch.minimum(drawn, last_nonzero)
+    return tokens.tolist()
 
 
 class Backend(Protocol):
     name: str  # "torch" or "onnx"
     device: str  # what actually runs it: "cpu", "cuda", "CPUExecutionProvider", ...
     max_seq_len: int
+    vocab_size: int
 
-    def prefill(self, ids: list[int]) -> tuple[torch.Tensor, Any]: ...
+    def new_cache(self, rows: int, capacity: int) -> StaticCache: ...
 
-    def decode(self, token: int, cache: Any) -> tuple[torch.Tensor, Any]: ...
+    def forward(self, tokens: torch.Tensor, cache: StaticCache, last_only: bool) -> torch.Tensor:
+        """tokens (B, T) continue rows 0..B-1 of `cache` (B == cache.num_rows); writes their keys and
+        values in place; returns float32 logits (B, T or 1, vocab) on the CPU."""
+        ...
 
 
 class TorchBackend:
@@ -106,48 +181,285 @@ class TorchBackend:
         self.param = next(model.parameters())
         self.device = str(self.param.device)
         self.max_seq_len = model.cfg.max_seq_len
+        self.vocab_size = model.cfg.vocab_size
+
+    def new_cache(self, rows: int, capacity: int) -> StaticCache:
+        c = self.model.cfg
+        return StaticCache.zeros(c.n_layers, rows, c.n_kv_heads, capacity, c.head_dim, self.param.device, self.param.dtype)
 
     @torch.inference_mode()
-    def prefill(self, ids: list[int]):
-        logits, cache = self.model(torch.tensor([ids], device=self.param.device), last_only=True)
-        return logits[0, -1].float().cpu(), cache
+    def forward(self, tokens: torch.Tensor, cache: StaticCache, last_only: bool) -> torch.Tensor:
+        logits, _ = self.model(tokens.to(self.param.device), past_key_values=cache, last_only=last_only)
+        return logits.float().cpu()
 
-    @torch.inference_mode()
-    def decode(self, token: int, cache):
-        logits, cache = self.model(torch.tensor([[token]], device=self.param.device), past_key_values=cache)
-        return logits[0, -1].float().cpu(), cache
+
+def capacity_for(n: int, max_seq_len: int) -> int:
+    return min(max_seq_len, -(-n // CAPACITY_STEP) * CAPACITY_STEP)
+
+
+def prefill(backend: Backend, cache: StaticCache, row: int, ids: list[int], chunk: int = PREFILL_CHUNK) -> torch.Tensor:
+    """Feed `ids` after what row `row` already holds, PREFILL_CHUNK tokens per call (memory stays
+    bounded however long the prompt); returns the last position's logits (vocab,)."""
+    view = cache.rows(row, row + 1)
+    for start in range(0, len(ids), chunk):
+        part = ids[start:start + chunk]
+        logits = backend.forward(torch.tensor([part]), view, last_only=True)
+        view.lengths[0] += len(part)
+    cache.lengths[row] = view.lengths[0]
+    return logits[0, -1]
+
+
+def decode_step(backend: Backend, cache: StaticCache, seqs: list[Sequence]) -> torch.Tensor:
+    """One token for each of rows 0..len(seqs)-1 (its last accepted token): one network call."""
+    n = len(seqs)
+    view = cache.rows(0, n)
+    logits = backend.forward(torch.tensor([[s.tokens[-1]] for s in seqs]), view, last_only=True)
+    for i in range(n):
+        cache.lengths[i] += 1
+    return logits[:, -1]  # (n, vocab)
+
+
+def start(seq: Sequence, vocab_size: int, max_seq_len: int) -> None:
+    if len(seq.prompt) >= max_seq_len:
+        raise ValueError(f"the prompt has {len(seq.prompt)} tokens; the model's context is {max_seq_len}")
+    if seq.cfg.repetition_penalty != 1.0:
+        seq.seen = torch.zeros(vocab_size, dtype=torch.bool)
+        seq.seen[torch.tensor([t for t in seq.prompt if 0 <= t < vocab_size], dtype=torch.long)] = True
 
 
 def generate(backend: Backend, prompt_ids: list[int], cfg: SamplingConfig = GREEDY,
              stop_ids: Iterable[int] = ()) -> Iterator[int]:
-    """Yield new token ids; stops (without yielding) on a stop id, after max_new_tokens, or when
-    the context window is full."""
-    if not prompt_ids:
-        raise ValueError("the prompt is empty: give at least one token")
-    if len(prompt_ids) >= backend.max_seq_len:
-        raise ValueError(f"the prompt has {len(prompt_ids)} tokens; the model's context is {backend.max_seq_len}")
-    stop = set(stop_ids)
-    generator = None
-    if cfg.temperature > 0:
-        generator = torch.Generator()
-        generator.manual_seed(cfg.seed if cfg.seed is not None else int(torch.randint(2**62, (1,))))
-    context = list(prompt_ids)
-    logits, cache = backend.prefill(context)
-    for _ in range(cfg.max_new_tokens):
-        logits = apply_repetition_penalty(logits, torch.tensor(sorted(set(context))), cfg.repetition_penalty)
-        token = sample(logits, cfg.temperature, cfg.top_k, cfg.top_p, generator)
-        if token in stop:
+    """One sequence alone, in the caller's thread: yield new token ids; stops (without yielding)
+    on a stop id, after max_new_tokens, or when the context window is full."""
+    seq = Sequence(prompt_ids, cfg, stop_ids)
+    return run_alone(backend, seq)
+
+
+def run_alone(backend: Backend, seq: Sequence) -> Iterator[int]:
+    start(seq, backend.vocab_size, backend.max_seq_len)
+    cache = backend.new_cache(1, capacity_for(len(seq.prompt) + seq.cfg.max_new_tokens, backend.max_seq_len))
+    try:
+        logits = prefill(backend, cache, 0, seq.prompt)[None]
+        while True:
+            token = sample(logits, [seq])[0]
+            if seq.accept(token, backend.max_seq_len):
+                yield token
+            if seq.finish_reason or seq.cancelled.is_set():
+                return
+            logits = decode_step(backend, cache, [seq])
+    finally:
+        seq.finish_reason = seq.finish_reason or "cancelled"
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    if n == 0:
+        return 0
+    diff = (torch.tensor(a[:n]) != torch.tensor(b[:n])).nonzero()
+    return int(diff[0, 0]) if len(diff) else n
+
+
+@dataclass
+class SavedCache:
+    tokens: list[int]  # the tokens whose keys/values `tensors` hold
+    tensors: list[torch.Tensor]  # (n_kv_heads, len(tokens), head_dim) per layer, keys then values
+    nbytes: int
+
+
+class Engine:
+    """Continuous batching over one backend, and each conversation's cache kept between turns.
+
+    A scheduler thread owns one StaticCache whose rows 0..n-1 are the n active sequences. Each
+    iteration it admits waiting sequences (each prefilled alone into a new row, reusing the
+    longest common prefix with a kept cache), then takes one decode step for every active row
+    with one network call, and lets finished or cancelled rows leave: the last row moves into the
+    freed one, so the active rows stay a contiguous view (one row copied per departure, nothing
+    per step). A departing row's tokens and cache are kept (LRU, under `cache_budget_bytes`), so a
+    chat's next turn prefills only what follows the common prefix. Consumers read a sequence's
+    tokens from its queue (`run`), in their own threads.
+    """
+
+    def __init__(self, backend: Backend, max_batch: int = 8, cache_budget_bytes: int = 2 << 30):
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        self.backend, self.max_batch, self.cache_budget_bytes = backend, max_batch, cache_budget_bytes
+        self.name, self.device = backend.name, backend.device
+        self.max_seq_len, self.vocab_size = backend.max_seq_len, backend.vocab_size
+        self.cache: StaticCache | None = None
+        self.active: list[Sequence] = []
+        self.waiting: list[Sequence] = []
+        self.saved: OrderedDict[str, SavedCache] = OrderedDict()
+        self.saved_bytes = 0
+        self.wake = threading.Condition()
+        self.thread: threading.Thread | None = None
+        self.steps = 0  # decode steps taken (network calls for decoding): tests count batching by it
+        self.closed = False
+        _ENGINES.add(self)
+
+    def close(self) -> None:
+        """Stop the scheduler thread (at exit: a thread left inside torch at shutdown aborts the process)."""
+        with self.wake:
+            self.closed = True
+            for seq in self.waiting + self.active:
+                seq.cancelled.set()
+            self.wake.notify()
+        if self.thread is not None and self.thread is not threading.current_thread():
+            self.thread.join(timeout=10)
+
+    # ---- the consumer side (any thread)
+    def run(self, seq: Sequence) -> Iterator[int]:
+        """Submit `seq` and yield its tokens; closing the iterator cancels it."""
+        start(seq, self.vocab_size, self.max_seq_len)
+        with self.wake:
+            if self.closed:
+                raise RuntimeError("the engine is closed")
+            self.waiting.append(seq)
+            if self.thread is None or not self.thread.is_alive():
+                self.thread = threading.Thread(target=self._loop, name="engine", daemon=True)
+                self.thread.start()
+            self.wake.notify()
+        try:
+            while (item := seq.out.get()) is not None:
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            if seq.finish_reason is None:
+                seq.cancelled.set()
+                with self.wake:
+                    self.wake.notify()
+
+    def generate(self, prompt_ids: list[int], cfg: SamplingConfig = GREEDY, stop_ids: Iterable[int] = (),
+                 conversation: str | None = None) -> Iterator[int]:
+        return self.run(Sequence(prompt_ids, cfg, stop_ids, conversation))
+
+    # ---- the scheduler thread
+    def _loop(self) -> None:
+        while True:
+            with self.wake:
+                while not self.waiting and not self.active and not self.closed:
+                    self.cache = None  # idle: give the memory back
+                    self.wake.wait()
+                if self.closed:
+                    for seq in self.waiting + self.active:
+                        seq.finish_reason = seq.finish_reason or "cancelled"
+                        seq.out.put(None)
+                    self.waiting, self.active = [], []
+                    return
+                joining = []
+                while self.waiting and len(self.active) + len(joining) < self.max_batch:
+                    joining.append(self.waiting.pop(0))
+            for seq in joining:
+                self._join(seq)
+            if self.active:
+                self._step()
+
+    def _fail(self, seqs: list[Sequence], error: BaseException) -> None:
+        for s in seqs:
+            s.finish_reason = "error"
+            s.out.put(error)
+
+    def _join(self, seq: Sequence) -> None:
+        if seq.cancelled.is_set():
+            seq.finish_reason = "cancelled"
+            seq.out.put(None)
             return
-        yield token
-        context.append(token)
-        if len(context) >= backend.max_seq_len:
+        row = len(self.active)
+        try:
+            need = capacity_for(len(seq.prompt) + seq.cfg.max_new_tokens, self.max_seq_len)
+            if self.cache is None:
+                self.cache = self.backend.new_cache(row + 1, need)
+            self.cache = self.cache.resized(row + 1, need)
+            self.cache.lengths[row] = 0
+            reuse, saved = self._reusable(seq.prompt)
+            if saved is not None:
+                self.cache.load_row(row, saved.tensors, reuse)
+            seq.reused_tokens = reuse
+            logits = prefill(self.backend, self.cache, row, seq.prompt[reuse:])
+        except Exception as e:  # this request fails; the others go on
+            self._fail([seq], e)
             return
-        logits, cache = backend.decode(token, cache)
+        self.active.append(seq)
+        self._emit(row, sample(logits[None], [seq])[0])
+
+    def _step(self) -> None:
+        try:
+            logits = decode_step(self.backend, self.cache, self.active)
+            self.steps += 1
+        except Exception as e:
+            self._fail(self.active, e)
+            self.active = []
+            return
+        for row, token in reversed(list(enumerate(sample(logits, self.active)))):
+            self._emit(row, token)
+
+    def _emit(self, row: int, token: int) -> None:
+        """Accept a row's token, pass it on, and let the row leave if it is done. Rows are visited
+        from the last so that a departure (the last row moving into the freed one) skips no row."""
+        seq = self.active[row]
+        if seq.cancelled.is_set():
+            seq.finish_reason = "cancelled"
+        elif seq.accept(token, self.max_seq_len):
+            seq.out.put(token)
+        if seq.finish_reason is None:
+            return
+        handed_over = self._keep(seq, self.cache.lengths[row], row)
+        last = len(self.active) - 1
+        if row != last:
+            self.cache.copy_row(last, row)
+            self.active[row] = self.active[last]
+        self.active.pop()
+        self.cache.lengths[last] = 0
+        if handed_over:
+            self.cache = None  # its memory now belongs to the kept cache; a new sequence gets a new one
+        seq.out.put(None)
+
+    # ---- kept caches (cross-turn reuse)
+    def _reusable(self, prompt: list[int]) -> tuple[int, SavedCache | None]:
+        """The kept cache sharing the longest prefix with `prompt`, taken out of the store (its
+        conversation saves it again when this turn ends). At least one prompt token is left to
+        prefill: its logits choose the first new token."""
+        best, best_key = 0, None
+        for key, saved in self.saved.items():
+            n = min(common_prefix(saved.tokens, prompt), len(prompt) - 1)
+            if n > best:
+                best, best_key = n, key
+        if best_key is None:
+            return 0, None
+        saved = self.saved.pop(best_key)
+        self.saved_bytes -= saved.nbytes
+        return best, saved
+
+    def _keep(self, seq: Sequence, length: int, row: int) -> bool:
+        """Keep a departing row's tokens and cache for the conversation's next turn. The last
+        sequence of a one-row cache hands the buffers over as they are (views, no copy: a long chat
+        alone would otherwise hold its cache twice at this moment); True if it did."""
+        tokens = (seq.prompt + seq.tokens)[:length]  # the last sampled token was never fed
+        hand_over = self.cache.num_rows == 1 and len(self.active) == 1
+        nbytes = (self.cache.capacity if hand_over else length) * self.cache.bytes_per_token  # memory held
+        if seq.finish_reason == "error" or length == 0 or nbytes > self.cache_budget_bytes:
+            return False
+        old = self.saved.pop(seq.conversation, None)
+        if old is not None:
+            self.saved_bytes -= old.nbytes
+        while self.saved and self.saved_bytes + nbytes > self.cache_budget_bytes:
+            _, evicted = self.saved.popitem(last=False)  # least recently used first
+            self.saved_bytes -= evicted.nbytes
+        tensors = ([buf[0, :, :length] for buf in self.cache.k + self.cache.v] if hand_over
+                   else self.cache.save_row(row, length))
+        self.saved[seq.conversation] = SavedCache(tokens, tensors, nbytes)
+        self.saved_bytes += nbytes
+        return hand_over
+
+
+_ENGINES: weakref.WeakSet = weakref.WeakSet()
+atexit.register(lambda: [engine.close() for engine in list(_ENGINES)])
 
 
 def stream_text(tokenizer, tokens: Iterable[int], stop_strings: Iterable[str] = ()) -> Iterator[str]:
     """Turn token ids into text pieces as they come. A piece is held back while it ends in an
-    incomplete UTF-8 character (decoded as U+FFFD) or could be the start of a stop string."""
+    incomplete UTF-8 character (decoded as U+FFFD) or could be the start of a stop string.
+    Returns (as the generator's value) the stop string that ended the text, or None."""
     stop_strings = [s for s in stop_strings if s]
     ids: list[int] = []
     emitted = 0
@@ -158,7 +470,7 @@ def stream_text(tokenizer, tokens: Iterable[int], stop_strings: Iterable[str] = 
             if (cut := text.find(s, emitted)) >= 0:
                 if cut > emitted:
                     yield text[emitted:cut]
-                return
+                return s
         safe = len(text)
         if text.endswith("\ufffd"):
             safe = len(text.rstrip("\ufffd"))
@@ -173,6 +485,7 @@ def stream_text(tokenizer, tokens: Iterable[int], stop_strings: Iterable[str] = 
     text = tokenizer.decode(ids)
     if len(text) > emitted:
         yield text[emitted:]
+    return None
 
 
 def trim_messages(tokenizer, messages: list[dict], max_prompt_tokens: int) -> tuple[list[int], list[dict], str]:
@@ -184,12 +497,12 @@ def trim_messages(tokenizer, messages: list[dict], max_prompt_tokens: int) -> tu
     if not turns:
         raise ValueError("there is no message to answer")
     notice = ""
-    for start in range(len(turns)):
-        kept = system + turns[start:]
+    for start_turn in range(len(turns)):
+        kept = system + turns[start_turn:]
         ids = tokenizer.encode_chat(kept)
         if len(ids) <= max_prompt_tokens:
-            if start:
-                notice = f"dropped the {start} oldest message(s) to fit the context window"
+            if start_turn:
+                notice = f"dropped the {start_turn} oldest message(s) to fit the context window"
             return ids, kept, notice
     last = dict(turns[-1])
     overhead = len(tokenizer.encode_chat(system + [{**last, "content": ""}]))
@@ -214,12 +527,14 @@ class ChatStats:
     backend: str = ""
     device: str = ""
     prompt_tokens: int = 0
+    reused_tokens: int = 0  # prompt tokens whose cache an earlier turn left
     new_tokens: int = 0
     context_max: int = 0
     time_to_first_token: float = 0.0
     seconds: float = 0.0
     notice: str = ""
-    _start: float = field(default=0.0, repr=False)
+    finish_reason: str = ""
+    sequence: Sequence | None = field(default=None, repr=False)  # its `cancelled` stops it from any thread
 
     @property
     def tokens_per_second(self) -> float:
@@ -232,24 +547,36 @@ class ChatStats:
                 f"context {self.prompt_tokens + self.new_tokens}/{self.context_max} tokens")
 
 
-def chat(backend: Backend, tokenizer, messages: list[dict], cfg: SamplingConfig = GREEDY,
-         stats: ChatStats | None = None) -> Iterator[str]:
-    """Stream the assistant's reply to `messages` (role/content dicts, oldest first)."""
+def chat(engine: Engine | Backend, tokenizer, messages: list[dict], cfg: SamplingConfig = GREEDY,
+         stats: ChatStats | None = None, conversation: str | None = None, stop: Iterable[str] = ()) -> Iterator[str]:
+    """Stream the assistant's reply to `messages` (role/content dicts, oldest first) through an
+    Engine (batched with other chats, its cache kept under `conversation`) or a bare Backend
+    (alone, in this thread). `stop`: extra stop strings. stats.finish_reason says why it ended."""
     stats = stats if stats is not None else ChatStats()
-    budget = backend.max_seq_len - min(cfg.max_new_tokens, backend.max_seq_len // 2)
+    budget = engine.max_seq_len - min(cfg.max_new_tokens, engine.max_seq_len // 2)
     ids, _, stats.notice = trim_messages(tokenizer, messages, budget)
-    stats.backend, stats.device = backend.name, backend.device
-    stats.prompt_tokens, stats.context_max, stats.new_tokens = len(ids), backend.max_seq_len, 0
-    start = time.perf_counter()
+    stats.backend, stats.device = engine.name, engine.device
+    stats.prompt_tokens, stats.context_max, stats.new_tokens = len(ids), engine.max_seq_len, 0
+    began = time.perf_counter()
+    seq = stats.sequence = Sequence(ids, cfg, tokenizer.stop_ids, conversation)
+    tokens = engine.run(seq) if isinstance(engine, Engine) else run_alone(engine, seq)
 
     def counted(tokens):
         for t in tokens:
             stats.new_tokens += 1
             if stats.new_tokens == 1:
-                stats.time_to_first_token = time.perf_counter() - start
-            stats.seconds = time.perf_counter() - start
+                stats.time_to_first_token = time.perf_counter() - began
+            stats.seconds = time.perf_counter() - began
             yield t
 
-    stop_strings = [tokenizer.decode([i]) for i in tokenizer.stop_ids]
-    yield from stream_text(tokenizer, counted(generate(backend, ids, cfg, tokenizer.stop_ids)), stop_strings)
-    stats.seconds = time.perf_counter() - start
+    stop_strings = [tokenizer.decode([i]) for i in tokenizer.stop_ids] + [s for s in stop if s]
+    counter = counted(tokens)
+    try:
+        hit = yield from stream_text(tokenizer, counter, stop_strings)
+    finally:
+        counter.close()  # a stop string (or a closed stream) cancels the generation under it
+        if isinstance(tokens, Iterator) and hasattr(tokens, "close"):
+            tokens.close()
+    stats.seconds = time.perf_counter() - began
+    stats.reused_tokens = seq.reused_tokens
+    stats.finish_reason = "stop" if hit is not None else (seq.finish_reason or "cancelled")

@@ -5,9 +5,13 @@ HF "rotate half" layout, grouped-query attention (Ainslie et al. 2023) through
 F.scaled_dot_product_attention, SwiGLU feed-forward (Shazeer 2020), and an LM head tied to the
 token embedding (Press & Wolf 2017). Read beside nanoGPT's and llama2.c's model.py.
 
-The KV cache is plain tensors: `forward(input_ids, attention_mask, past_key_values)` returns
-`(logits, present_key_values)`, each layer's cache a pair of (B, n_kv_heads, T, head_dim)
-tensors. The module keeps no state between calls, so the same module trains and generates.
+Two KV caches, one layout (B, n_kv_heads, T, head_dim) per layer:
+  - a list of (key, value) tensors: `forward(input_ids, attention_mask, past_key_values)` returns
+    `(logits, present)`, the present being past and new concatenated (a copy per step). The
+    reference path: training-free tests, parity with ONNX, left-padded batches.
+  - a StaticCache (gpt-fast's KVCache, with a length per row): preallocated buffers that forward
+    writes in place at each row's length; decoding one token copies nothing. The serving path.
+The module keeps no other state between calls.
 export/onnx.py writes the same network as an ONNX graph emitter by emitter (not traced); its parity
 tests and guards keep the two in step, so a change here is a change there.
 """
@@ -22,6 +26,78 @@ import torch.nn.functional as F
 from model.config import ModelConfig
 
 KVCache = list[tuple[torch.Tensor, torch.Tensor]]
+
+
+class StaticCache:
+    """The in-place KV cache: per layer a key and a value buffer of shape (rows, n_kv_heads,
+    capacity, head_dim); row r holds its first lengths[r] positions (right padding: each row's
+    valid prefix starts at 0, as ONNX Runtime's GroupQueryAttention reads its shared buffer).
+
+    forward() writes T new positions of every row at lengths[r]..lengths[r]+T-1 (index_put_,
+    in place) and attends over the first max(lengths)+T positions, a view; the caller advances
+    `lengths` once the step is taken. `rows(a, b)` is a view of rows a..b-1 sharing the buffers.
+    Buffers start as zeros, never torch.empty: a masked key's weight is 0, but 0 * NaN is NaN.
+    """
+
+    def __init__(self, k: list[torch.Tensor], v: list[torch.Tensor], lengths: list[int]):
+        self.k, self.v, self.lengths = k, v, lengths
+
+    @classmethod
+    def zeros(cls, n_layers: int, rows: int, n_kv_heads: int, capacity: int, head_dim: int,
+              device=None, dtype=torch.float32) -> "StaticCache":
+        shape = (rows, n_kv_heads, capacity, head_dim)
+        return cls([torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)],
+                   [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)], [0] * rows)
+
+    @property
+    def num_rows(self) -> int:
+        return self.k[0].shape[0]
+
+    @property
+    def capacity(self) -> int:
+        return self.k[0].shape[2]
+
+    @property
+    def bytes_per_token(self) -> int:
+        k = self.k[0]
+        return 2 * len(self.k) * k.shape[1] * k.shape[3] * k.element_size()
+
+    def k_v_interleaved(self) -> list[torch.Tensor]:
+        """Layer 0 key, layer 0 value, layer 1 key, ...: the ONNX graph's input order."""
+        return [t for kv in zip(self.k, self.v) for t in kv]
+
+    def rows(self, start: int, stop: int) -> "StaticCache":
+        """Rows start..stop-1: views of the same buffers, a copy of their lengths."""
+        return StaticCache([k[start:stop] for k in self.k], [v[start:stop] for v in self.v], self.lengths[start:stop])
+
+    def resized(self, rows: int, capacity: int) -> "StaticCache":
+        """A cache with at least `rows` rows and `capacity` positions holding this one's contents
+        (one copy; callers grow in large steps so that this is rare)."""
+        rows, capacity = max(rows, self.num_rows), max(capacity, self.capacity)
+        if (rows, capacity) == (self.num_rows, self.capacity):
+            return self
+        k0 = self.k[0]
+        out = StaticCache.zeros(len(self.k), rows, k0.shape[1], capacity, k0.shape[3], k0.device, k0.dtype)
+        used = max(self.lengths, default=0)
+        for old, new in zip(self.k + self.v, out.k + out.v):
+            new[:self.num_rows, :, :used] = old[:, :, :used]
+        out.lengths[:self.num_rows] = self.lengths
+        return out
+
+    def copy_row(self, src: int, dst: int) -> None:
+        n = self.lengths[src]
+        for buf in self.k + self.v:
+            buf[dst, :, :n] = buf[src, :, :n]
+        self.lengths[dst] = n
+
+    def save_row(self, row: int, n: int) -> list[torch.Tensor]:
+        """The first n positions of a row, copied out: (n_kv_heads, n, head_dim) per buffer."""
+        return [buf[row, :, :n].clone() for buf in self.k + self.v]
+
+    def load_row(self, row: int, saved: list[torch.Tensor], n: int) -> None:
+        for buf, s in zip(self.k + self.v, saved):
+            buf[row, :, :n] = s[:, :n]
+        self.lengths[row] = n
 
 
 class RMSNorm(nn.Module):
@@ -63,12 +139,14 @@ class Attention(nn.Module):
         self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
 
-    def forward(self, x, cos, sin, mask, past: tuple[torch.Tensor, torch.Tensor] | None):
+    def forward(self, x, cos, sin, mask, past):
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, n_heads, T, head_dim)
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, n_kv_heads, T, head_dim)
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if isinstance(past, StaticLayer):
+            return self.wo(self.attend_static(q, k, v, mask, past)), None
         if past is not None:
             k = torch.cat((past[0], k), dim=2)  # (B, n_kv_heads, P+T, head_dim)
             v = torch.cat((past[1], v), dim=2)
@@ -84,6 +162,30 @@ class Attention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, n_heads*head_dim)
         return self.wo(y), present
+
+
+    def attend_static(self, q, k, v, mask, past: "StaticLayer") -> torch.Tensor:
+        """Write k, v into the static buffers at each row's positions, attend over the used prefix.
+        Grouped-query attention without repeating the cache: query head h = kv*rep + r reads KV head
+        kv (HF repeat_kv order), so (B, n_heads, T, hd) is viewed as (B, n_kv_heads, rep*T, hd)."""
+        B, _, T, hd = q.shape
+        rows = torch.arange(B, device=q.device)[:, None]  # (B, 1)
+        past.k[rows, :, past.positions] = k.transpose(1, 2)  # (B, T, n_kv_heads, hd) at [b, :, pos]
+        past.v[rows, :, past.positions] = v.transpose(1, 2)
+        L = mask.shape[-1]
+        keys, values = past.k[:, :, :L], past.v[:, :, :L]  # (B, n_kv_heads, L, hd): views, no copy
+        rep = self.n_heads // self.n_kv_heads
+        qg = q.reshape(B, self.n_kv_heads, rep * T, hd)
+        mg = mask[:, :, None].expand(B, 1, rep, T, L).reshape(B, 1, rep * T, L)
+        y = F.scaled_dot_product_attention(qg, keys, values, attn_mask=mg)  # (B, n_kv_heads, rep*T, hd)
+        return y.view(B, self.n_heads, T, hd).transpose(1, 2).reshape(B, T, self.n_heads * hd)
+
+
+class StaticLayer:
+    """One layer's buffers of a StaticCache and the positions (B, T) this step writes."""
+
+    def __init__(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor):
+        self.k, self.v, self.positions = k, v, positions
 
 
 class FeedForward(nn.Module):
@@ -171,6 +273,8 @@ class CogniMamba(nn.Module):
         the last position only (B, 1, vocab_size): a generating prefill needs no more, and the
         LM head is ~20% of a 500-token prefill of SmolLM2."""
         B, T = input_ids.shape
+        if isinstance(past_key_values, StaticCache):
+            return self.forward_static(input_ids, past_key_values, last_only), None
         P = 0 if past_key_values is None else past_key_values[0][0].shape[2]
         if attention_mask is None:
             positions = (torch.arange(T, device=input_ids.device) + P)[None].expand(B, T)
@@ -191,6 +295,26 @@ class CogniMamba(nn.Module):
         weight = self.tok_embeddings.weight if self.output is None else self.output.weight
         logits = F.linear(x, weight)  # (B, T, vocab_size)
         return logits, presents
+
+    def forward_static(self, input_ids: torch.Tensor, cache: StaticCache, last_only: bool) -> torch.Tensor:
+        """input_ids (B, T) continue rows 0..B-1 of `cache` (B == cache.num_rows), row b at position
+        cache.lengths[b]. Writes the new keys/values in place; returns logits (B, T or 1, vocab)."""
+        B, T = input_ids.shape
+        dev = input_ids.device
+        lengths = torch.tensor(cache.lengths, device=dev)[:, None]  # (B, 1)
+        positions = lengths + torch.arange(T, device=dev)  # (B, T)
+        L = max(cache.lengths) + T
+        if L > cache.capacity:
+            raise ValueError(f"the static cache holds {cache.capacity} positions; this step needs {L}")
+        mask = (torch.arange(L, device=dev)[None, None] <= positions[:, :, None])[:, None]  # (B, 1, T, L)
+        x = self.tok_embeddings(input_ids)  # (B, T, dim)
+        cos, sin = rope_cos_sin(positions, self.inv_freq, x.dtype)
+        for layer, k, v in zip(self.layers, cache.k, cache.v):
+            x, _ = layer(x, cos, sin, mask, StaticLayer(k, v, positions))
+        if last_only:
+            x = x[:, -1:]
+        weight = self.tok_embeddings.weight if self.output is None else self.output.weight
+        return F.linear(self.norm(x), weight)  # (B, T or 1, vocab_size)
 
     def empty_cache(self, batch_size: int = 1, device=None, dtype=torch.float32) -> KVCache:
         """A past of length 0: zeros of shape (B, n_kv_heads, 0, head_dim), never uninitialised."""

@@ -1,8 +1,9 @@
 """The browser chat's one function: respond(message, history, ...) yields the growing reply.
 
 gr.ChatInterface calls it once per user message, each session with its own history; it is a plain
-generator, so tests drive it without a server. Closing it (stop button, closed tab) closes the
-generation under it: no tokens are computed for nobody.
+generator, so tests drive it without a server. The generation runs in the model's Engine, batched
+with every other session's; closing this generator (stop button, closed tab) cancels it there: no
+tokens are computed for nobody. A message above MAX_MESSAGE_CHARS is refused before tokenizing.
 
 The reply is yielded as a string while it grows; the last yield adds a status message under it
 (backend, tokens/s, time to first token, context used), marked with metadata so it is shown as a
@@ -16,6 +17,19 @@ from model.generate import ChatStats, SamplingConfig, chat
 from webui.models import BACKEND_LABELS, MODELS, DEFAULT, onnx_unavailable_reason
 
 EMPTY_REPLY = "Please type a message first: an empty message has nothing to answer."
+# Refused before tokenizing: a 1,000,000-character message took 46.6 s of server time to encode and
+# trim. 100,000 characters (~25k tokens of English) is three times SmolLM2's whole context, so no
+# message a model could read in full is refused.
+MAX_MESSAGE_CHARS = 100_000
+
+
+def too_long(text: str, limit: int | None = None) -> str | None:
+    """None if `text` is within the limit, else the sentence that refuses it."""
+    limit = MAX_MESSAGE_CHARS if limit is None else limit
+    if len(text) <= limit:
+        return None
+    return (f"The message is {len(text):,} characters long; the limit is {limit:,}. "
+            "Shorten it (the model could only read its end anyway).")
 
 
 def note(title: str, text: str = "") -> ChatMessage:
@@ -54,6 +68,12 @@ def respond(message: str, history: list, system_prompt: str = "", backend: str =
             max_new_tokens: int = 256, seed: int | float | None = -1, models=MODELS):
     """Yield the reply as it grows (a str), then [reply, status] (a list of chat messages)."""
     message = message if isinstance(message, str) else _text(message)
+    # the history too: a client of the Gradio API may send any history it likes
+    earlier = [_text(m.get("content") if isinstance(m, dict) else getattr(m, "content", "")) for m in history or []]
+    if refusal := next((r for r in map(too_long, [message, system_prompt or "", *earlier]) if r), None):
+        UIWarning(refusal)
+        yield [note("message refused", refusal)]
+        return
     if not message.strip():
         UIWarning(EMPTY_REPLY)
         yield [note(EMPTY_REPLY)]
@@ -62,7 +82,7 @@ def respond(message: str, history: list, system_prompt: str = "", backend: str =
         seed = None if seed is None or int(seed) < 0 else int(seed)
         cfg = SamplingConfig(temperature=float(temperature), top_k=int(top_k), top_p=float(top_p),
                              repetition_penalty=float(repetition_penalty), max_new_tokens=int(max_new_tokens), seed=seed)
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError, OverflowError) as e:
         yield [note(f"bad setting: {e}")]
         return
     backend = backend or "onnx"

@@ -12,14 +12,14 @@ from __future__ import annotations
 import argparse
 import sys
 
-from model.generate import ChatStats, SamplingConfig, chat
+from model.generate import ChatStats, Engine, SamplingConfig, chat
 from webui.backends import BACKENDS, load_backend
 
 
-def run_turn(backend, tokenizer, messages, cfg, out=sys.stdout) -> str:
+def run_turn(engine, tokenizer, messages, cfg, out=sys.stdout) -> str:
     stats = ChatStats()
     pieces = []
-    for piece in chat(backend, tokenizer, messages, cfg, stats):
+    for piece in chat(engine, tokenizer, messages, cfg, stats, conversation="cli"):
         pieces.append(piece)
         out.write(piece)
         out.flush()
@@ -38,8 +38,9 @@ def main(model: str = "default", backend: str = "torch", prompt: str | None = No
                              repetition_penalty=1.0 if greedy else repetition_penalty,
                              max_new_tokens=max_new_tokens, seed=seed)
         print(f"loading {model} on {backend} ...", file=sys.stderr)
-        engine, tokenizer, meta = load_backend(model, backend)
-    except (ValueError, FileNotFoundError, RuntimeError, ImportError) as e:
+        net, tokenizer, meta = load_backend(model, backend)
+        engine = Engine(net, max_batch=1)  # one user; the engine keeps the session's cache between turns
+    except (ValueError, FileNotFoundError, RuntimeError, ImportError, OverflowError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # e.g. a read-only cache folder for a first conversion

@@ -4,8 +4,9 @@
     MODELS.get(spec, "onnx")      (backend, tokenizer, meta), loaded once per (model, backend)
     model_card(spec, meta)        Markdown: architecture, parameters, dtype, quantization, source
 
-Backends hold no per-chat state (the KV cache travels with each generation), so one loaded
-backend serves every session; the lock only keeps two sessions from loading the same model twice.
+Each loaded backend runs under one model.generate.Engine: every session's generation is batched
+into the same decode steps, and each chat's cache is kept for its next turn (LRU, under a memory
+budget). A per-key lock keeps two sessions from loading the same model twice.
 """
 from __future__ import annotations
 
@@ -16,7 +17,12 @@ import time
 from pathlib import Path
 
 from model.checkpoint import is_model_dir, recover_interrupted_swap
+from model.generate import Engine
 from webui.backends import ONNX_META, is_onnx_export, load_backend
+
+ROOT = Path(__file__).resolve().parents[1]
+MAX_BATCH = 8  # sequences decoded together; a 2-core CPU still gains (weights are read once per step)
+CACHE_BUDGET_MB = 2048  # kept chat caches: SmolLM2 fp32 keeps 46 KB per token, ~45k tokens; fits a 16 GB Space
 
 DEFAULT = "default"
 BACKEND_CHOICES = [("ONNX Runtime", "onnx"), ("PyTorch eager", "torch")]
@@ -60,8 +66,10 @@ class ModelCache:
     """Loaded backends keyed by (model spec, backend name); a per-key lock makes a second session
     asking for the same model wait for the first load instead of starting its own."""
 
-    def __init__(self, loader=load_backend, log=lambda msg: print(msg, file=sys.stderr, flush=True)):
+    def __init__(self, loader=load_backend, log=lambda msg: print(msg, file=sys.stderr, flush=True),
+                 max_batch: int = MAX_BATCH, cache_budget_mb: float = CACHE_BUDGET_MB):
         self.loader, self.log = loader, log
+        self.max_batch, self.cache_budget_mb = max_batch, cache_budget_mb
         self.loaded: dict[tuple[str, str], tuple] = {}
         self.locks: dict[tuple[str, str], threading.Lock] = {}
         self.guard = threading.Lock()
@@ -78,7 +86,8 @@ class ModelCache:
                     raise RuntimeError(reason)
                 self.log(f"loading {spec} on {BACKEND_LABELS.get(backend, backend)} ...")
                 start = time.perf_counter()
-                engine, tokenizer, meta = self.loader(spec, backend)
+                net, tokenizer, meta = self.loader(spec, backend)
+                engine = Engine(net, self.max_batch, int(self.cache_budget_mb * 2**20))
                 self.loaded[key] = (engine, tokenizer, meta)
                 self.log(f"loaded {meta.get('name', spec)} on {engine.name}/{engine.device} "
                          f"in {time.perf_counter() - start:.1f} s")
@@ -92,6 +101,19 @@ def display_name(spec: str, meta: dict) -> str:
     if spec == DEFAULT:
         return "SmolLM2-135M-Instruct"
     return meta.get("name") or Path(spec).name
+
+
+def shown_path(path) -> str:
+    """A path for the page: relative to the project when inside it, else only its last two parts
+    (the server's folders, site-packages or cache, are nobody's business)."""
+    text = str(path)
+    p = Path(text)
+    if not p.is_absolute():
+        return text
+    try:
+        return str(p.resolve().relative_to(ROOT))
+    except ValueError:
+        return str(Path(*p.parts[-2:])) if len(p.parts) > 2 else p.name
 
 
 def loaded_line(spec: str, meta: dict, engine) -> str:
@@ -122,12 +144,12 @@ def model_card(spec: str, meta: dict, engine=None) -> str:
         ("parameters", f"{meta['num_params']:,}" if isinstance(meta.get("num_params"), int) else "?"),
         ("dtype", onnx.get("dtype") or meta.get("dtype", "?")),
         ("quantization", quant),
-        ("weights from", meta.get("source", "?")),
+        ("weights from", shown_path(meta.get("source", "?"))),
     ]
     if meta.get("variant"):
         rows.append(("variant", f"{meta['variant']['name']}: {meta['variant']['why']}"))
     if meta.get("path"):
-        rows.append(("loaded from", meta["path"]))
+        rows.append(("loaded from", shown_path(meta["path"])))
     if onnx:
         rows.append(("ONNX export", f"opset {onnx.get('opset')}, fused ORT ops: {onnx.get('fused_ops')}"))
         if onnx.get("parity"):

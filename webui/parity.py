@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from model.generate import GREEDY, generate
+from model.generate import GREEDY, capacity_for, generate, prefill
+from webui.chat import too_long
 from webui.models import DEFAULT, MODELS
 
 
@@ -17,13 +18,16 @@ def compare(prompt: str, model: str = DEFAULT, max_new_tokens: int = 32, models=
     """-> {"max_abs_logit_diff", "tokens_agree", "first_difference", "torch": {...}, "onnx": {...}}"""
     if not prompt or not prompt.strip():
         raise ValueError("type a prompt to compare")
+    if refusal := too_long(prompt):  # before tokenizing, as in the chat
+        raise ValueError(refusal)
     runs = {}
     for name in ("torch", "onnx"):
         engine, tokenizer, _ = models.get(model, name)
+        backend = engine.backend  # alone, outside the batcher: this compares the networks
         ids = tokenizer.encode_chat([{"role": "user", "content": prompt}])
-        ids = ids[-(engine.max_seq_len - int(max_new_tokens)):]  # a prompt too long for the context keeps its end
-        logits, _ = engine.prefill(ids)
-        tokens = list(generate(engine, ids, replace(GREEDY, max_new_tokens=int(max_new_tokens)), tokenizer.stop_ids))
+        ids = ids[-(backend.max_seq_len - int(max_new_tokens)):]  # a prompt too long for the context keeps its end
+        logits = prefill(backend, backend.new_cache(1, capacity_for(len(ids), backend.max_seq_len)), 0, ids)
+        tokens = list(generate(backend, ids, replace(GREEDY, max_new_tokens=int(max_new_tokens)), tokenizer.stop_ids))
         runs[name] = {"device": engine.device, "prompt_tokens": len(ids), "logits": logits.float(),
                       "tokens": tokens, "text": tokenizer.decode(tokens)}
     a, b = runs["torch"], runs["onnx"]

@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from model.generate import (GREEDY, SamplingConfig, TorchBackend, apply_repetition_penalty, chat, generate,
-                            sample, stream_text, trim_messages)
+from model.generate import (GREEDY, SamplingConfig, Sequence, TorchBackend, apply_repetition_penalty, chat,
+                            generate, sample, stream_text, trim_messages)
 from model.tokenizer import IM_END, train_bpe
 
 CORPUS = ["Once upon a time there was a little fox who liked to run in the forest. ",
@@ -15,39 +15,66 @@ def tokenizer():
     return train_bpe(CORPUS * 20, vocab_size=400)
 
 
+def draws(logits, n, **cfg):
+    """n tokens sampled from one row of logits by one sequence (its own seeded generator)."""
+    seq = Sequence([0], SamplingConfig(**{"top_k": 0, "top_p": 1.0, "repetition_penalty": 1.0, "seed": 0, **cfg}))
+    return [sample(logits[None], [seq])[0] for _ in range(n)]
+
+
 def test_greedy_is_argmax_and_seeded_sampling_reproduces():
     logits = torch.randn(100)
-    assert sample(logits, temperature=0) == int(logits.argmax())
-    g1, g2 = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
-    a = [sample(logits, 1.0, generator=g1) for _ in range(20)]
-    b = [sample(logits, 1.0, generator=g2) for _ in range(20)]
+    assert draws(logits, 1, temperature=0) == [int(logits.argmax())]
+    a, b = draws(logits, 20, temperature=1.0, seed=7), draws(logits, 20, temperature=1.0, seed=7)
     assert a == b and len(set(a)) > 1
+
+
+def test_sampling_follows_the_distribution():
+    """Inverse-CDF sampling draws each token with its softmax probability: 4000 draws of p = 0.66
+    have a standard deviation of sqrt(p(1-p)/4000) = 0.0075; 0.04 is more than 5 of them."""
+    logits = torch.tensor([2.0, 1.0, 0.0, -30.0])
+    picks = torch.tensor(draws(logits, 4000, temperature=1.0))
+    probs = torch.softmax(logits, -1)
+    for t in range(3):
+        assert abs(float((picks == t).float().mean()) - float(probs[t])) < 0.04
+    assert not bool((picks == 3).any())  # p = 1e-14
 
 
 def test_top_k_and_top_p_restrict_the_choices():
     logits = torch.tensor([5.0, 4.0, 3.0, 0.0, -1.0, -2.0])
-    g = torch.Generator().manual_seed(0)
-    picks = {sample(logits, 2.0, top_k=2, generator=g) for _ in range(300)}
-    assert picks == {0, 1}
+    assert set(draws(logits, 300, temperature=2.0, top_k=2)) == {0, 1}
     # softmax mass: ~0.66, 0.24, 0.09, ...: top_p 0.8 needs the first two tokens, never the third
     probs = torch.softmax(logits, -1)
     assert probs[0] < 0.8 < probs[0] + probs[1]
-    picks = {sample(logits, 1.0, top_p=0.8, generator=g) for _ in range(300)}
-    assert picks == {0, 1}
-    picks = {sample(logits, 1.0, top_p=0.5, generator=g) for _ in range(50)}
-    assert picks == {0}
+    assert set(draws(logits, 300, temperature=1.0, top_p=0.8)) == {0, 1}
+    assert set(draws(logits, 50, temperature=1.0, top_p=0.5)) == {0}
+
+
+def test_a_batch_samples_each_row_with_its_own_settings():
+    """One call, four rows: greedy, top-k 1, and two seeded rows whose draws equal their draws alone."""
+    logits = torch.randn(4, 50, generator=torch.Generator().manual_seed(0))
+    cfgs = [SamplingConfig(temperature=0, top_k=0, top_p=1, repetition_penalty=1),
+            SamplingConfig(temperature=1.5, top_k=1, repetition_penalty=1),
+            SamplingConfig(temperature=1.0, top_k=0, top_p=1, seed=5), SamplingConfig(temperature=0.7, seed=9)]
+    batch = [Sequence([0], c) for c in cfgs]
+    together = [sample(logits, batch) for _ in range(10)]
+    alone = [[sample(logits[i:i + 1], [s])[0] for _ in range(10)] for i, s in enumerate([Sequence([0], c) for c in cfgs])]
+    assert [list(col) for col in zip(*together)] == alone
+    assert alone[0] == [int(logits[0].argmax())] * 10 and alone[1] == [int(logits[1].argmax())] * 10
 
 
 def test_repetition_penalty_lowers_seen_tokens():
-    logits = torch.tensor([2.0, -2.0, 1.0])
-    out = apply_repetition_penalty(logits, torch.tensor([0, 1]), 2.0)
-    assert out.tolist() == [1.0, -4.0, 1.0]
+    logits = torch.tensor([[2.0, -2.0, 1.0]])
+    out = apply_repetition_penalty(logits, torch.tensor([[True, True, False]]), torch.tensor([[2.0]]))
+    assert out.tolist() == [[1.0, -4.0, 1.0]]
 
 
-def test_sampling_config_rejects_bad_values():
-    for bad in (dict(temperature=-1), dict(top_p=0), dict(top_k=-1), dict(max_new_tokens=0)):
-        with pytest.raises(ValueError):
-            SamplingConfig(**bad)
+@pytest.mark.parametrize("bad", [dict(temperature=-1), dict(top_p=0), dict(top_k=-1), dict(max_new_tokens=0),
+                                 dict(temperature=float("nan")), dict(temperature=float("inf")),
+                                 dict(repetition_penalty=float("nan")), dict(top_p=float("nan")),
+                                 dict(seed=99999999999999999999999), dict(seed=-1)])
+def test_sampling_config_rejects_bad_values(bad):
+    with pytest.raises(ValueError, match=next(iter(bad))):
+        SamplingConfig(**bad)
 
 
 def test_generate_stops_and_respects_limits(nano_model):

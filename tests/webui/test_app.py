@@ -41,7 +41,7 @@ def client(server):
 
 
 def test_a_streamed_answer_arrives(client, nano_dir):
-    updates = send(client, "hello there", str(nano_dir), temperature=0.8, seed=3, max_new_tokens=32)
+    updates = send(client, "hello there", str(nano_dir), temperature=0.8, seed=4, max_new_tokens=32)  # seed 3 draws a stop token first
     pieces = [u for u in updates[:-1] if isinstance(u, str)]
     assert len(pieces) >= 3 and all(b.startswith(a) for a, b in zip(pieces, pieces[1:]))
     assert text(updates[-1]) == pieces[-1] and "tok/s" in titles(updates[-1])[-1]

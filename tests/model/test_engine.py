@@ -1,0 +1,201 @@
+"""The serving engine on a random nano model: the in-place cache equals the concatenating one,
+batched decoding gives each sequence exactly what it gets alone, and a chat's second turn with its
+cache reused equals a cold prefill of the whole history. (ONNX Runtime: tests/export/test_serving.py.)"""
+import threading
+import time
+
+import pytest
+import torch
+
+from model.generate import CAPACITY_STEP, Engine, SamplingConfig, Sequence, TorchBackend, generate
+from model.model import StaticCache
+
+EPS32 = torch.finfo(torch.float32).eps  # 1.19e-7
+
+
+def greedy(n):
+    return SamplingConfig(temperature=0, top_k=0, top_p=1, repetition_penalty=1, max_new_tokens=n)
+
+
+def reorder_tolerance(model, ref):
+    """The two caches compute the same products and differ only in summation order (the static
+    cache attends over a padded, masked length and groups the query heads). Reordering a sum of K
+    terms moves it by at most K * eps of its magnitude; each layer sums over at most dim terms, so
+    n_layers * dim * eps * max|logit| bounds the drift (nano: 4 * 128 * 1.2e-7 * 2.5 = 1.5e-4),
+    while one wrong position moves nano's logits by ~3e-2 (checked below)."""
+    return model.cfg.n_layers * model.cfg.dim * EPS32 * float(ref.abs().max())
+
+
+@torch.inference_mode()
+def test_in_place_cache_equals_the_concatenating_one(nano_model):
+    cfg = nano_model.cfg
+    ids = torch.randint(0, cfg.vocab_size, (3, 40), generator=torch.Generator().manual_seed(0))
+    ref, past = nano_model(ids[:, :30])  # the concatenating cache: prefill 30 ...
+    steps = [ref]
+    for t in range(30, 40):  # ... then one token at a time, present = cat(past, new)
+        logits, past = nano_model(ids[:, t:t + 1], past_key_values=past)
+        steps.append(logits)
+    ref = torch.cat(steps, 1)  # (3, 40, vocab)
+    tol = reorder_tolerance(nano_model, ref)
+    cache = StaticCache.zeros(cfg.n_layers, 3, cfg.n_kv_heads, 64, cfg.head_dim)
+    buffers = [k.data_ptr() for k in cache.k]
+    got = [[] for _ in range(3)]
+    for row, split in enumerate((30, 7, 1)):  # each row prefilled alone, to a different length
+        view = cache.rows(row, row + 1)
+        got[row].append(nano_model(ids[row:row + 1, :split], past_key_values=view)[0])
+        cache.lengths[row] = split
+    for t in range(max(cache.lengths), 40):  # rows of different lengths decode together
+        behind = [r for r in range(3) if cache.lengths[r] < t]
+        for r in behind:  # catch the shorter rows up one token at a time, alone
+            while cache.lengths[r] < t:
+                n = cache.lengths[r]
+                got[r].append(nano_model(ids[r:r + 1, n:n + 1], past_key_values=cache.rows(r, r + 1))[0])
+                cache.lengths[r] += 1
+        logits, _ = nano_model(ids[:, t:t + 1], past_key_values=cache)  # (3, 1, vocab): one call for all
+        for r in range(3):
+            got[r].append(logits[r:r + 1])
+            cache.lengths[r] += 1
+    assert [k.data_ptr() for k in cache.k] == buffers  # written in place, never reallocated
+    for r in range(3):
+        assert (torch.cat(got[r], 1) - ref[r:r + 1]).abs().max() <= tol
+    # the check can fail: a row read one position short is far outside the tolerance
+    bad = StaticCache.zeros(cfg.n_layers, 1, cfg.n_kv_heads, 64, cfg.head_dim)
+    nano_model(ids[:1, :39], past_key_values=bad)
+    bad.lengths[0] = 38
+    wrong = nano_model(ids[:1, 39:], past_key_values=bad)[0]
+    assert (wrong[0, 0] - ref[0, 39]).abs().max() > 10 * tol
+
+
+@torch.inference_mode()
+def test_static_cache_rows_resize_and_move_keep_contents(nano_model):
+    cfg = nano_model.cfg
+    cache = StaticCache.zeros(cfg.n_layers, 2, cfg.n_kv_heads, 8, cfg.head_dim)
+    nano_model(torch.tensor([[1, 2, 3]]), past_key_values=cache.rows(1, 2))
+    cache.lengths[1] = 3
+    grown = cache.resized(4, 16)
+    assert grown.num_rows == 4 and grown.capacity == 16 and grown.lengths == [0, 3, 0, 0]
+    assert torch.equal(grown.k[0][1, :, :3], cache.k[0][1, :, :3])
+    grown.copy_row(1, 3)
+    assert torch.equal(grown.v[2][3, :, :3], cache.v[2][1, :, :3]) and grown.lengths[3] == 3
+    with pytest.raises(ValueError, match="holds 8 positions"):
+        nano_model(torch.zeros(1, 6, dtype=torch.long), past_key_values=cache.rows(1, 2))
+
+
+def run_in_threads(engine, jobs):
+    """jobs: {name: (prompt, cfg, start_after_tokens_of, cancel_after)} -> {name: tokens}."""
+    out = {name: [] for name in jobs}
+    started = {name: threading.Event() for name in jobs}
+
+    def consume(name, prompt, cfg, cancel_after):
+        it = engine.generate(prompt, cfg)
+        for tok in it:
+            out[name].append(tok)
+            started[name].set()
+            if cancel_after is not None and len(out[name]) >= cancel_after:
+                it.close()  # what a closed tab or the stop button does
+                break
+        started[name].set()
+
+    threads = []
+    for name, (prompt, cfg, after, cancel_after) in jobs.items():
+        if after is not None:  # join mid-way: once `after` has produced a few tokens
+            assert started[after].wait(60)
+            while len(out[after]) < 3:
+                time.sleep(0.001)
+        t = threading.Thread(target=consume, args=(name, prompt, cfg, cancel_after))
+        t.start()
+        threads.append(t)
+    for t in threads:
+        t.join(120)
+    return out
+
+
+def check_batched_equals_alone(backend):
+    v = backend.vocab_size
+    g = torch.Generator().manual_seed(3)
+    prompts = {n: torch.randint(0, v, (length,), generator=g).tolist() for n, length in
+               (("short", 3), ("long", 41), ("mid", 17), ("cancelled", 9))}
+    sampled = SamplingConfig(temperature=0.9, top_k=20, top_p=0.95, repetition_penalty=1.2, seed=11, max_new_tokens=24)
+    jobs = {"short": (prompts["short"], greedy(30), None, None),
+            "long": (prompts["long"], greedy(20), None, None),
+            "cancelled": (prompts["cancelled"], greedy(40), None, 5),
+            "mid": (prompts["mid"], greedy(25), "long", None),  # joins after "long" has 3 tokens
+            "sampled": (prompts["mid"], sampled, "short", None)}
+    alone = {n: list(generate(backend, p, cfg)) for n, (p, cfg, _, _) in jobs.items()}
+    engine = Engine(backend, max_batch=8)
+    got = run_in_threads(engine, jobs)
+    for name in jobs:
+        if name == "cancelled":
+            assert got[name] == alone[name][:5]
+        else:
+            assert got[name] == alone[name], name
+    # batched: far fewer decode calls than tokens decoded
+    assert engine.steps < sum(len(t) for t in got.values()) * 0.75, engine.steps
+    deadline = time.time() + 10
+    while engine.active and time.time() < deadline:  # the cancelled row leaves at its next step
+        time.sleep(0.01)
+    assert engine.active == [] and engine.waiting == []
+
+
+def test_batched_decoding_equals_alone_torch(nano_model):
+    check_batched_equals_alone(TorchBackend(nano_model))
+
+
+def test_more_sequences_than_rows_wait_their_turn(nano_model):
+    backend = TorchBackend(nano_model)
+    prompts = [[i + 1, i + 2, i + 3] for i in range(5)]
+    alone = [list(generate(backend, p, greedy(6))) for p in prompts]
+    engine = Engine(backend, max_batch=2)
+    got = run_in_threads(engine, {i: (p, greedy(6), None, None) for i, p in enumerate(prompts)})
+    assert [got[i] for i in range(5)] == alone
+
+
+def second_turn_equals_cold(backend):
+    v = backend.vocab_size
+    g = torch.Generator().manual_seed(5)
+    turn1 = torch.randint(0, v, (30,), generator=g).tolist()
+    engine = Engine(backend, max_batch=4)
+    seq1 = Sequence(turn1, greedy(12), conversation="chat-a")
+    reply = list(engine.run(seq1))
+    # the next turn: the history as a template renders it (the reply, then a new message)
+    turn2 = turn1 + reply + torch.randint(0, v, (9,), generator=g).tolist()
+    seq2 = Sequence(turn2, greedy(15), conversation="chat-a")
+    warm = list(engine.run(seq2))
+    assert seq2.reused_tokens == len(turn1) + len(reply) - 1  # the last reply token was never fed
+    assert warm == list(generate(backend, turn2, greedy(15)))
+    # an edited history reuses only the common prefix
+    turn3 = turn1[:10] + [(turn1[10] + 1) % v] + turn1[11:]
+    seq3 = Sequence(turn3, greedy(8), conversation="chat-b")
+    assert list(engine.run(seq3)) == list(generate(backend, turn3, greedy(8))) and seq3.reused_tokens == 10
+    return engine
+
+
+def test_second_turn_with_reuse_equals_a_cold_prefill_torch(nano_model):
+    second_turn_equals_cold(TorchBackend(nano_model))
+
+
+def test_kept_caches_are_evicted_least_recently_used_first(nano_model):
+    backend = TorchBackend(nano_model)
+    per_token = backend.new_cache(1, 1).bytes_per_token
+    # a chat alone hands its whole buffer over (capacity 256 positions, no copy): room for two of them
+    budget = (2 * CAPACITY_STEP + 50) * per_token
+    engine = Engine(backend, max_batch=2, cache_budget_bytes=budget)
+    chats = {name: [i] * 20 for i, name in enumerate(("a", "b", "c"), start=1)}
+    for name, prompt in chats.items():
+        list(engine.run(Sequence(prompt, greedy(5), conversation=name)))
+    assert list(engine.saved) == ["b", "c"] and engine.saved_bytes <= budget
+    again = Sequence(chats["a"] + [7], greedy(2), conversation="a")  # evicted: prefills again, same answer
+    assert list(engine.run(again)) == list(generate(backend, chats["a"] + [7], greedy(2))) and again.reused_tokens == 0
+
+
+def test_a_failing_backend_fails_its_requests_and_the_engine_goes_on(nano_model):
+    backend = TorchBackend(nano_model)
+    engine = Engine(backend, max_batch=2)
+    with pytest.raises(ValueError, match="context"):
+        list(engine.generate([1] * 600, greedy(2)))  # nano's context is 512
+    real = backend.forward
+    backend.forward = lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom"))
+    with pytest.raises(RuntimeError, match="boom"):
+        list(engine.generate([1, 2, 3], greedy(4)))
+    backend.forward = real
+    assert list(engine.generate([1, 2, 3], greedy(4))) == list(generate(backend, [1, 2, 3], greedy(4)))

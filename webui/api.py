@@ -1,0 +1,240 @@
+"""An OpenAI-compatible HTTP API, served by app.py on the page's own port.
+
+    POST /v1/chat/completions   messages, max_tokens, temperature, top_p, seed, stop, stream
+    GET  /v1/models             the model this server runs
+
+    curl http://127.0.0.1:7860/v1/chat/completions -H 'Content-Type: application/json' \
+         -d '{"model": "SmolLM2-135M-Instruct", "messages": [{"role": "user", "content": "Hi!"}]}'
+
+Generation goes through the same Engine as the browser chat (model/generate.py): API requests are
+batched with the page's chats, and a conversation's next request reuses the cache of the longest
+common prefix. Errors use OpenAI's format, {"error": {"message", "type", "param", "code"}}, with
+400 (bad request), 401 (API key), 404 (unknown model), 413 (a message above the size limit),
+429 (too many requests waiting); never a traceback. An API key is required when the server is
+reachable from other machines (app.py decides; see api_access).
+"""
+from __future__ import annotations
+
+import hmac
+import json
+import time
+import uuid
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.concurrency import run_in_threadpool
+
+from model.generate import ChatStats, SamplingConfig, chat
+from webui.chat import MAX_MESSAGE_CHARS, too_long
+from webui.models import display_name
+
+API_KEY_ENV = "COGNI_MAMBA_API_KEY"
+MAX_BODY_BYTES = 8 * MAX_MESSAGE_CHARS * 4 + 65536  # several messages at the limit, UTF-8, JSON-escaped
+DEFAULT_MAX_TOKENS = 256
+ROLES = ("system", "user", "assistant")
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+
+    def response(self) -> JSONResponse:
+        return JSONResponse({"error": {"message": self.message, "type": self.type, "param": self.param,
+                                       "code": self.code}}, status_code=self.status)
+
+
+def api_access(host: str, api_key: str | None) -> tuple[bool, str]:
+    """(serve the API?, the start-up log line). Open without a key only on the loopback address."""
+    local = host in ("127.0.0.1", "localhost", "::1")
+    if api_key:
+        return True, "OpenAI-compatible API on /v1 (an API key is required: Authorization: Bearer KEY)"
+    if local:
+        return True, "OpenAI-compatible API on /v1 (local only, no key)"
+    return False, (f"OpenAI-compatible API is off: bound to {host} without an API key. Turn it on with "
+                   f"--api-key KEY or the {API_KEY_ENV} environment variable")
+
+
+def _text(content, param: str) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):  # [{"type": "text", "text": ...}, ...]
+        parts = []
+        for part in content:
+            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise ApiError(400, "only text content parts are supported", param=param)
+            parts.append(part["text"])
+        return "".join(parts)
+    raise ApiError(400, "content must be a string or a list of text parts", param=param)
+
+
+def parse_messages(messages) -> list[dict]:
+    if not isinstance(messages, list) or not messages:
+        raise ApiError(400, "messages must be a non-empty list of {role, content} objects", param="messages")
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in ROLES:
+            raise ApiError(400, f"messages[{i}] needs a role: one of {', '.join(ROLES)}", param=f"messages[{i}].role")
+        text = _text(m.get("content", ""), f"messages[{i}].content")
+        if refusal := too_long(text):  # before anything is tokenized
+            raise ApiError(413, refusal, param=f"messages[{i}].content", code="message_too_long")
+        out.append({"role": m["role"], "content": text})
+    if out[-1]["role"] == "assistant" or all(m["role"] == "system" for m in out):
+        raise ApiError(400, "the last message must be the user's (there is nothing to answer)", param="messages")
+    return out
+
+
+def _number(body: dict, name: str, default, lo: float, hi: float, kind=float):
+    value = body.get(name)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and not isinstance(value, int)):
+        raise ApiError(400, f"{name} must be {'an integer' if kind is int else 'a number'}", param=name)
+    if not lo <= value <= hi:  # also refuses NaN
+        raise ApiError(400, f"{name} must be between {lo} and {hi}, got {value}", param=name)
+    return kind(value)
+
+
+def parse_request(body, served: set[str], max_seq_len: int) -> tuple[list[dict], SamplingConfig, list[str], bool, str]:
+    """The request -> (messages, sampling, stop strings, stream, notice); ApiError if it is wrong."""
+    if not isinstance(body, dict):
+        raise ApiError(400, "the request body must be a JSON object")
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise ApiError(400, "model is required", param="model")
+    if model not in served:
+        raise ApiError(404, f"the model {model!r} does not exist here; this server runs {sorted(served)[0]!r} "
+                            "(GET /v1/models)", param="model", code="model_not_found")
+    messages = parse_messages(body.get("messages"))
+    if body.get("n", 1) != 1:
+        raise ApiError(400, "only n = 1 is supported", param="n")
+    stop = body.get("stop") or []
+    stop = [stop] if isinstance(stop, str) else stop
+    if not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(s, str) for s in stop):
+        raise ApiError(400, "stop must be a string or a list of up to 4 strings", param="stop")
+    requested = _number(body, "max_completion_tokens", None, 1, 2**31, int)
+    requested = _number(body, "max_tokens", requested, 1, 2**31, int)
+    notice = ""
+    limit = max_seq_len // 2  # chat() keeps at least half the context for the prompt
+    max_tokens = requested or min(DEFAULT_MAX_TOKENS, limit)
+    if max_tokens > limit:
+        notice = f"max_tokens {max_tokens} is above what the context of {max_seq_len} tokens allows; capped to {limit}"
+        max_tokens = limit
+    temperature = _number(body, "temperature", 1.0, 0.0, 2.0)
+    top_p = _number(body, "top_p", 1.0, 0.0, 1.0)
+    seed = _number(body, "seed", None, 0, 2**63 - 1, int)
+    try:
+        cfg = SamplingConfig(temperature=temperature, top_k=0, top_p=top_p if top_p > 0 else 1e-9,
+                             repetition_penalty=1.0, max_new_tokens=max_tokens, seed=seed)
+    except ValueError as e:
+        raise ApiError(400, str(e)) from None
+    return messages, cfg, stop, bool(body.get("stream", False)), notice
+
+
+def make_router(models, spec: str, backend: str, api_key: str | None = None, max_waiting: int = 32) -> APIRouter:
+    """The /v1 routes for the model `spec` on `backend`, loaded through `models` (a ModelCache)."""
+    router = APIRouter()
+
+    def served_names() -> tuple[str, set[str]]:
+        _, _, meta = models.get(spec, backend)
+        name = display_name(spec, meta)
+        return name, {name, spec}
+
+    def check_key(request: Request) -> None:
+        if api_key is None:
+            return
+        given = request.headers.get("authorization", "")
+        if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
+            raise ApiError(401, "a valid API key is required: Authorization: Bearer KEY", "authentication_error",
+                           code="invalid_api_key")
+
+    @router.get("/v1/models")
+    async def list_models(request: Request):
+        try:
+            check_key(request)
+            name, _ = await run_in_threadpool(served_names)
+        except ApiError as e:
+            return e.response()
+        return {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "cogni-mamba"}]}
+
+    @router.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        try:
+            check_key(request)
+            if int(request.headers.get("content-length") or 0) > MAX_BODY_BYTES:
+                raise ApiError(413, f"the request body is above {MAX_BODY_BYTES:,} bytes", code="request_too_large")
+            raw = await request.body()
+            if len(raw) > MAX_BODY_BYTES:
+                raise ApiError(413, f"the request body is above {MAX_BODY_BYTES:,} bytes", code="request_too_large")
+            try:
+                body = json.loads(raw)
+            except (ValueError, UnicodeDecodeError) as e:
+                raise ApiError(400, f"the request body is not valid JSON: {e}") from None
+            engine, tokenizer, _ = await run_in_threadpool(models.get, spec, backend)
+            name, served = await run_in_threadpool(served_names)
+            messages, cfg, stop, stream, notice = parse_request(body, served, engine.max_seq_len)
+            if len(engine.waiting) >= max_waiting:
+                raise ApiError(429, f"{len(engine.waiting)} requests are already waiting; try again shortly",
+                               "rate_limit_error", code="too_many_requests")
+        except ApiError as e:
+            return e.response()
+        except Exception as e:  # a model that fails to load: one line, no traceback
+            return ApiError(500, f"{type(e).__name__}: {e}", "server_error").response()
+        stats = ChatStats()
+        pieces = chat(engine, tokenizer, messages, cfg, stats, stop=stop)
+        ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        headers = {"X-Cogni-Notice": notice} if notice else {}
+
+        def usage() -> dict:
+            return {"prompt_tokens": stats.prompt_tokens, "completion_tokens": stats.new_tokens,
+                    "total_tokens": stats.prompt_tokens + stats.new_tokens}
+
+        def notices() -> list[str]:
+            return [n for n in (notice, stats.notice) if n]
+
+        if not stream:
+            try:
+                text = await run_in_threadpool(lambda: "".join(pieces))
+            except Exception as e:
+                return ApiError(500, f"generation failed: {type(e).__name__}: {e}", "server_error").response()
+            reply = {"id": ident, "object": "chat.completion", "created": created, "model": name,
+                     "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                                  "finish_reason": stats.finish_reason, "logprobs": None}],
+                     "usage": usage()}
+            if notices():
+                reply["notices"] = notices()
+            return JSONResponse(reply, headers=headers)
+
+        include_usage = bool((body.get("stream_options") or {}).get("include_usage")) if isinstance(body.get("stream_options"), dict) else False
+
+        def chunk(delta: dict, finish=None, **extra) -> str:
+            return "data: " + json.dumps({"id": ident, "object": "chat.completion.chunk", "created": created,
+                                          "model": name, "choices": [{"index": 0, "delta": delta, "finish_reason": finish,
+                                                                      "logprobs": None}], **extra}) + "\n\n"
+
+        async def events():
+            sentinel = object()
+            try:
+                yield chunk({"role": "assistant", "content": ""})
+                while (piece := await run_in_threadpool(next, pieces, sentinel)) is not sentinel:
+                    yield chunk({"content": piece})
+                yield chunk({}, stats.finish_reason, **({"notices": notices()} if notices() else {}))
+                if include_usage:
+                    yield "data: " + json.dumps({"id": ident, "object": "chat.completion.chunk", "created": created,
+                                                 "model": name, "choices": [], "usage": usage()}) + "\n\n"
+            except Exception as e:  # mid-stream: the status is sent already; report in the stream
+                yield "data: " + json.dumps({"error": {"message": f"generation failed: {type(e).__name__}: {e}",
+                                                       "type": "server_error", "param": None, "code": None}}) + "\n\n"
+            finally:  # a client that went away cancels its generation (the thread may still be in next())
+                if stats.sequence is not None:
+                    stats.sequence.cancelled.set()
+                try:
+                    pieces.close()
+                except ValueError:  # "generator already executing": it ends at its next step
+                    pass
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream", headers=headers)
+
+    return router
