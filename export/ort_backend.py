@@ -55,6 +55,14 @@ def pick_providers(device: str | None = None) -> list[str]:
     return [p for p in wanted if p in available]
 
 
+def bind_keep(binding, keep: int) -> None:
+    """num_logits_to_keep has a default in the graph (an initializer of the same name, so runtimes
+    that never feed it run the graph); ORT binds such an input only as an OrtValue."""
+    import onnxruntime as ort
+
+    binding.bind_ortvalue_input("num_logits_to_keep", ort.OrtValue.ortvalue_from_numpy(np.array(keep, np.int64)))
+
+
 def check_export(directory: str | Path) -> dict:
     """Read onnx_meta.json and check that config.json and the tokenizer beside model.onnx are the
     ones it was exported with. Returns the meta; raises ValueError naming the mismatch."""
@@ -103,6 +111,7 @@ class OrtBackend:
         self.vocab_size = self.cfg.vocab_size
         self.shared_buffer = bool(self.meta.get("fused_ops"))
         so = ort.SessionOptions()
+        so.log_severity_level = 3  # errors only: not the notice that num_logits_to_keep has a default
         so.intra_op_num_threads = threads or physical_cores()  # hyperthreads only contend for the FPUs
         so.inter_op_num_threads = 1
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -179,7 +188,7 @@ class OrtBackend:
         binding = self.session.io_binding()
         binding.bind_cpu_input("input_ids", np.ascontiguousarray(tokens.numpy(), dtype=np.int64))
         binding.bind_cpu_input("attention_mask", mask)
-        binding.bind_cpu_input("num_logits_to_keep", np.array(keep, np.int64))
+        bind_keep(binding, keep)
         binding.bind_output("logits", "cpu")
         return binding
 
@@ -200,7 +209,7 @@ class OrtBackend:
         binding = self.session.io_binding()
         binding.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids, dtype=np.int64))
         binding.bind_cpu_input("attention_mask", np.ascontiguousarray(attention_mask, dtype=np.int64))
-        binding.bind_cpu_input("num_logits_to_keep", np.array(num_logits_to_keep or input_ids.shape[1], np.int64))
+        bind_keep(binding, num_logits_to_keep or input_ids.shape[1])
         for name, value in zip(self.past_names, past or self.empty_past(input_ids.shape[0])):
             binding.bind_ortvalue_input(name, value)
         binding.bind_output("logits", "cpu")

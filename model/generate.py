@@ -58,7 +58,7 @@ class SamplingConfig:
             if not isinstance(v, int) or isinstance(v, bool):
                 raise ValueError(f"{name} must be a whole number, got {v!r}")
         if self.seed is not None and (not isinstance(self.seed, int) or not 0 <= self.seed < 2**63):
-            raise ValueError(f"seed must be a whole number in [0, 2^63), got {self.seed!r}")
+            raise ValueError(f"seed must be in [0, 2^63) and a whole number, got {self.seed!r}")
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if self.top_k < 0:
