@@ -203,7 +203,8 @@ def main(repeats: int = 3, new_tokens: int = 128, threads: int | None = None, co
     logits["cogni torch fp32"] = lambda ids: model(torch.tensor([ids]))[0][0]
     for q in (None, "int8", "int4", "gguf"):
         out = cache_root() / "bench" / f"onnx-{q or 'fp32'}"
-        meta = export_onnx(src, out, quantize=q, optimize=True, verify=True, log=lambda m: print(m, file=sys.stderr))
+        meta = export_onnx(src, out, quantize=q, optimize=True, verify=True, log=lambda m: print(m, file=sys.stderr),
+                           force=True)  # the benchmark's own cache folder
         exports[q or "fp32"] = {"export_seconds": meta["export_seconds"], "parity": meta["parity"]}
         backend = OrtBackend(out, threads=threads)
         name = "cogni onnx gguf blocks (app default)" if q == "gguf" else f"cogni onnx {q or 'fp32'}"

@@ -35,7 +35,7 @@ def main(contexts: str = "40,1000,4000", steps: int = 16, rounds: int = 5) -> in
     src = resolve_model("default")
     model, tok, _ = load_model(src)
     out = cache_root() / "bench" / "onnx-fp32"
-    export_onnx(src, out, optimize=True, log=lambda m: None)
+    export_onnx(src, out, optimize=True, log=lambda m: None, force=True)  # the benchmark's own cache folder
     backends = {"torch fp32": TorchBackend(model), "onnx fp32 (shared buffer)": OrtBackend(out)}
     filler = tok.encode(" ".join(["The history of painting reaches back to the artifacts of pre-historic humans."] * 600))
     state = {}
