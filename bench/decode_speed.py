@@ -36,6 +36,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from model.generate import SamplingConfig, TorchBackend, generate  # noqa: E402
+from bench.llama_cpp_peer import run_peer  # noqa: E402
 from model.weights import cache_root, default_gguf, resolve_model  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -57,51 +58,25 @@ def perplexity(logits_of, ids: list[int], window: int = PPL_WINDOW) -> float:
     return math.exp(nll / n)
 
 
-def llama_cpp_worker(args: dict) -> dict:
-    """Runs in its own process (`--llama-worker`): one timed repeat of llama.cpp, as time_round_robin
-    times ours, and optionally its perplexity. Prints nothing but the JSON result."""
-    from llama_cpp import Llama
-
-    llm = Llama(str(default_gguf()), n_ctx=2048, n_threads=args["threads"], n_batch=args["n_batch"],
-                logits_all=args["ppl"], verbose=False)
-
-    def run(ids, n):
-        llm.reset()
-        out = 0
-        for _ in llm.generate(ids, temp=0.0, top_k=1, reset=True):
-            out += 1
-            if out == n:
-                break
-        return out
-
-    run(args["short"], 4)  # warm-up
-    start = time.perf_counter(); run(args["short"], args["new_tokens"]); full = time.perf_counter() - start
-    start = time.perf_counter(); run(args["short"], 1); first = time.perf_counter() - start
-    start = time.perf_counter(); run(args["long"], 1); ttft = time.perf_counter() - start
-    result = {"full": full, "first": first, "ttft": ttft}
-    if args["ppl"]:
-        def logits_of(chunk):
-            llm.reset()
-            llm.eval(chunk)
-            return llm.scores[:len(chunk)]
-
-        result["ppl"] = perplexity(logits_of, args["text_ids"])
-    return result
+def llama_cpp_peer(python: str | None, tasks: list[dict], n_ctx: int, threads: int) -> list | None:
+    """llama.cpp on the GGUF itself, in a subprocess of `python` (bench/llama_cpp_peer.py); None
+    when it is not installed or cannot run (said on stderr)."""
+    if python is None:
+        print("llama.cpp skipped: llama-cpp-python is not installed here (`pip install llama-cpp-python`, compiles "
+              "for ~10+ min on 2 cores) and no --llama-python was given", file=sys.stderr)
+        return None
+    r = run_peer(python, {"path": str(default_gguf()), "n_ctx": n_ctx, "n_batch": 512, "threads": threads,
+                          "tasks": tasks})
+    if "error" in r:
+        print(f"llama.cpp skipped: {r['error']}", file=sys.stderr)
+        return None
+    note = "" if r["n_batch"] > 1 else " (n_batch=1: batched prefill crashed)"
+    return [r["version"] + note] + r["results"]
 
 
-def llama_cpp_repeat(args: dict) -> dict | None:
-    """One repeat of the llama.cpp peer in a subprocess; on a crash with n_batch > 1, once more with
-    n_batch=1 (PITFALLS: llama-cpp-python 0.3.36 on AVX512/AMX). None when it cannot run."""
-    import subprocess
-
-    for n_batch in ([args["n_batch"]] if args["n_batch"] == 1 else [args["n_batch"], 1]):
-        r = subprocess.run([sys.executable, __file__, "--llama-worker", json.dumps({**args, "n_batch": n_batch})],
-                           capture_output=True, text=True, timeout=1800)
-        if r.returncode == 0:
-            return {**json.loads(r.stdout.strip().splitlines()[-1]), "n_batch": n_batch}
-        print(f"llama.cpp (n_batch={n_batch}) failed with exit code {r.returncode}: {r.stderr.strip()[-300:]}",
-              file=sys.stderr)
-    return None
+def decode_rate(run: dict, new_tokens: int) -> float:
+    """Median over repeats of each repeat's decode rate (its n-token run less its own 1-token run)."""
+    return statistics.median((new_tokens - 1) / (full - first) for full, first in zip(run["full"], run["first"]))
 
 
 def load_hf():
@@ -138,7 +113,8 @@ def time_round_robin(engines: dict, short_ids, long_ids, new_tokens, repeats) ->
     return results
 
 
-def time_contexts(engines: dict, tok, contexts: list[int], new_tokens: int, repeats: int, threads: int) -> int:
+def time_contexts(engines: dict, tok, contexts: list[int], new_tokens: int, repeats: int, threads: int,
+                  llama_python: str | None) -> int:
     """Decode tok/s after a prompt of N tokens for each N: what a growing KV cache costs each step
     (time_round_robin with an N-token prompt; its first-token time is then the N-token prefill)."""
     filler = tok.encode(" ".join(["The history of painting reaches back to the artifacts of pre-historic humans."] * 600))
@@ -147,18 +123,27 @@ def time_contexts(engines: dict, tok, contexts: list[int], new_tokens: int, repe
         ids = (filler * (n // len(filler) + 1))[:n]
         print(f"context {n}:", file=sys.stderr, flush=True)
         by_context[n] = time_round_robin(engines, ids, ids, new_tokens, repeats)
-    names = list(engines)
+    peer = llama_cpp_peer(llama_python, [{"kind": "decode", "ids": (filler * (n // len(filler) + 1))[:n],
+                                          "new_tokens": new_tokens, "repeats": repeats} for n in contexts],
+                          n_ctx=max(contexts) + new_tokens + 8, threads=threads)
+    if peer:
+        name = f"llama.cpp Q4_1 (llama-cpp-python {peer[0]})"
+        for n, run in zip(contexts, peer[1:]):
+            by_context[n][name] = {"tok_s": decode_rate(run, new_tokens), "ttft_500_s": statistics.median(run["first"]),
+                                   "seconds_full": statistics.median(run["full"])}
+    names = list(by_context[contexts[0]])
     lines = ["| engine | " + " | ".join(f"tok/s at {n}" for n in contexts) + f" | {contexts[-1]} vs {contexts[0]} |",
              "|---|" + "---|" * (len(contexts) + 1)]
     for name in names:
         rates = [by_context[n][name]["tok_s"] for n in contexts]
         lines.append(f"| {name} | " + " | ".join(f"{r:.1f}" for r in rates) + f" | {rates[-1] / rates[0]:.2f}x |")
-    table = "\n".join(lines)
+    table = "\n".join(lines) + f"\n\nCPU: {cpu_name()}, {threads} threads, {new_tokens} new tokens, median of {repeats}"
     print(table)
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "decode_contexts.json").write_text(json.dumps(
         {"model": "SmolLM2-135M-Instruct", "contexts": contexts, "new_tokens": new_tokens, "repeats": repeats,
-         "threads": threads, "machine": platform.platform(), "results": by_context, "table": table}, indent=2))
+         "threads": threads, "machine": platform.platform(), "cpu": cpu_name(), "cpu_count": os.cpu_count(),
+         "results": by_context, "table": table}, indent=2))
     import matplotlib
 
     matplotlib.use("Agg")
@@ -181,7 +166,8 @@ def ours(backend):
     return lambda ids, n: sum(1 for _ in generate(backend, ids, cfg_for(n)))  # no stop ids: exactly n tokens
 
 
-def main(repeats: int = 3, new_tokens: int = 128, threads: int | None = None, contexts: str | None = None) -> int:
+def main(repeats: int = 3, new_tokens: int = 128, threads: int | None = None, contexts: str | None = None,
+         llama_python: str | None = None) -> int:
     from export.onnx import export_onnx
     from export.ort_backend import OrtBackend, physical_cores
     from model.checkpoint import load_model
@@ -222,25 +208,23 @@ def main(repeats: int = 3, new_tokens: int = 128, threads: int | None = None, co
     logits["transformers eager fp32"] = lambda ids: hf_model(torch.tensor([ids])).logits[0]
 
     if contexts:
-        return time_contexts(engines, tok, [int(n) for n in contexts.split(",")], new_tokens, repeats, threads)
+        return time_contexts(engines, tok, [int(n) for n in contexts.split(",")], new_tokens, repeats, threads,
+                             llama_python)
     results = time_round_robin(engines, short_ids, long_ids, new_tokens, repeats)
     with torch.inference_mode():
         for name, fn in logits.items():
             results[name]["ppl"] = perplexity(fn, text_ids)
             print(f"  perplexity {name}: {results[name]['ppl']:.3f}", file=sys.stderr, flush=True)
-    if importlib.util.find_spec("llama_cpp") is None:
-        print("llama.cpp skipped: llama-cpp-python is not installed (`pip install llama-cpp-python`, "
-              "compiles for ~10+ min on 2 cores)", file=sys.stderr)
-    else:  # timed after ours, one subprocess per repeat; its perplexity from the first
-        args = {"threads": threads, "n_batch": 512, "new_tokens": new_tokens, "short": short_ids, "long": long_ids,
-                "text_ids": text_ids}
-        runs = [llama_cpp_repeat({**args, "ppl": r == 0}) for r in range(repeats)]
-        runs = [r for r in runs if r]
-        if runs:
-            name = "llama.cpp Q4_1" + (" (n_batch=1: batched prefill crashed)" if runs[0]["n_batch"] == 1 else "")
-            results[name] = {"tok_s": statistics.median((new_tokens - 1) / (r["full"] - r["first"]) for r in runs),
-                             "ttft_500_s": statistics.median(r["ttft"] for r in runs),
-                             "seconds_full": statistics.median(r["full"] for r in runs), "ppl": runs[0].get("ppl")}
+    peer = llama_cpp_peer(llama_python, [{"kind": "decode", "ids": short_ids, "new_tokens": new_tokens, "repeats": repeats},
+                                         {"kind": "decode", "ids": long_ids, "new_tokens": 2, "repeats": repeats}],
+                          n_ctx=1024, threads=threads)
+    if peer:  # timed after ours; its perplexity in a second process (logits for every position slow its prefill)
+        version, short, long = peer
+        ppl = llama_cpp_peer(llama_python, [{"kind": "ppl", "ids": text_ids, "window": PPL_WINDOW}],
+                             n_ctx=PPL_WINDOW + 8, threads=threads)
+        results[f"llama.cpp Q4_1 (llama-cpp-python {version})"] = {
+            "tok_s": decode_rate(short, new_tokens), "ttft_500_s": statistics.median(long["first"]),
+            "seconds_full": statistics.median(short["full"]), "ppl": ppl[1] if ppl else None}
     ref_hf = results["transformers eager fp32"]["tok_s"]
     ref_llama = next((r for n, r in results.items() if n.startswith("llama.cpp")), None)
     lines = ["| engine | perplexity (held-out) | tok/s | first token (500-token prompt) | vs transformers | vs llama.cpp |",
@@ -249,7 +233,7 @@ def main(repeats: int = 3, new_tokens: int = 128, threads: int | None = None, co
         vs_llama = f"{r['tok_s'] / ref_llama['tok_s']:.2f}x" if ref_llama else "n/a"
         ppl = f"{r['ppl']:.3f}" if r.get("ppl") else "n/a"
         lines.append(f"| {name} | {ppl} | {r['tok_s']:.1f} | {r['ttft_500_s']:.3f} s | {r['tok_s'] / ref_hf:.2f}x | {vs_llama} |")
-    table = "\n".join(lines)
+    table = "\n".join(lines) + f"\n\nCPU: {cpu_name()}, {threads} threads, {new_tokens} new tokens, median of {repeats}"
     print(table)
     RESULTS.mkdir(parents=True, exist_ok=True)
     report = {"model": "SmolLM2-135M-Instruct", "weights": str(src), "new_tokens": new_tokens, "repeats": repeats,
@@ -289,11 +273,10 @@ def parse_args(argv=None) -> dict:
     p.add_argument("--new-tokens", type=int, default=128, help="greedy tokens generated per run")
     p.add_argument("--threads", type=int, help="threads for every engine (default: physical cores)")
     p.add_argument("--contexts", help="comma-separated prompt lengths, e.g. 40,1000,4000: decode speed by context")
+    p.add_argument("--llama-python", default=sys.executable if importlib.util.find_spec("llama_cpp") else None,
+                   help="a Python with llama-cpp-python installed (default: this one, if it has it)")
     return vars(p.parse_args(argv))
 
 
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["--llama-worker"]:
-        print(json.dumps(llama_cpp_worker(json.loads(sys.argv[2]))))
-        sys.exit(0)
     sys.exit(main(**parse_args()))

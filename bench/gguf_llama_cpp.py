@@ -21,38 +21,22 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python bench/gguf_llama_cpp.py` from anywhere
 
+from bench.llama_cpp_peer import run_peer  # noqa: E402
+
 TEXTS = ["Hello world 12345 and 3.14159", "ñandú, Ünïcode, emoji 🦊🚀, مرحبا", "def f(x):\n\treturn x ** 2  # code\n\n",
          "   leading spaces and trailing   "]
 CHAT = [{"role": "user", "content": "What is the capital of France?"}]
 
-LLAMA = r"""
-import json, sys
-from llama_cpp import Llama
-job = json.loads(sys.stdin.read())
-llm = Llama(job["path"], n_ctx=512, n_batch=1, n_threads=2, verbose=False, logits_all=False)
-toks = [llm.tokenize(t.encode(), add_bos=False, special=False) for t in job["texts"]]
-out = []
-for tok in llm.generate(job["prompt"], temp=0.0, top_k=1, reset=True):
-    if tok in job["stop"] or len(out) == job["n"]:
-        break
-    out.append(tok)
-print(json.dumps({"tokens": toks, "greedy": out}))
-"""
-
-
 def llama_cpp(python: str, path: Path, prompt: list[int], stop: list[int], n: int) -> dict:
-    job = {"path": str(path), "texts": TEXTS, "prompt": prompt, "stop": stop, "n": n}
-    r = subprocess.run([python, "-c", LLAMA], input=json.dumps(job), capture_output=True, text=True, timeout=900)
-    if r.returncode:
-        return {"error": (r.stderr.strip().splitlines() or [f"exit {r.returncode}"])[-1]}
-    return json.loads(r.stdout.strip().splitlines()[-1])
+    r = run_peer(python, {"path": str(path), "n_ctx": 512, "n_batch": 1, "threads": 2,
+                          "tasks": [{"kind": "tokenize", "texts": TEXTS}, {"kind": "greedy", "ids": prompt, "stop": stop, "n": n}]})
+    return r if "error" in r else {"tokens": r["results"][0], "greedy": r["results"][1]}
 
 
 def check(name: str, python: str, path: Path, model, tok, n: int, source: Path | None = None) -> dict:

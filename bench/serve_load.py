@@ -54,10 +54,10 @@ def start_app(model: str, backend: str, port: int) -> subprocess.Popen:
             time.sleep(0.5)
 
 
-def chat_user(client, model: str, turns: int, max_tokens: int, record: list) -> None:
+def chat_user(client, model: str, turns: int, max_tokens: int, record: list, message: str = MESSAGE) -> None:
     history = []
     for turn in range(turns):
-        history.append({"role": "user", "content": MESSAGE})
+        history.append({"role": "user", "content": message})
         start = time.perf_counter()
         ttft, text, tokens = None, [], 0
         stream = client.chat.completions.create(model=model, messages=history, max_tokens=max_tokens, temperature=0,
@@ -73,18 +73,19 @@ def chat_user(client, model: str, turns: int, max_tokens: int, record: list) -> 
         history.append({"role": "assistant", "content": "".join(text)})
 
 
-def run_users(client, model: str, users: int, turns: int, max_tokens: int) -> dict:
+def run_users(client, model: str, users: int, turns: int, max_tokens: int, message: str = MESSAGE) -> dict:
     records: list = []
-    threads = [threading.Thread(target=chat_user, args=(client, model, turns, max_tokens, records)) for _ in range(users)]
-    start = time.perf_counter()
+    threads = [threading.Thread(target=chat_user, args=(client, model, turns, max_tokens, records, message))
+               for _ in range(users)]
+    start, cpu = time.perf_counter(), time.process_time()
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    wall = time.perf_counter() - start
+    wall, client_cpu = time.perf_counter() - start, time.process_time() - cpu
     ttfts = sorted(r["ttft_s"] for r in records)
     per_turn = {t: statistics.median(r["ttft_s"] for r in records if r["turn"] == t) for t in range(1, turns + 1)}
-    return {"users": users, "wall_s": wall, "tokens": sum(r["tokens"] for r in records),
+    return {"users": users, "wall_s": wall, "client_cpu_s": client_cpu, "tokens": sum(r["tokens"] for r in records),
             "aggregate_tok_s": sum(r["tokens"] for r in records) / wall,
             "ttft_p50_s": statistics.median(ttfts), "ttft_p95_s": ttfts[min(len(ttfts) - 1, int(0.95 * len(ttfts)))],
             "ttft_by_turn_s": per_turn, "turns": records}
@@ -109,7 +110,7 @@ def cpu_name() -> str:
 
 
 def main(users: str = "1,2,4,8", turns: int = 10, max_tokens: int = 32, model: str = "default",
-         backend: str = "onnx", url: str | None = None, rss_tokens: int = 0) -> int:
+         backend: str = "onnx", url: str | None = None, rss_tokens: int = 0, message: str = MESSAGE) -> int:
     from openai import OpenAI
 
     try:
@@ -132,10 +133,11 @@ def main(users: str = "1,2,4,8", turns: int = 10, max_tokens: int = 32, model: s
         chat_user(client, served, 1, 4, [])  # warm-up
         runs = []
         for u in counts:
-            r = run_users(client, served, u, turns, max_tokens)
+            r = run_users(client, served, u, turns, max_tokens, message)
             print(f"{u} users: {r['aggregate_tok_s']:.1f} tok/s aggregate, TTFT p50 {r['ttft_p50_s']:.2f} s "
                   f"p95 {r['ttft_p95_s']:.2f} s, turn 1 {r['ttft_by_turn_s'][1]:.2f} s, turn {turns} "
-                  f"{r['ttft_by_turn_s'][turns]:.2f} s", file=sys.stderr, flush=True)
+                  f"{r['ttft_by_turn_s'][turns]:.2f} s; the clients used {r['client_cpu_s'] / r['wall_s']:.0%} of a core",
+                  file=sys.stderr, flush=True)
             runs.append(r)
         rss = peak_rss_after_prompt(client, served, proc.pid, rss_tokens) if rss_tokens and proc else None
         if rss:
@@ -154,7 +156,8 @@ def main(users: str = "1,2,4,8", turns: int = 10, max_tokens: int = 32, model: s
     table = "\n".join(lines)
     print(table)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    report = {"model": model, "backend": backend, "turns": turns, "max_tokens": max_tokens, "cpu": cpu_name(),
+    report = {"model": model, "backend": backend, "turns": turns, "max_tokens": max_tokens, "message": message,
+              "mean_completion_tokens": runs[-1]["tokens"] / (runs[-1]["users"] * turns), "cpu": cpu_name(),
               "cpu_count": os.cpu_count(), "runs": runs, "peak_rss": rss, "table": table,
               "command": "python bench/serve_load.py " + " ".join(sys.argv[1:])}
     (RESULTS / "serve_load.json").write_text(json.dumps(report, indent=2))
@@ -187,6 +190,8 @@ def parse_args(argv=None) -> dict:
     p.add_argument("--model", default="default", help="model for the app this starts")
     p.add_argument("--backend", default="onnx", choices=("onnx", "torch"), help="backend for the app this starts")
     p.add_argument("--url", help="a running app instead of starting one (no memory figure then)")
+    p.add_argument("--message", default=MESSAGE, help="the user message of every turn (its reply length decides how "
+                   "much of the work is decoding, which batching shares, rather than prefill, which it cannot)")
     p.add_argument("--rss-tokens", type=int, default=0, help="also measure peak RSS after one prompt of ~N tokens")
     return vars(p.parse_args(argv))
 
