@@ -50,8 +50,10 @@ def test_top_k_and_top_p_restrict_the_choices():
 
 
 def test_a_batch_samples_each_row_with_its_own_settings():
-    """One call, four rows: greedy, top-k 1, and two seeded rows whose draws equal their draws alone."""
-    logits = torch.randn(4, 50, generator=torch.Generator().manual_seed(0))
+    """One call, four rows: greedy, top-k 1, and two seeded rows whose draws equal their draws alone.
+    In the batch the candidates are the whole vocabulary (row 2 has top_k 0); alone, row 3 (top_k 50)
+    samples among its 50 best: its draws must not change."""
+    logits = torch.randn(4, 500, generator=torch.Generator().manual_seed(0))
     cfgs = [SamplingConfig(temperature=0, top_k=0, top_p=1, repetition_penalty=1),
             SamplingConfig(temperature=1.5, top_k=1, repetition_penalty=1),
             SamplingConfig(temperature=1.0, top_k=0, top_p=1, seed=5), SamplingConfig(temperature=0.7, seed=9)]
