@@ -7,6 +7,8 @@
 For each number of users U, U threads chat at once through the official `openai` client (streaming),
 each for --turns turns that send the same new message and keep the history, so turn k's prompt is
 the whole conversation so far (the engine reuses its cache; a cold server would prefill it all).
+A reply's length decides the mix: short replies make each turn mostly prefill (which batching cannot
+share), long ones mostly decoding (which it does); --message sets what every turn asks.
 Reported: aggregate completion tok/s (all users' tokens / wall time), p50/p95 time to first token
 over all turns, and the median TTFT of each turn index. With --rss-tokens N the app's peak resident
 memory (VmHWM from /proc) is read after one prompt of ~N tokens. Writes bench/results/serve_load.{json,png}.
@@ -54,10 +56,14 @@ def start_app(model: str, backend: str, port: int) -> subprocess.Popen:
             time.sleep(0.5)
 
 
-def chat_user(client, model: str, turns: int, max_tokens: int, record: list, message: str = MESSAGE) -> None:
+def chat_user(client, model: str, turns: int, max_tokens: int, record: list, message: str = MESSAGE,
+              name: str = "") -> None:
+    """One user's chat. Its first message opens with the user's name, so no two chats (nor the
+    warm-up, nor an earlier run's users) share a prompt beyond the system prompt: turn 1 is a cold
+    prefill, and a later turn can reuse only its own chat's cache."""
     history = []
     for turn in range(turns):
-        history.append({"role": "user", "content": message})
+        history.append({"role": "user", "content": f"I am {name}. {message}" if turn == 0 and name else message})
         start = time.perf_counter()
         ttft, text, tokens = None, [], 0
         stream = client.chat.completions.create(model=model, messages=history, max_tokens=max_tokens, temperature=0,
@@ -75,8 +81,8 @@ def chat_user(client, model: str, turns: int, max_tokens: int, record: list, mes
 
 def run_users(client, model: str, users: int, turns: int, max_tokens: int, message: str = MESSAGE) -> dict:
     records: list = []
-    threads = [threading.Thread(target=chat_user, args=(client, model, turns, max_tokens, records, message))
-               for _ in range(users)]
+    threads = [threading.Thread(target=chat_user, args=(client, model, turns, max_tokens, records, message,
+                                                        f"user {i + 1} of {users}")) for i in range(users)]
     start, cpu = time.perf_counter(), time.process_time()
     for t in threads:
         t.start()
@@ -110,7 +116,8 @@ def cpu_name() -> str:
 
 
 def main(users: str = "1,2,4,8", turns: int = 10, max_tokens: int = 32, model: str = "default",
-         backend: str = "onnx", url: str | None = None, rss_tokens: int = 0, message: str = MESSAGE) -> int:
+         backend: str = "onnx", url: str | None = None, rss_tokens: int = 0, message: str = MESSAGE,
+         tag: str = "") -> int:
     from openai import OpenAI
 
     try:
@@ -130,7 +137,7 @@ def main(users: str = "1,2,4,8", turns: int = 10, max_tokens: int = 32, model: s
         client = OpenAI(base_url=url.rstrip("/") + "/v1", api_key=os.environ.get("COGNI_MAMBA_API_KEY", "unused"),
                         max_retries=0, timeout=600)
         served = client.models.list().data[0].id
-        chat_user(client, served, 1, 4, [])  # warm-up
+        chat_user(client, served, 1, 4, [], message, "the warm-up")
         runs = []
         for u in counts:
             r = run_users(client, served, u, turns, max_tokens, message)
@@ -160,7 +167,8 @@ def main(users: str = "1,2,4,8", turns: int = 10, max_tokens: int = 32, model: s
               "mean_completion_tokens": runs[-1]["tokens"] / (runs[-1]["users"] * turns), "cpu": cpu_name(),
               "cpu_count": os.cpu_count(), "runs": runs, "peak_rss": rss, "table": table,
               "command": "python bench/serve_load.py " + " ".join(sys.argv[1:])}
-    (RESULTS / "serve_load.json").write_text(json.dumps(report, indent=2))
+    stem = "serve_load" + (f"_{tag}" if tag else "")
+    (RESULTS / f"{stem}.json").write_text(json.dumps(report, indent=2))
     import matplotlib
 
     matplotlib.use("Agg")
@@ -177,8 +185,8 @@ def main(users: str = "1,2,4,8", turns: int = 10, max_tokens: int = 32, model: s
     b.legend()
     fig.suptitle(f"{model} on {backend}, {cpu_name()}")
     fig.tight_layout()
-    fig.savefig(RESULTS / "serve_load.png", dpi=110)
-    print(f"wrote {RESULTS / 'serve_load.json'} and {RESULTS / 'serve_load.png'}", file=sys.stderr)
+    fig.savefig(RESULTS / f"{stem}.png", dpi=110)
+    print(f"wrote {RESULTS / stem}.json and .png", file=sys.stderr)
     return 0
 
 
@@ -192,6 +200,7 @@ def parse_args(argv=None) -> dict:
     p.add_argument("--url", help="a running app instead of starting one (no memory figure then)")
     p.add_argument("--message", default=MESSAGE, help="the user message of every turn (its reply length decides how "
                    "much of the work is decoding, which batching shares, rather than prefill, which it cannot)")
+    p.add_argument("--tag", default="", help="results go to bench/results/serve_load_TAG.{json,png}")
     p.add_argument("--rss-tokens", type=int, default=0, help="also measure peak RSS after one prompt of ~N tokens")
     return vars(p.parse_args(argv))
 
