@@ -14,7 +14,9 @@ Prints one line per check and a JSON summary; exit status 1 if any check differs
 Measured (llama-cpp-python 0.3.36 built on AMD EPYC, 2 threads): all three ok; tokenization equal
 everywhere; greedy equal for f32; on the Q4_1 file llama.cpp writes "L'Étoile, la Marseillaise, ..."
 instead of "The capital of France is Paris.", exactly as it does on the original GGUF (Q8_0 exports
-do the same, f16 and q4_0 ones answer sensibly): a kernel problem of that build, not of the file.
+do the same, f16 and q4_0 ones answer sensibly). Not a fault of that build: the first token is a
+near-tie ("L" 24.78 vs "The" 24.64 in our own `--quantize gguf` graph, which answers the same way),
+and int8 activations on the quantized blocks tip it; held-out perplexity is equal (README).
 The random nano model's greedy tokens are degenerate (all newlines); its check is the tokenization.
 """
 from __future__ import annotations
