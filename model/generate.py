@@ -9,8 +9,11 @@
     Engine                        continuous batching: a scheduler thread steps every active sequence
                                   with one network call; sequences join after their own prefill and
                                   leave on finish or cancel; each chat's cache is kept for its next turn
-    stream_text(tokenizer, tokens) text pieces, never half a UTF-8 character or half a stop string
-    chat(engine, tokenizer, messages)  messages -> trimmed prompt -> streamed reply, with stats
+    TextStream / stream_text      token ids -> text pieces, never half a UTF-8 character or half a
+                                  stop string
+    ChatTurn                      messages -> trimmed prompt -> Sequence; each token -> text and stats
+    chat(engine, tokenizer, messages)  ChatTurn driven in this thread: yields the reply's pieces
+                                  (webui/api.py drives the same ChatTurn from an asyncio loop)
 
 The backends (TorchBackend here, OrtBackend in export/ort_backend.py) only run the network:
 `new_cache(rows, capacity)` gives a StaticCache (model/model.py) and `forward(tokens, cache,
@@ -95,6 +98,21 @@ class Sequence:
         self.seen: torch.Tensor | None = None  # (vocab,) bool: tokens in the context, for the penalty
         self.cancelled = threading.Event()
         self.out: queue.Queue = queue.Queue()  # Engine -> consumer: token ids, then None or an exception
+        self.listener = None  # called (from the engine's thread) after each put: wakes an asyncio consumer
+
+    def put(self, item) -> None:
+        self.out.put(item)
+        if self.listener is not None:
+            self.listener()
+
+    def drain(self) -> list:
+        """Everything queued so far, without waiting."""
+        items = []
+        while True:
+            try:
+                items.append(self.out.get_nowait())
+            except queue.Empty:
+                return items
 
     def accept(self, token: int, max_seq_len: int) -> bool:
         """Apply the stopping rules to a sampled token; True if it is part of the reply."""
@@ -317,8 +335,8 @@ class Engine:
             self.thread.join(timeout=10)
 
     # ---- the consumer side (any thread)
-    def run(self, seq: Sequence) -> Iterator[int]:
-        """Submit `seq` and yield its tokens; closing the iterator cancels it."""
+    def submit(self, seq: Sequence) -> None:
+        """Queue `seq`; its tokens arrive in seq.out (then None, or an exception)."""
         start(seq, self.vocab_size, self.max_seq_len)
         with self.wake:
             if self.closed:
@@ -328,16 +346,24 @@ class Engine:
                 self.thread = threading.Thread(target=self._loop, name="engine", daemon=True)
                 self.thread.start()
             self.wake.notify()
+
+    def cancel(self, seq: Sequence) -> None:
+        """Stop `seq` at the next step, unless it has finished (any thread)."""
+        if seq.finish_reason is None:
+            seq.cancelled.set()
+            with self.wake:
+                self.wake.notify()
+
+    def run(self, seq: Sequence) -> Iterator[int]:
+        """Submit `seq` and yield its tokens; closing the iterator cancels it."""
+        self.submit(seq)
         try:
             while (item := seq.out.get()) is not None:
                 if isinstance(item, BaseException):
                     raise item
                 yield item
         finally:
-            if seq.finish_reason is None:
-                seq.cancelled.set()
-                with self.wake:
-                    self.wake.notify()
+            self.cancel(seq)
 
     def generate(self, prompt_ids: list[int], cfg: SamplingConfig = GREEDY, stop_ids: Iterable[int] = (),
                  conversation: str | None = None) -> Iterator[int]:
@@ -353,7 +379,7 @@ class Engine:
                 if self.closed:
                     for seq in self.waiting + self.active:
                         seq.finish_reason = seq.finish_reason or "cancelled"
-                        seq.out.put(None)
+                        seq.put(None)
                     self.waiting, self.active = [], []
                     return
                 joining = []
@@ -367,12 +393,12 @@ class Engine:
     def _fail(self, seqs: list[Sequence], error: BaseException) -> None:
         for s in seqs:
             s.finish_reason = "error"
-            s.out.put(error)
+            s.put(error)
 
     def _join(self, seq: Sequence) -> None:
         if seq.cancelled.is_set():
             seq.finish_reason = "cancelled"
-            seq.out.put(None)
+            seq.put(None)
             return
         row = len(self.active)
         try:
@@ -410,7 +436,7 @@ class Engine:
         if seq.cancelled.is_set():
             seq.finish_reason = "cancelled"
         elif seq.accept(token, self.max_seq_len):
-            seq.out.put(token)
+            seq.put(token)
         if seq.finish_reason is None:
             return
         handed_over = self._keep(seq, self.cache.lengths[row], row)
@@ -422,7 +448,7 @@ class Engine:
         self.cache.lengths[last] = 0
         if handed_over:
             self.cache = None  # its memory now belongs to the kept cache; a new sequence gets a new one
-        seq.out.put(None)
+        seq.put(None)
 
     # ---- kept caches (cross-turn reuse)
     def _reusable(self, prompt: list[int]) -> tuple[int, SavedCache | None]:
@@ -466,35 +492,53 @@ _ENGINES: weakref.WeakSet = weakref.WeakSet()
 atexit.register(lambda: [engine.close() for engine in list(_ENGINES)])
 
 
-def stream_text(tokenizer, tokens: Iterable[int], stop_strings: Iterable[str] = ()) -> Iterator[str]:
-    """Turn token ids into text pieces as they come. A piece is held back while it ends in an
-    incomplete UTF-8 character (decoded as U+FFFD) or could be the start of a stop string.
-    Returns (as the generator's value) the stop string that ended the text, or None."""
-    stop_strings = [s for s in stop_strings if s]
-    ids: list[int] = []
-    emitted = 0
-    for tok in tokens:
-        ids.append(tok)
-        text = tokenizer.decode(ids)
-        for s in stop_strings:
-            if (cut := text.find(s, emitted)) >= 0:
-                if cut > emitted:
-                    yield text[emitted:cut]
-                return s
-        safe = len(text)
-        if text.endswith("\ufffd"):
-            safe = len(text.rstrip("\ufffd"))
-        for s in stop_strings:  # hold back a suffix that may grow into a stop string (litgpt)
-            for k in range(min(len(s) - 1, safe - emitted), 0, -1):
+class TextStream:
+    """Token ids in, text pieces out, one token at a time. A piece is held back while it ends in an
+    incomplete UTF-8 character (decoded as U+FFFD) or could be the start of a stop string; `stop`
+    is the stop string that ended the text, once one has."""
+
+    def __init__(self, tokenizer, stop_strings: Iterable[str] = ()):
+        self.tokenizer, self.stop_strings = tokenizer, [s for s in stop_strings if s]
+        self.ids: list[int] = []
+        self.emitted = 0  # characters of the decoded text handed out
+        self.stop: str | None = None
+
+    def push(self, token: int) -> str:
+        self.ids.append(token)
+        text = self.tokenizer.decode(self.ids)
+        for s in self.stop_strings:
+            if (cut := text.find(s, self.emitted)) >= 0:
+                self.stop = s
+                return self._take(text, cut)
+        safe = len(text.rstrip("\ufffd")) if text.endswith("\ufffd") else len(text)
+        for s in self.stop_strings:  # hold back a suffix that may grow into a stop string (litgpt)
+            for k in range(min(len(s) - 1, safe - self.emitted), 0, -1):
                 if text[:safe].endswith(s[:k]):
                     safe -= k
                     break
-        if safe > emitted:
-            yield text[emitted:safe]
-            emitted = safe
-    text = tokenizer.decode(ids)
-    if len(text) > emitted:
-        yield text[emitted:]
+        return self._take(text, safe)
+
+    def finish(self) -> str:
+        """What was held back, at the end of the tokens (nothing after a stop string)."""
+        return "" if self.stop is not None else self._take(self.tokenizer.decode(self.ids), None)
+
+    def _take(self, text: str, end: int | None) -> str:
+        piece = text[self.emitted:end]
+        self.emitted += len(piece)
+        return piece
+
+
+def stream_text(tokenizer, tokens: Iterable[int], stop_strings: Iterable[str] = ()) -> Iterator[str]:
+    """TextStream over an iterable of tokens. Returns (as the generator's value) the stop string
+    that ended the text, or None."""
+    text = TextStream(tokenizer, stop_strings)
+    for tok in tokens:
+        if piece := text.push(tok):
+            yield piece
+        if text.stop is not None:
+            return text.stop
+    if rest := text.finish():
+        yield rest
     return None
 
 
@@ -557,36 +601,55 @@ class ChatStats:
                 f"context {self.prompt_tokens + self.new_tokens}/{self.context_max} tokens")
 
 
+class ChatTurn:
+    """One reply to `messages` (role/content dicts, oldest first): the prompt trimmed to fit, its
+    Sequence, and what each token becomes (text pieces, stats, the stop strings). Driven by
+    `chat` (blocking, any thread) or by an asyncio loop (webui/api.py), so both share this logic."""
+
+    def __init__(self, engine: Engine | Backend, tokenizer, messages: list[dict], cfg: SamplingConfig = GREEDY,
+                 stats: ChatStats | None = None, conversation: str | None = None, stop: Iterable[str] = ()):
+        self.stats = stats = stats if stats is not None else ChatStats()
+        budget = engine.max_seq_len - min(cfg.max_new_tokens, engine.max_seq_len // 2)
+        ids, _, stats.notice = trim_messages(tokenizer, messages, budget)
+        stats.backend, stats.device = engine.name, engine.device
+        stats.prompt_tokens, stats.context_max, stats.new_tokens = len(ids), engine.max_seq_len, 0
+        self.seq = stats.sequence = Sequence(ids, cfg, tokenizer.stop_ids, conversation)
+        self.text = TextStream(tokenizer, [tokenizer.decode([i]) for i in tokenizer.stop_ids] + [s for s in stop if s])
+        self.began = time.perf_counter()
+
+    def accept(self, token: int) -> str:
+        """A generated token -> the text it adds ('' while held back). After a stop string
+        (self.text.stop) the caller stops reading and cancels the sequence."""
+        stats = self.stats
+        stats.new_tokens += 1
+        stats.seconds = time.perf_counter() - self.began
+        if stats.new_tokens == 1:
+            stats.time_to_first_token = stats.seconds
+        return self.text.push(token)
+
+    def finish(self) -> str:
+        """The held-back rest of the text; fills in why the reply ended."""
+        stats = self.stats
+        stats.seconds = time.perf_counter() - self.began
+        stats.reused_tokens = self.seq.reused_tokens
+        stats.finish_reason = "stop" if self.text.stop is not None else (self.seq.finish_reason or "cancelled")
+        return self.text.finish()
+
+
 def chat(engine: Engine | Backend, tokenizer, messages: list[dict], cfg: SamplingConfig = GREEDY,
          stats: ChatStats | None = None, conversation: str | None = None, stop: Iterable[str] = ()) -> Iterator[str]:
-    """Stream the assistant's reply to `messages` (role/content dicts, oldest first) through an
-    Engine (batched with other chats, its cache kept under `conversation`) or a bare Backend
-    (alone, in this thread). `stop`: extra stop strings. stats.finish_reason says why it ended."""
-    stats = stats if stats is not None else ChatStats()
-    budget = engine.max_seq_len - min(cfg.max_new_tokens, engine.max_seq_len // 2)
-    ids, _, stats.notice = trim_messages(tokenizer, messages, budget)
-    stats.backend, stats.device = engine.name, engine.device
-    stats.prompt_tokens, stats.context_max, stats.new_tokens = len(ids), engine.max_seq_len, 0
-    began = time.perf_counter()
-    seq = stats.sequence = Sequence(ids, cfg, tokenizer.stop_ids, conversation)
-    tokens = engine.run(seq) if isinstance(engine, Engine) else run_alone(engine, seq)
-
-    def counted(tokens):
-        for t in tokens:
-            stats.new_tokens += 1
-            if stats.new_tokens == 1:
-                stats.time_to_first_token = time.perf_counter() - began
-            stats.seconds = time.perf_counter() - began
-            yield t
-
-    stop_strings = [tokenizer.decode([i]) for i in tokenizer.stop_ids] + [s for s in stop if s]
-    counter = counted(tokens)
+    """Stream the assistant's reply to `messages` through an Engine (batched with other chats, its
+    cache kept under `conversation`) or a bare Backend (alone, in this thread). `stop`: extra stop
+    strings. stats.finish_reason says why it ended."""
+    turn = ChatTurn(engine, tokenizer, messages, cfg, stats, conversation, stop)
+    tokens = engine.run(turn.seq) if isinstance(engine, Engine) else run_alone(engine, turn.seq)
     try:
-        hit = yield from stream_text(tokenizer, counter, stop_strings)
+        for token in tokens:
+            if piece := turn.accept(token):
+                yield piece
+            if turn.text.stop is not None:
+                break
     finally:
-        counter.close()  # a stop string (or a closed stream) cancels the generation under it
-        if isinstance(tokens, Iterator) and hasattr(tokens, "close"):
-            tokens.close()
-    stats.seconds = time.perf_counter() - began
-    stats.reused_tokens = seq.reused_tokens
-    stats.finish_reason = "stop" if hit is not None else (seq.finish_reason or "cancelled")
+        tokens.close()  # a stop string (or a closed stream) cancels the generation under it
+    if rest := turn.finish():
+        yield rest

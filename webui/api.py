@@ -15,16 +15,18 @@ reachable from other machines (app.py decides; see api_access).
 """
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import time
 import uuid
+from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from model.generate import ChatStats, SamplingConfig, chat
+from model.generate import ChatStats, ChatTurn, Engine, SamplingConfig
 from webui.chat import MAX_MESSAGE_CHARS, too_long
 from webui.models import display_name
 
@@ -132,6 +134,44 @@ def parse_request(body, served: set[str], max_seq_len: int) -> tuple[list[dict],
     return messages, cfg, stop, bool(body.get("stream", False)), notice
 
 
+async def reply_pieces(engine: Engine, turn: ChatTurn) -> AsyncIterator[str]:
+    """The turn's text pieces as the engine makes them, read in the event loop: the engine's thread
+    wakes it through the sequence's listener. No worker thread waits per open stream (AnyIO's pool
+    has 40, which 40 slow streams would otherwise hold), and leaving early (a client that went
+    away) cancels the generation at once instead of after the blocked read returns. Throughput is
+    the same as with a thread hop per token (bench/serve_load.py, within run-to-run noise)."""
+    loop, ready = asyncio.get_running_loop(), asyncio.Event()
+
+    def wake() -> None:  # runs in the engine's thread
+        try:
+            loop.call_soon_threadsafe(ready.set)
+        except RuntimeError:  # the loop has closed (shutdown): nobody is reading any more
+            pass
+
+    turn.seq.listener = wake
+    engine.submit(turn.seq)
+    try:
+        done = False
+        while not done:
+            await ready.wait()
+            ready.clear()
+            for item in turn.seq.drain():
+                if isinstance(item, BaseException):
+                    raise item
+                if item is None:
+                    done = True
+                    break
+                if piece := turn.accept(item):
+                    yield piece
+                if turn.text.stop is not None:
+                    done = True
+                    break
+    finally:
+        engine.cancel(turn.seq)
+    if rest := turn.finish():
+        yield rest
+
+
 def make_router(models, spec: str, backend: str, api_key: str | None = None, max_waiting: int = 32) -> APIRouter:
     """The /v1 routes for the model `spec` on `backend`, loaded through `models` (a ModelCache)."""
     router = APIRouter()
@@ -182,7 +222,11 @@ def make_router(models, spec: str, backend: str, api_key: str | None = None, max
         except Exception as e:  # a model that fails to load: one line, no traceback
             return ApiError(500, f"{type(e).__name__}: {e}", "server_error").response()
         stats = ChatStats()
-        pieces = chat(engine, tokenizer, messages, cfg, stats, stop=stop)
+        try:  # the template and the tokenizer, off the event loop
+            turn = await run_in_threadpool(ChatTurn, engine, tokenizer, messages, cfg, stats, None, stop)
+        except Exception as e:
+            return ApiError(500, f"{type(e).__name__}: {e}", "server_error").response()
+        pieces = reply_pieces(engine, turn)
         ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         headers = {"X-Cogni-Notice": notice} if notice else {}
 
@@ -195,9 +239,11 @@ def make_router(models, spec: str, backend: str, api_key: str | None = None, max
 
         if not stream:
             try:
-                text = await run_in_threadpool(lambda: "".join(pieces))
+                text = "".join([piece async for piece in pieces])
             except Exception as e:
                 return ApiError(500, f"generation failed: {type(e).__name__}: {e}", "server_error").response()
+            finally:
+                await pieces.aclose()
             reply = {"id": ident, "object": "chat.completion", "created": created, "model": name,
                      "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
                                   "finish_reason": stats.finish_reason, "logprobs": None}],
@@ -214,10 +260,9 @@ def make_router(models, spec: str, backend: str, api_key: str | None = None, max
                                                                       "logprobs": None}], **extra}) + "\n\n"
 
         async def events():
-            sentinel = object()
             try:
                 yield chunk({"role": "assistant", "content": ""})
-                while (piece := await run_in_threadpool(next, pieces, sentinel)) is not sentinel:
+                async for piece in pieces:
                     yield chunk({"content": piece})
                 yield chunk({}, stats.finish_reason, **({"notices": notices()} if notices() else {}))
                 if include_usage:
@@ -226,13 +271,8 @@ def make_router(models, spec: str, backend: str, api_key: str | None = None, max
             except Exception as e:  # mid-stream: the status is sent already; report in the stream
                 yield "data: " + json.dumps({"error": {"message": f"generation failed: {type(e).__name__}: {e}",
                                                        "type": "server_error", "param": None, "code": None}}) + "\n\n"
-            finally:  # a client that went away cancels its generation (the thread may still be in next())
-                if stats.sequence is not None:
-                    stats.sequence.cancelled.set()
-                try:
-                    pieces.close()
-                except ValueError:  # "generator already executing": it ends at its next step
-                    pass
+            finally:  # a client that went away cancels its generation
+                await pieces.aclose()
             yield "data: [DONE]\n\n"
 
         return StreamingResponse(events(), media_type="text/event-stream", headers=headers)

@@ -154,3 +154,42 @@ def test_over_real_http_streamed_and_concurrent(server, nano_dir):
         alone = c.chat.completions.create(model="nano", messages=[{"role": "user", "content": f"hi {i}"}],
                                           max_tokens=8, temperature=0).choices[0].message.content
         assert results[i] == alone
+
+
+def test_the_async_reader_equals_chat_and_leaving_cancels(models, nano_dir):
+    """reply_pieces (the API's reader, in the event loop) gives chat()'s pieces and stats, stop
+    string included; leaving after two pieces cancels the generation in the engine."""
+    import asyncio
+    import time
+
+    from model.generate import ChatStats, ChatTurn, chat
+    from webui.api import reply_pieces
+
+    engine, tok, _ = models.get(str(nano_dir), "torch")
+    messages = [{"role": "user", "content": "the quick brown fox"}]
+    cfg = SamplingConfig(temperature=0, top_k=0, top_p=1, repetition_penalty=1, max_new_tokens=40)
+    stop = ["".join(chat(engine, tok, messages, cfg))[8:11]]  # a stop string the reply reaches
+    want_stats = ChatStats()
+    want = list(chat(engine, tok, messages, cfg, want_stats, stop=stop))
+    assert want_stats.finish_reason == "stop"
+
+    async def read_all():
+        stats = ChatStats()
+        return [p async for p in reply_pieces(engine, ChatTurn(engine, tok, messages, cfg, stats, None, stop))], stats
+
+    got, stats = asyncio.run(read_all())
+    assert got == want and (stats.finish_reason, stats.new_tokens) == (want_stats.finish_reason, want_stats.new_tokens)
+
+    long = SamplingConfig(temperature=0, top_k=0, top_p=1, repetition_penalty=1, max_new_tokens=100_000)
+    turn = ChatTurn(engine, tok, messages, long, ChatStats())
+
+    async def leave_early():
+        pieces = reply_pieces(engine, turn)
+        assert [await anext(pieces), await anext(pieces)]
+        await pieces.aclose()
+
+    asyncio.run(leave_early())
+    deadline = time.time() + 10
+    while (turn.seq.finish_reason is None or engine.active) and time.time() < deadline:
+        time.sleep(0.01)
+    assert turn.seq.finish_reason == "cancelled" and not engine.active
