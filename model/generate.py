@@ -288,6 +288,15 @@ def common_prefix(a: list[int], b: list[int]) -> int:
 
 
 @dataclass
+class Prefill:
+    """A sequence whose prompt is being fed, PREFILL_CHUNK tokens at a time, into its own one-row
+    cache (sized for its whole reply) before it joins the batch."""
+    seq: Sequence
+    cache: StaticCache
+    done: int  # prompt tokens whose keys/values the cache holds
+
+
+@dataclass
 class SavedCache:
     tokens: list[int]  # the tokens whose keys/values `tensors` hold
     tensors: list[torch.Tensor]  # (n_kv_heads, len(tokens), head_dim) per layer, keys then values
@@ -298,11 +307,15 @@ class Engine:
     """Continuous batching over one backend, and each conversation's cache kept between turns.
 
     A scheduler thread owns one StaticCache whose rows 0..n-1 are the n active sequences. Each
-    iteration it admits waiting sequences (each prefilled alone into a new row, reusing the
-    longest common prefix with a kept cache), then takes one decode step for every active row
-    with one network call, and lets finished or cancelled rows leave: the last row moves into the
-    freed one, so the active rows stay a contiguous view (one row copied per departure, nothing
-    per step). A departing row's tokens and cache are kept (LRU, under `cache_budget_bytes`), so a
+    iteration it admits waiting sequences (each into its own one-row cache, starting from the
+    longest common prefix with a kept cache), feeds prompts in chunks of PREFILL_CHUNK tokens
+    until about PREFILL_CHUNK tokens have gone in (so eight short prompts join together, while a
+    long one is fed a chunk per iteration and the others keep decoding between its chunks, as
+    vLLM's chunked prefill does), moves each fully fed prompt into a new row of the batch, then
+    takes one decode step for every active row with one network call, and lets finished or
+    cancelled rows leave: the last row moves into the freed one, so the active rows stay a
+    contiguous view (one row copied per departure, nothing per step). Chunks fall where
+    `prefill` puts them, so a sequence's numbers do not depend on what runs beside it. A departing row's tokens and cache are kept (LRU, under `cache_budget_bytes`), so a
     chat's next turn prefills only what follows the common prefix. Consumers read a sequence's
     tokens from its queue (`run`), in their own threads.
     """
@@ -315,6 +328,7 @@ class Engine:
         self.max_seq_len, self.vocab_size = backend.max_seq_len, backend.vocab_size
         self.cache: StaticCache | None = None
         self.active: list[Sequence] = []
+        self.prefilling: list[Prefill] = []  # admitted, prompt being fed; oldest first
         self.waiting: list[Sequence] = []
         self.saved: OrderedDict[str, SavedCache] = OrderedDict()
         self.saved_bytes = 0
@@ -328,7 +342,7 @@ class Engine:
         """Stop the scheduler thread (at exit: a thread left inside torch at shutdown aborts the process)."""
         with self.wake:
             self.closed = True
-            for seq in self.waiting + self.active:
+            for seq in self.waiting + self.active + [p.seq for p in self.prefilling]:
                 seq.cancelled.set()
             self.wake.notify()
         if self.thread is not None and self.thread is not threading.current_thread():
@@ -373,20 +387,22 @@ class Engine:
     def _loop(self) -> None:
         while True:
             with self.wake:
-                while not self.waiting and not self.active and not self.closed:
+                while not self.waiting and not self.active and not self.prefilling and not self.closed:
                     self.cache = None  # idle: give the memory back
                     self.wake.wait()
                 if self.closed:
-                    for seq in self.waiting + self.active:
+                    for seq in self.waiting + self.active + [p.seq for p in self.prefilling]:
                         seq.finish_reason = seq.finish_reason or "cancelled"
                         seq.put(None)
-                    self.waiting, self.active = [], []
+                    self.waiting, self.active, self.prefilling = [], [], []
                     return
-                joining = []
-                while self.waiting and len(self.active) + len(joining) < self.max_batch:
-                    joining.append(self.waiting.pop(0))
-            for seq in joining:
-                self._join(seq)
+                admitted = []
+                while self.waiting and len(self.active) + len(self.prefilling) + len(admitted) < self.max_batch:
+                    admitted.append(self.waiting.pop(0))
+            for seq in admitted:
+                self._admit(seq)
+            if self.prefilling:
+                self._feed()
             if self.active:
                 self._step()
 
@@ -395,28 +411,64 @@ class Engine:
             s.finish_reason = "error"
             s.put(error)
 
-    def _join(self, seq: Sequence) -> None:
+    def _admit(self, seq: Sequence) -> None:
+        """Give `seq` its own cache, holding what a kept cache shares with its prompt."""
         if seq.cancelled.is_set():
             seq.finish_reason = "cancelled"
             seq.put(None)
             return
-        row = len(self.active)
         try:
             need = capacity_for(len(seq.prompt) + seq.cfg.max_new_tokens, self.max_seq_len)
-            if self.cache is None:
-                self.cache = self.backend.new_cache(row + 1, need)
-            self.cache = self.cache.resized(row + 1, need)
-            self.cache.lengths[row] = 0
+            cache = self.backend.new_cache(1, need)
             reuse, saved = self._reusable(seq.prompt)
             if saved is not None:
-                self.cache.load_row(row, saved.tensors, reuse)
+                cache.load_row(0, saved.tensors, reuse)
             seq.reused_tokens = reuse
-            logits = prefill(self.backend, self.cache, row, seq.prompt[reuse:])
         except Exception as e:  # this request fails; the others go on
             self._fail([seq], e)
             return
-        self.active.append(seq)
-        self._emit(row, sample(logits[None], [seq])[0])
+        self.prefilling.append(Prefill(seq, cache, reuse))
+
+    def _feed(self) -> None:
+        """Feed prompt chunks, oldest sequence first, until ~PREFILL_CHUNK tokens have gone in;
+        a sequence whose prompt is all in joins the batch with its first token."""
+        fed = 0
+        for p in list(self.prefilling):
+            if fed >= PREFILL_CHUNK:
+                break
+            if p.seq.cancelled.is_set():
+                self.prefilling.remove(p)
+                p.seq.finish_reason = "cancelled"
+                p.seq.put(None)
+                continue
+            part = p.seq.prompt[p.done:p.done + PREFILL_CHUNK]
+            try:
+                logits = prefill(self.backend, p.cache, 0, part)
+            except Exception as e:  # this request fails; the others go on
+                self.prefilling.remove(p)
+                self._fail([p.seq], e)
+                continue
+            p.done += len(part)
+            fed += len(part)
+            if p.done == len(p.seq.prompt):
+                self.prefilling.remove(p)
+                self._join(p, logits)
+
+    def _join(self, p: Prefill, logits: torch.Tensor) -> None:
+        """Move a fed prompt into the next row of the batch and emit its first token. Into an empty
+        batch its own cache becomes the batch's (no copy)."""
+        row = len(self.active)
+        try:
+            if row == 0:
+                self.cache = p.cache
+            else:
+                self.cache = self.cache.resized(row + 1, p.cache.capacity)
+                self.cache.load_row(row, [buf[0, :, :p.done] for buf in p.cache.k + p.cache.v], p.done)
+        except Exception as e:
+            self._fail([p.seq], e)
+            return
+        self.active.append(p.seq)
+        self._emit(row, sample(logits[None], [p.seq])[0])
 
     def _step(self) -> None:
         try:

@@ -199,3 +199,25 @@ def test_a_failing_backend_fails_its_requests_and_the_engine_goes_on(nano_model)
         list(engine.generate([1, 2, 3], greedy(4)))
     backend.forward = real
     assert list(engine.generate([1, 2, 3], greedy(4))) == list(generate(backend, [1, 2, 3], greedy(4)))
+
+
+def test_a_long_prompt_is_fed_between_decode_steps(nano_model, monkeypatch):
+    """Chunked prefill: while a 200-token prompt goes in 32 tokens at a time, the running sequence
+    keeps decoding (a step after every chunk), and both get the tokens they get alone."""
+    import model.generate as generation
+
+    monkeypatch.setattr(generation, "PREFILL_CHUNK", 32)
+    backend = TorchBackend(nano_model)
+    long_prompt = torch.randint(0, backend.vocab_size, (200,), generator=torch.Generator().manual_seed(7)).tolist()
+    alone_long = list(Engine(backend).generate(long_prompt, greedy(5)))  # the same 32-token chunks, alone
+    engine = Engine(backend, max_batch=4)
+    running = engine.generate([1, 2, 3], greedy(150))
+    first = [next(running) for _ in range(3)]
+    steps_before = engine.steps
+    joining = engine.generate(long_prompt, greedy(5))
+    got_long = [next(joining)]
+    steps_during_prefill = engine.steps - steps_before
+    got_long += list(joining)
+    assert steps_during_prefill >= 200 // 32 - 1, steps_during_prefill  # 7 chunks, a step between each
+    assert got_long == alone_long
+    assert first + list(running) == list(generate(backend, [1, 2, 3], greedy(150)))
