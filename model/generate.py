@@ -317,7 +317,8 @@ class Engine:
     contiguous view (one row copied per departure, nothing per step). Chunks fall where
     `prefill` puts them, so a sequence's numbers do not depend on what runs beside it. A departing row's tokens and cache are kept (LRU, under `cache_budget_bytes`), so a
     chat's next turn prefills only what follows the common prefix. Consumers read a sequence's
-    tokens from its queue (`run`), in their own threads.
+    tokens from its queue: `run` in their own thread, or `submit` plus the sequence's listener
+    from an event loop (webui/api.py).
     """
 
     def __init__(self, backend: Backend, max_batch: int = 8, cache_budget_bytes: int = 2 << 30):
