@@ -49,7 +49,9 @@ def test_chat_switch_backend_and_screenshot(page):
 
     reply, status = ask(page, "hello there", 1)
     assert status.startswith("torch on cpu" if ort_missing() else "onnx on CPUExecutionProvider")
-    assert reply != status and len(reply) > 20  # a reply, not only the status line
+    # a reply, not only the status line. The model is random and the page samples (temperature
+    # 0.7, a seed of its own), so the reply may be a single token: its length is not checked.
+    assert reply != status and reply.strip()
 
     if not page.get_by_label("Backend").is_visible():
         page.get_by_text("Settings: system prompt").click()  # open the accordion
