@@ -36,6 +36,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from model.generate import SamplingConfig, TorchBackend, generate  # noqa: E402
+from bench import cpu_name  # noqa: E402
 from bench.llama_cpp_peer import run_peer  # noqa: E402
 from model.weights import cache_root, default_gguf, resolve_model  # noqa: E402
 
@@ -50,8 +51,6 @@ def perplexity(logits_of, ids: list[int], window: int = PPL_WINDOW) -> float:
     nll, n = 0.0, 0
     for start in range(0, len(ids) - 1, window):
         chunk = ids[start:start + window + 1]
-        if len(chunk) < 2:
-            break
         logits = torch.as_tensor(logits_of(chunk[:-1]), dtype=torch.float32)
         nll += float(torch.nn.functional.cross_entropy(logits, torch.tensor(chunk[1:]), reduction="sum"))
         n += len(chunk) - 1
@@ -259,12 +258,6 @@ def main(repeats: int = 3, new_tokens: int = 128, threads: int | None = None, co
     print(f"wrote {RESULTS / 'decode_speed.json'} and {RESULTS / 'decode_speed.png'}", file=sys.stderr)
     return 0
 
-
-def cpu_name() -> str:
-    try:
-        return next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or "unknown"
 
 
 def parse_args(argv=None) -> dict:

@@ -30,7 +30,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def batch_steps(batches: list[int], steps: int, rounds: int) -> int:
-    from bench.decode_speed import cpu_name
+    from bench import cpu_name
     from export.ort_backend import load_ort_backend
     from model.generate import capacity_for, prefill
 

@@ -74,8 +74,6 @@ def _ppl(llm, task: dict) -> float:
     ids, window, nll, n = task["ids"], task["window"], 0.0, 0
     for start in range(0, len(ids) - 1, window):
         chunk = ids[start:start + window + 1]
-        if len(chunk) < 2:
-            break
         llm.reset()
         llm.eval(chunk[:-1])
         logits = np.asarray(llm.scores[:len(chunk) - 1], dtype=np.float64)

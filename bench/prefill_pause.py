@@ -23,7 +23,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def main(prompt_tokens: int = 4000) -> int:
-    from bench.decode_speed import cpu_name
+    from bench import cpu_name
     from export.ort_backend import load_ort_backend
     from model.generate import PREFILL_CHUNK, Engine, SamplingConfig
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import socket
 import statistics
 import subprocess
@@ -29,6 +28,10 @@ import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # `python bench/serve_load.py` from anywhere
+
+from bench import cpu_name  # noqa: E402
+
 RESULTS = ROOT / "bench" / "results"
 MESSAGE = "Tell me one more short fact about the sea."
 FILLER = "The history of painting reaches back to the artifacts of pre-historic humans. "
@@ -107,12 +110,6 @@ def peak_rss_after_prompt(client, model: str, pid: int, tokens: int) -> dict:
     return {"prompt_tokens": r.usage.prompt_tokens, "seconds": time.perf_counter() - start,
             "peak_rss_mb": kb["VmHWM"] / 1024, "rss_after_mb": kb["VmRSS"] / 1024}
 
-
-def cpu_name() -> str:
-    try:
-        return next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or "unknown"
 
 
 def main(users: str = "1,2,4,8", turns: int = 10, max_tokens: int = 32, model: str = "default",

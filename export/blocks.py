@@ -189,6 +189,7 @@ def gguf_blocks(model_dir, state: dict) -> dict[str, BlockMatrix | None]:
     from pathlib import Path
 
     from model.checkpoint import read_meta
+    from model.config import per_layer_names
     from model.gguf import GGUF_TO_OURS, _open, config_from_gguf, unpermute_rope
 
     meta = read_meta(model_dir)
@@ -200,10 +201,7 @@ def gguf_blocks(model_dir, state: dict) -> dict[str, BlockMatrix | None]:
         raise FileNotFoundError(f"{model_dir} was imported from {source}, which is gone; restore it or use --quantize int4")
     reader = _open(source)
     cfg = config_from_gguf(reader)
-    lookup = {}
-    for pattern, ours in GGUF_TO_OURS.items():
-        for i in range(cfg.n_layers) if "{i}" in pattern else [None]:
-            lookup[pattern.format(i=i)] = ours.format(i=i)
+    lookup = per_layer_names(GGUF_TO_OURS, cfg.n_layers)
     blocks = {}
     for t in reader.tensors:
         if t.name not in lookup:

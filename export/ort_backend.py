@@ -140,7 +140,6 @@ class OrtBackend:
                                  self.io_device, torch.float16 if self.kv_dtype == np.float16 else torch.float32)
 
     def forward(self, tokens: torch.Tensor, cache: StaticCache, last_only: bool) -> torch.Tensor:
-        B, T = tokens.shape
         if self.shared_buffer:
             return self._forward_shared(tokens, cache, last_only)
         return self._forward_concat(tokens, cache, last_only)

@@ -94,3 +94,13 @@ PRESETS: dict[str, dict] = {
                          vocab_size=49152, max_seq_len=8192, rope_theta=100000.0),
 }
 DEFAULT_PRESET = "medium"
+
+
+def per_layer_names(mapping: dict[str, str], n_layers: int) -> dict[str, str]:
+    """A name map whose "{i}" patterns stand for every layer -> one entry per layer (both sides
+    formatted with its index); importers and exporters of GGUF and HF files share it."""
+    out = {}
+    for theirs, ours in mapping.items():
+        for i in range(n_layers) if "{i}" in theirs else [None]:
+            out[theirs.format(i=i)] = ours.format(i=i)
+    return out

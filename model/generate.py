@@ -30,7 +30,7 @@ import queue
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterable, Iterator, Protocol
 
 import torch
@@ -315,8 +315,9 @@ class Engine:
     takes one decode step for every active row with one network call, and lets finished or
     cancelled rows leave: the last row moves into the freed one, so the active rows stay a
     contiguous view (one row copied per departure, nothing per step). Chunks fall where
-    `prefill` puts them, so a sequence's numbers do not depend on what runs beside it. A departing row's tokens and cache are kept (LRU, under `cache_budget_bytes`), so a
-    chat's next turn prefills only what follows the common prefix. Consumers read a sequence's
+    `prefill` puts them, so a sequence's numbers do not depend on what runs beside it. A
+    departing row's tokens and cache are kept (LRU, under `cache_budget_bytes`), so a chat's next
+    turn prefills only what follows the common prefix. Consumers read a sequence's
     tokens from its queue: `run` in their own thread, or `submit` plus the sequence's listener
     from an event loop (webui/api.py).
     """
@@ -400,12 +401,17 @@ class Engine:
                 admitted = []
                 while self.waiting and len(self.active) + len(self.prefilling) + len(admitted) < self.max_batch:
                     admitted.append(self.waiting.pop(0))
-            for seq in admitted:
-                self._admit(seq)
-            if self.prefilling:
-                self._feed()
-            if self.active:
-                self._step()
+            try:
+                for seq in admitted:
+                    self._admit(seq)
+                if self.prefilling:
+                    self._feed()
+                if self.active:
+                    self._step()
+            except Exception as e:  # sampling or a kept cache's copy failed (out of memory): end every
+                # sequence with the error rather than let this thread die with its callers waiting
+                self._fail(self.active + [p.seq for p in self.prefilling], e)
+                self.active, self.prefilling, self.cache = [], [], None
 
     def _fail(self, seqs: list[Sequence], error: BaseException) -> None:
         for s in seqs:
@@ -464,7 +470,7 @@ class Engine:
                 self.cache = p.cache
             else:
                 self.cache = self.cache.resized(row + 1, p.cache.capacity)
-                self.cache.load_row(row, [buf[0, :, :p.done] for buf in p.cache.k + p.cache.v], p.done)
+                self.cache.load_row(row, p.cache.row_views(0, p.done), p.done)
         except Exception as e:
             self._fail([p.seq], e)
             return
@@ -534,8 +540,7 @@ class Engine:
         while self.saved and self.saved_bytes + nbytes > self.cache_budget_bytes:
             _, evicted = self.saved.popitem(last=False)  # least recently used first
             self.saved_bytes -= evicted.nbytes
-        tensors = ([buf[0, :, :length] for buf in self.cache.k + self.cache.v] if hand_over
-                   else self.cache.save_row(row, length))
+        tensors = self.cache.row_views(row, length) if hand_over else self.cache.save_row(row, length)
         self.saved[seq.conversation] = SavedCache(tokens, tensors, nbytes)
         self.saved_bytes += nbytes
         return hand_over
@@ -641,7 +646,6 @@ class ChatStats:
     seconds: float = 0.0
     notice: str = ""
     finish_reason: str = ""
-    sequence: Sequence | None = field(default=None, repr=False)  # its `cancelled` stops it from any thread
 
     @property
     def tokens_per_second(self) -> float:
@@ -666,7 +670,7 @@ class ChatTurn:
         ids, _, stats.notice = trim_messages(tokenizer, messages, budget)
         stats.backend, stats.device = engine.name, engine.device
         stats.prompt_tokens, stats.context_max, stats.new_tokens = len(ids), engine.max_seq_len, 0
-        self.seq = stats.sequence = Sequence(ids, cfg, tokenizer.stop_ids, conversation)
+        self.seq = Sequence(ids, cfg, tokenizer.stop_ids, conversation)
         self.text = TextStream(tokenizer, [tokenizer.decode([i]) for i in tokenizer.stop_ids] + [s for s in stop if s])
         self.began = time.perf_counter()
 

@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from model.config import ModelConfig
+from model.config import ModelConfig, per_layer_names
 from model.tokenizer import BPETokenizer
 
 # GGUF tensor name (with {i} for the layer) -> ours. Nothing else is read.
@@ -102,10 +101,7 @@ def state_dict_from_gguf(reader, cfg: ModelConfig) -> tuple[dict[str, torch.Tens
     """Dequantized fp32 weights under our names, and the set of source quantization types."""
     from gguf.quants import dequantize
 
-    lookup = {}
-    for pattern, ours in GGUF_TO_OURS.items():
-        for i in range(cfg.n_layers) if "{i}" in pattern else [None]:
-            lookup[pattern.format(i=i)] = ours.format(i=i)
+    lookup = per_layer_names(GGUF_TO_OURS, cfg.n_layers)
     state, qtypes = {}, set()
     unknown = [t.name for t in reader.tensors if t.name not in lookup]
     if unknown:  # e.g. Llama-3.1's rope_freqs (RoPE scaling): skipping it would load wrong logits
@@ -291,10 +287,7 @@ def export_gguf(model, tokenizer, out: str | Path, gguf_type: str = "auto", name
     source_types = (source.get("gguf_types") or {}) if gguf_type == "auto" else {}
     cfg = model.cfg
     vocab = gguf_vocab(tokenizer, cfg.vocab_size, source.get("gguf_pre"))
-    ours_to_gguf = {}
-    for theirs, ours in GGUF_TO_OURS.items():
-        for i in range(cfg.n_layers) if "{i}" in theirs else [None]:
-            ours_to_gguf[ours.format(i=i)] = theirs.format(i=i)
+    ours_to_gguf = {ours: theirs for theirs, ours in per_layer_names(GGUF_TO_OURS, cfg.n_layers).items()}
 
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from model.checkpoint import atomic_dir, build_model
-from model.config import ModelConfig
+from model.config import ModelConfig, per_layer_names
 from model.tokenizer import Tokenizer, from_tokenizer_json
 
 HF_TO_OURS = {
@@ -35,11 +35,7 @@ HF_TO_OURS = {
 
 
 def _name_map(n_layers: int) -> dict[str, str]:
-    out = {}
-    for hf, ours in HF_TO_OURS.items():
-        for i in range(n_layers) if "{i}" in hf else [None]:
-            out[hf.format(i=i)] = ours.format(i=i)
-    return out
+    return per_layer_names(HF_TO_OURS, n_layers)
 
 
 def is_hf_dir(path: str | Path) -> bool:

@@ -90,9 +90,13 @@ class StaticCache:
             buf[dst, :, :n] = buf[src, :, :n]
         self.lengths[dst] = n
 
+    def row_views(self, row: int, n: int) -> list[torch.Tensor]:
+        """The first n positions of a row, as views: (n_kv_heads, n, head_dim) per buffer, keys first."""
+        return [buf[row, :, :n] for buf in self.k + self.v]
+
     def save_row(self, row: int, n: int) -> list[torch.Tensor]:
-        """The first n positions of a row, copied out: (n_kv_heads, n, head_dim) per buffer."""
-        return [buf[row, :, :n].clone() for buf in self.k + self.v]
+        """row_views, copied out."""
+        return [t.clone() for t in self.row_views(row, n)]
 
     def load_row(self, row: int, saved: list[torch.Tensor], n: int) -> None:
         for buf, s in zip(self.k + self.v, saved):

@@ -211,8 +211,9 @@ def make_router(models, spec: str, backend: str, api_key: str | None = None, max
                 body = json.loads(raw)
             except (ValueError, UnicodeDecodeError) as e:
                 raise ApiError(400, f"the request body is not valid JSON: {e}") from None
-            engine, tokenizer, _ = await run_in_threadpool(models.get, spec, backend)
-            name, served = await run_in_threadpool(served_names)
+            engine, tokenizer, meta = await run_in_threadpool(models.get, spec, backend)
+            name = display_name(spec, meta)
+            served = {name, spec}
             messages, cfg, stop, stream, notice = parse_request(body, served, engine.max_seq_len)
             if len(engine.waiting) >= max_waiting:
                 raise ApiError(429, f"{len(engine.waiting)} requests are already waiting; try again shortly",
@@ -252,7 +253,8 @@ def make_router(models, spec: str, backend: str, api_key: str | None = None, max
                 reply["notices"] = notices()
             return JSONResponse(reply, headers=headers)
 
-        include_usage = bool((body.get("stream_options") or {}).get("include_usage")) if isinstance(body.get("stream_options"), dict) else False
+        options = body.get("stream_options")
+        include_usage = isinstance(options, dict) and bool(options.get("include_usage"))
 
         def chunk(delta: dict, finish=None, **extra) -> str:
             return "data: " + json.dumps({"id": ident, "object": "chat.completion.chunk", "created": created,

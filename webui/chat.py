@@ -23,9 +23,9 @@ EMPTY_REPLY = "Please type a message first: an empty message has nothing to answ
 MAX_MESSAGE_CHARS = 100_000
 
 
-def too_long(text: str, limit: int | None = None) -> str | None:
-    """None if `text` is within the limit, else the sentence that refuses it."""
-    limit = MAX_MESSAGE_CHARS if limit is None else limit
+def too_long(text: str) -> str | None:
+    """None if `text` is within MAX_MESSAGE_CHARS, else the sentence that refuses it."""
+    limit = MAX_MESSAGE_CHARS
     if len(text) <= limit:
         return None
     return (f"The message is {len(text):,} characters long; the limit is {limit:,}. "

@@ -129,7 +129,9 @@ def check_batched_equals_alone(backend):
             assert got[name] == alone[name][:5]
         else:
             assert got[name] == alone[name], name
-    # batched: far fewer decode calls than tokens decoded
+    # batched: far fewer decode calls than tokens decoded. The five sequences decode 30, 20, 5, 25
+    # and 24 tokens, with most of them overlapping: one call per token (no batching) would be 104,
+    # full overlap ~40; 0.75 x 104 = 78 leaves room for the threads' scheduling on any machine.
     assert engine.steps < sum(len(t) for t in got.values()) * 0.75, engine.steps
     deadline = time.time() + 10
     while engine.active and time.time() < deadline:  # the cancelled row leaves at its next step
@@ -211,13 +213,16 @@ def test_a_long_prompt_is_fed_between_decode_steps(nano_model, monkeypatch):
     long_prompt = torch.randint(0, backend.vocab_size, (200,), generator=torch.Generator().manual_seed(7)).tolist()
     alone_long = list(Engine(backend).generate(long_prompt, greedy(5)))  # the same 32-token chunks, alone
     engine = Engine(backend, max_batch=4)
-    running = engine.generate([1, 2, 3], greedy(150))
+    running = engine.generate([1, 2, 3], greedy(400))  # still decoding when the long prompt is all in
     first = [next(running) for _ in range(3)]
     steps_before = engine.steps
     joining = engine.generate(long_prompt, greedy(5))
     got_long = [next(joining)]
     steps_during_prefill = engine.steps - steps_before
     got_long += list(joining)
-    assert steps_during_prefill >= 200 // 32 - 1, steps_during_prefill  # 7 chunks, a step between each
+    # 7 chunks of 32 (ceil(200 / 32)), one per engine iteration, each followed by a decode step of
+    # the running sequence: 6 steps before the last chunk, less one for the iteration that was in
+    # flight when the request arrived. Without chunking it is 1 (the whole prompt in one iteration).
+    assert steps_during_prefill >= 200 // 32 - 1, steps_during_prefill
     assert got_long == alone_long
-    assert first + list(running) == list(generate(backend, [1, 2, 3], greedy(150)))
+    assert first + list(running) == list(generate(backend, [1, 2, 3], greedy(400)))
