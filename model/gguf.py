@@ -184,8 +184,15 @@ def load_gguf(path: str | Path):
 
 GGUF_TYPES = ("auto", "f32", "f16", "q8_0", "q4_0", "q4_1")
 OWNER_KEY = "cogni_mamba.writer"  # marks a file this exporter wrote: only such a file is replaced
-# llama.cpp's general.file_type for each --type (gguf.LlamaFileType)
-FILE_TYPES = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7}
+
+
+def file_type(main: str) -> int:
+    """llama.cpp's general.file_type for a file whose tensors are mostly `main` (gguf.LlamaFileType;
+    a K-quant counts as its _M mix). Only descriptive: readers go by each tensor's own type."""
+    import gguf
+
+    names = ["ALL_F32"] if main == "F32" else [f"MOSTLY_{main}", f"MOSTLY_{main}_M"]
+    return next((int(getattr(gguf.LlamaFileType, n)) for n in names if hasattr(gguf.LlamaFileType, n)), 0)
 
 
 def _pre_tokenizer_name(backend) -> str:
@@ -343,7 +350,7 @@ def export_gguf(model, tokenizer, out: str | Path, gguf_type: str = "auto", name
                     raise ValueError(f"{theirs}: the gguf package cannot write type {qtype}; use --type "
                                      "f32, f16, q8_0, q4_0 or q4_1") from None
         main = max((q for q in counts if q != "F32"), key=counts.get, default="F32")
-        w.add_file_type(FILE_TYPES.get(main, 0))
+        w.add_file_type(file_type(main))
         if main not in ("F32", "F16"):
             w.add_quantization_version(gguf.GGML_QUANT_VERSION)
         w.write_header_to_file()
