@@ -24,9 +24,11 @@ from model.weights import load_any  # noqa: E402
 
 def main(model: str, out: str, gguf_type: str = "auto", force: bool = False) -> int:
     try:
-        if Path(model).exists() and Path(out).expanduser().resolve() == Path(model).expanduser().resolve():
-            raise ValueError(f"--out {out} is the model being read; choose another --out")
         net, tok, meta = load_any(model)
+        # what is read: the argument itself and, for a converted model, the file it came from
+        read = [p for p in (model, meta.get("source")) if p and Path(p).exists()]
+        if any(Path(out).expanduser().resolve() == Path(p).expanduser().resolve() for p in read):
+            raise ValueError(f"--out {out} is the model being read; choose another --out")
         summary = export_gguf(net, tok, out, gguf_type, name=meta["name"], source=meta, force=force)
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)

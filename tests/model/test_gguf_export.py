@@ -144,3 +144,18 @@ def test_cli_errors_are_one_line(nano_bpe, tmp_path):
         assert r.returncode == 2, r.stderr
         assert r.stderr.startswith("error: ") and r.stderr.count("\n") == 1, r.stderr
     assert not (tmp_path / "x.gguf").exists()
+
+
+def test_the_cli_refuses_to_overwrite_the_gguf_a_model_came_from(nano_bpe, tmp_path):
+    """A model converted from a GGUF reads that file: --out pointing at it is refused even with --force."""
+    from model.weights import load_any
+
+    model, tok = nano_bpe
+    source = tmp_path / "source.gguf"
+    export_gguf(model, tok, source, "f32")
+    before = source.read_bytes()
+    folder = load_any(str(source))[2]["path"]  # the converted model folder, whose meta names source.gguf
+    r = subprocess.run([sys.executable, "export/gguf.py", "--model", str(folder), "--out", str(source), "--force"],
+                       capture_output=True, text=True, timeout=120, cwd=Path(__file__).resolve().parents[2])
+    assert r.returncode == 2 and "model being read" in r.stderr, r.stderr[-800:]
+    assert source.read_bytes() == before
