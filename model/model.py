@@ -169,7 +169,8 @@ class Attention(nn.Module):
 
 
     def attend_static(self, q, k, v, mask, past: "StaticLayer") -> torch.Tensor:
-        """Write k, v into the static buffers at each row's positions, attend over the used prefix.
+        """Write k, v into the static buffers at each row's positions, attend over the used prefix
+        (mask (B, 1, rep*T, L), already grouped: model.forward_static).
         Grouped-query attention without repeating the cache: query head h = kv*rep + r reads KV head
         kv (HF repeat_kv order), so (B, n_heads, T, hd) is viewed as (B, n_kv_heads, rep*T, hd)."""
         B, _, T, hd = q.shape
@@ -180,8 +181,7 @@ class Attention(nn.Module):
         keys, values = past.k[:, :, :L], past.v[:, :, :L]  # (B, n_kv_heads, L, hd): views, no copy
         rep = self.n_heads // self.n_kv_heads
         qg = q.reshape(B, self.n_kv_heads, rep * T, hd)
-        mg = mask[:, :, None].expand(B, 1, rep, T, L).reshape(B, 1, rep * T, L)
-        y = F.scaled_dot_product_attention(qg, keys, values, attn_mask=mg)  # (B, n_kv_heads, rep*T, hd)
+        y = F.scaled_dot_product_attention(qg, keys, values, attn_mask=mask)  # (B, n_kv_heads, rep*T, hd)
         return y.view(B, self.n_heads, T, hd).transpose(1, 2).reshape(B, T, self.n_heads * hd)
 
 
@@ -293,12 +293,14 @@ class CogniMamba(nn.Module):
         for i, layer in enumerate(self.layers):
             x, present = layer(x, cos, sin, mask, None if past_key_values is None else past_key_values[i])
             presents.append(present)
+        return self.logits(x, last_only), presents
+
+    def logits(self, x: torch.Tensor, last_only: bool) -> torch.Tensor:
+        """The last layer's output -> (B, T or 1, vocab_size): final norm and the (tied) head."""
         if last_only:
             x = x[:, -1:]
-        x = self.norm(x)
         weight = self.tok_embeddings.weight if self.output is None else self.output.weight
-        logits = F.linear(x, weight)  # (B, T, vocab_size)
-        return logits, presents
+        return F.linear(self.norm(x), weight)
 
     def forward_static(self, input_ids: torch.Tensor, cache: StaticCache, last_only: bool) -> torch.Tensor:
         """input_ids (B, T) continue rows 0..B-1 of `cache` (B == cache.num_rows), row b at position
@@ -310,15 +312,15 @@ class CogniMamba(nn.Module):
         L = max(cache.lengths) + T
         if L > cache.capacity:
             raise ValueError(f"the static cache holds {cache.capacity} positions; this step needs {L}")
-        mask = (torch.arange(L, device=dev)[None, None] <= positions[:, :, None])[:, None]  # (B, 1, T, L)
+        mask = torch.arange(L, device=dev)[None, None] <= positions[:, :, None]  # (B, T, L)
+        # grouped as attend_static's queries, (B, 1, rep*T, L): built once here, not in every layer
+        rep = self.cfg.n_heads // self.cfg.n_kv_heads
+        mask = mask[:, None, None].expand(B, 1, rep, T, L).reshape(B, 1, rep * T, L)
         x = self.tok_embeddings(input_ids)  # (B, T, dim)
         cos, sin = rope_cos_sin(positions, self.inv_freq, x.dtype)
         for layer, k, v in zip(self.layers, cache.k, cache.v):
             x, _ = layer(x, cos, sin, mask, StaticLayer(k, v, positions))
-        if last_only:
-            x = x[:, -1:]
-        weight = self.tok_embeddings.weight if self.output is None else self.output.weight
-        return F.linear(self.norm(x), weight)  # (B, T or 1, vocab_size)
+        return self.logits(x, last_only)
 
     def empty_cache(self, batch_size: int = 1, device=None, dtype=torch.float32) -> KVCache:
         """A past of length 0: zeros of shape (B, n_kv_heads, 0, head_dim), never uninitialised."""
