@@ -94,11 +94,9 @@ def atomic_dir(directory: str | Path, writer: str, force: bool = False, sources=
         yield tmp
         # mkdtemp makes the folder 0700 and safetensors writes 0600: give the result the modes a
         # plain mkdir/open would have had (umask), so other users and services can read it.
-        umask = os.umask(0)
-        os.umask(umask)
-        tmp.chmod(0o777 & ~umask)
+        tmp.chmod(plain_mode(dir=True))
         for f in tmp.rglob("*"):
-            f.chmod((0o777 if f.is_dir() else 0o666) & ~umask)
+            f.chmod(plain_mode(dir=f.is_dir()))
         old = directory.with_name(f".{directory.name}.old")
         if directory.exists():
             shutil.rmtree(old, ignore_errors=True)
@@ -107,6 +105,30 @@ def atomic_dir(directory: str | Path, writer: str, force: bool = False, sources=
         shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def plain_mode(dir: bool) -> int:
+    """The mode a plain mkdir/open would give under this process's umask (mkstemp/mkdtemp give 0600/0700)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return (0o777 if dir else 0o666) & ~umask
+
+
+@contextmanager
+def atomic_file(path: Path):
+    """Yield a temp file path beside `path`; when the block succeeds it replaces `path` by rename
+    (atomic_dir for one file: a crash or a full disk leaves the old file as it was). Whether `path`
+    may be replaced is the caller's to check first."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.chmod(tmp, plain_mode(dir=False))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
         raise
 
 

@@ -13,13 +13,12 @@ package's GGUFWriter, as convert_hf_to_gguf.py does.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from model.checkpoint import atomic_file
 from model.config import ModelConfig, per_layer_names
 from model.tokenizer import BPETokenizer
 
@@ -296,11 +295,8 @@ def export_gguf(model, tokenizer, out: str | Path, gguf_type: str = "auto", name
     vocab = gguf_vocab(tokenizer, cfg.vocab_size, source.get("gguf_pre"))
     ours_to_gguf = {ours: theirs for theirs, ours in per_layer_names(GGUF_TO_OURS, cfg.n_layers).items()}
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    os.close(fd)
     counts: dict[str, int] = {}
-    try:
+    with atomic_file(out) as tmp:  # a crash or a full disk leaves the old file
         w = gguf.GGUFWriter(tmp, "llama")
         w.add_name(name)
         w.add_string(OWNER_KEY, "cogni-mamba model/gguf.py")
@@ -357,11 +353,4 @@ def export_gguf(model, tokenizer, out: str | Path, gguf_type: str = "auto", name
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
         w.close()
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 -> what a plain open() would give
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return {"path": out, "types": counts, "pre": vocab["pre"], "bytes": out.stat().st_size}
