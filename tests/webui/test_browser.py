@@ -47,14 +47,16 @@ def test_chat_switch_backend_and_screenshot(page):
     first_backend = "PyTorch eager" if ort_missing() else "ONNX Runtime"
     assert first_backend in page.get_by_text("Loaded: ").inner_text()
 
-    reply, status = ask(page, "hello there", 1)
-    assert status.startswith("torch on cpu" if ort_missing() else "onnx on CPUExecutionProvider")
-    # a reply, not only the status line. The model is random and the page samples (temperature
-    # 0.7, a seed of its own), so the reply may be a single token: its length is not checked.
-    assert reply != status and reply.strip()
-
     if not page.get_by_label("Backend").is_visible():
         page.get_by_text("Settings: system prompt").click()  # open the accordion
+    page.get_by_label("Seed (-1 = random)").fill("1")  # the page samples: a fixed seed, a fixed reply
+
+    reply, status = ask(page, "hello there", 1)
+    assert status.startswith("torch on cpu" if ort_missing() else "onnx on CPUExecutionProvider")
+    # a reply, not only the status line. The model is random, so the reply may be a single token:
+    # its length is not checked.
+    assert reply != status and reply.strip()
+
     page.get_by_label("Backend").click()
     page.get_by_role("option", name="PyTorch eager").click()
     page.get_by_text("on PyTorch eager (cpu)").wait_for()  # the line at the top follows the switch
