@@ -35,7 +35,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from model.generate import SamplingConfig, TorchBackend, generate  # noqa: E402
+from serve.generate import SamplingConfig, TorchBackend, generate  # noqa: E402
 from bench import cpu_name  # noqa: E402
 from bench.llama_cpp_peer import run_peer  # noqa: E402
 from model.weights import cache_root, default_gguf, resolve_model  # noqa: E402
@@ -199,7 +199,7 @@ def main(repeats: int = 3, new_tokens: int = 128, threads: int | None = None, co
     def hf_run(ids, n):
         x = torch.tensor([ids])
         with torch.inference_mode():
-            y = hf_model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n, min_new_tokens=n,
+            y = hf_serve.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n, min_new_tokens=n,
                                   do_sample=False, pad_token_id=tok.eos_id)
         return y.shape[1] - x.shape[1]
 

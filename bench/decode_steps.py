@@ -32,7 +32,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 def batch_steps(batches: list[int], steps: int, rounds: int) -> int:
     from bench import cpu_name
     from export.ort_backend import load_ort_backend
-    from model.generate import capacity_for, prefill
+    from serve.generate import capacity_for, prefill
 
     backend, _, meta = load_ort_backend("default")
     caches = {}
@@ -69,7 +69,7 @@ def main(contexts: str = "40,1000,4000", steps: int = 16, rounds: int = 5, batch
     from export.onnx import export_onnx
     from export.ort_backend import OrtBackend
     from model.checkpoint import load_model
-    from model.generate import TorchBackend, capacity_for, prefill
+    from serve.generate import TorchBackend, capacity_for, prefill
     from model.weights import cache_root, resolve_model
 
     lengths = [int(n) for n in contexts.split(",")]

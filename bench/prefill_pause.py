@@ -25,7 +25,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 def main(prompt_tokens: int = 4000) -> int:
     from bench import cpu_name
     from export.ort_backend import load_ort_backend
-    from model.generate import PREFILL_CHUNK, Engine, SamplingConfig
+    from serve.generate import PREFILL_CHUNK, Engine, SamplingConfig
 
     backend, _, meta = load_ort_backend("default")
     if prompt_tokens + 2 > backend.max_seq_len:

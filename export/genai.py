@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 
 from model.config import ModelConfig
-from model.generate import SamplingConfig
+from serve.generate import SamplingConfig
 
 # The graph's I/O in genai's terms (%d = layer index). past_present_share_buffer says whether the
 # graph reads and writes one cache buffer of length max_length (GroupQueryAttention with seqlens_k)

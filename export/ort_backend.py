@@ -1,4 +1,4 @@
-"""ONNX Runtime behind the generation Backend protocol (model/generate.py).
+"""ONNX Runtime behind the generation Backend protocol (serve/generate.py).
 
     backend, tokenizer, meta = load_ort_backend("default")          # exported once, then cached
     backend, tokenizer, meta = load_ort_backend("exports/smollm2")  # a folder export/onnx.py wrote
@@ -91,7 +91,7 @@ def check_export(directory: str | Path) -> dict:
 
 
 class OrtBackend:
-    """ONNX Runtime behind model.generate's Backend contract: new_cache() and forward().
+    """ONNX Runtime behind serve.generate's Backend contract: new_cache() and forward().
 
     The cache is a model.model.StaticCache of torch tensors (CPU or CUDA) whose memory ONNX Runtime
     reads and writes through IOBinding's raw pointers. With the fused graph (GroupQueryAttention)
@@ -133,7 +133,7 @@ class OrtBackend:
         self.kv_dtype = np.float16 if self.meta["dtype"] == "fp16" else np.float32
         self.min_past = 0  # TensorRT's shape profiles start at 1 (export/tensorrt.py)
 
-    # ---- the Backend contract (model/generate.py)
+    # ---- the Backend contract (serve/generate.py)
     def new_cache(self, rows: int, capacity: int) -> StaticCache:
         c = self.cfg
         return StaticCache.zeros(c.n_layers, rows, c.n_kv_heads, capacity, c.head_dim,

@@ -39,7 +39,7 @@ def pick_device() -> str:
 def load_backend(model: str = "default", backend: str = "torch", device: str | None = None):
     """Returns (backend, tokenizer, meta)."""
     if backend == "torch":
-        from model.generate import TorchBackend
+        from serve.generate import TorchBackend
         from model.weights import load_any
 
         device = device or pick_device()

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from gradio import ChatMessage, Warning as UIWarning
 
-from model.generate import ChatStats, SamplingConfig, chat
+from serve.generate import ChatStats, SamplingConfig, chat
 from webui.models import BACKEND_LABELS, MODELS, DEFAULT, onnx_unavailable_reason
 
 EMPTY_REPLY = "Please type a message first: an empty message has nothing to answer."

@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from model.generate import ChatStats, Engine, SamplingConfig, chat
+from serve.generate import ChatStats, Engine, SamplingConfig, chat
 from webui.backends import BACKENDS, load_backend
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from model.generate import GREEDY, capacity_for, generate, prefill
+from serve.generate import GREEDY, capacity_for, generate, prefill
 from webui.chat import too_long
 from webui.models import DEFAULT, MODELS
 

@@ -9,7 +9,7 @@ from export.genai import GRAPH_IO, genai_config
 from export.ort_backend import OrtBackend
 from model.checkpoint import save_model
 from model.config import ModelConfig
-from model.generate import GREEDY, SamplingConfig, generate
+from serve.generate import GREEDY, SamplingConfig, generate
 from model.model import CogniMamba
 from model.tokenizer import load_tokenizer, train_bpe
 

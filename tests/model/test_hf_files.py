@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from model.config import ModelConfig
-from model.generate import SamplingConfig, TorchBackend, generate
+from serve.generate import SamplingConfig, TorchBackend, generate
 from model.hf import export_hf
 from model.model import CogniMamba
 from model.tokenizer import train_bpe

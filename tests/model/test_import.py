@@ -10,7 +10,7 @@ import torch
 
 from model.checkpoint import load_model, save_model
 from model.config import ModelConfig
-from model.generate import SamplingConfig, TorchBackend, generate
+from serve.generate import SamplingConfig, TorchBackend, generate
 from model.model import CogniMamba
 from model.tokenizer import train_bpe
 

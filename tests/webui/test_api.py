@@ -9,7 +9,7 @@ openai = pytest.importorskip("openai")
 from fastapi import FastAPI  # noqa: E402
 from fastapi.testclient import TestClient  # noqa: E402
 
-from model.generate import SamplingConfig, Sequence, generate  # noqa: E402
+from serve.generate import SamplingConfig, Sequence, generate  # noqa: E402
 from webui.api import api_access, make_router  # noqa: E402
 from webui.chat import MAX_MESSAGE_CHARS  # noqa: E402
 from webui.models import ModelCache  # noqa: E402
@@ -162,7 +162,7 @@ def test_the_async_reader_equals_chat_and_leaving_cancels(models, nano_dir):
     import asyncio
     import time
 
-    from model.generate import ChatStats, ChatTurn, chat
+    from serve.generate import ChatStats, ChatTurn, chat
     from webui.api import reply_pieces
 
     engine, tok, _ = models.get(str(nano_dir), "torch")

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from model.generate import (GREEDY, SamplingConfig, Sequence, TorchBackend, apply_repetition_penalty, chat,
+from serve.generate import (GREEDY, SamplingConfig, Sequence, TorchBackend, apply_repetition_penalty, chat,
                             generate, sample, stream_text, trim_messages)
 from model.tokenizer import IM_END, train_bpe
 
@@ -134,7 +134,7 @@ def test_trim_keeps_system_and_newest(tokenizer):
 
 
 def test_chat_streams_with_stats(nano_model, tokenizer):
-    from model.generate import ChatStats
+    from serve.generate import ChatStats
 
     stats = ChatStats()
     pieces = list(chat(TorchBackend(nano_model), tokenizer, [{"role": "user", "content": "hi"}],

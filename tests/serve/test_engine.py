@@ -7,7 +7,7 @@ import time
 import pytest
 import torch
 
-from model.generate import CAPACITY_STEP, Engine, SamplingConfig, Sequence, TorchBackend, generate
+from serve.generate import CAPACITY_STEP, Engine, SamplingConfig, Sequence, TorchBackend, generate
 from model.model import StaticCache
 
 EPS32 = torch.finfo(torch.float32).eps  # 1.19e-7
@@ -206,7 +206,7 @@ def test_a_failing_backend_fails_its_requests_and_the_engine_goes_on(nano_model)
 def test_a_long_prompt_is_fed_between_decode_steps(nano_model, monkeypatch):
     """Chunked prefill: while a 200-token prompt goes in 32 tokens at a time, the running sequence
     keeps decoding (a step after every chunk), and both get the tokens they get alone."""
-    import model.generate as generation
+    import serve.generate as generation
 
     monkeypatch.setattr(generation, "PREFILL_CHUNK", 32)
     backend = TorchBackend(nano_model)
