@@ -168,7 +168,7 @@ def ours(backend):
 def main(repeats: int = 3, new_tokens: int = 128, threads: int | None = None, contexts: str | None = None,
          llama_python: str | None = None) -> int:
     from export.onnx import export_onnx
-    from export.ort_backend import OrtBackend, physical_cores
+    from serve.ort_backend import OrtBackend, physical_cores
     from model.checkpoint import load_model
 
     threads = threads or physical_cores()

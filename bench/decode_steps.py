@@ -31,7 +31,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 def batch_steps(batches: list[int], steps: int, rounds: int) -> int:
     from bench import cpu_name
-    from export.ort_backend import load_ort_backend
+    from serve.ort_backend import load_ort_backend
     from serve.generate import capacity_for, prefill
 
     backend, _, meta = load_ort_backend("default")
@@ -67,7 +67,7 @@ def main(contexts: str = "40,1000,4000", steps: int = 16, rounds: int = 5, batch
     if batches:
         return batch_steps([int(b) for b in batches.split(",")], steps, rounds)
     from export.onnx import export_onnx
-    from export.ort_backend import OrtBackend
+    from serve.ort_backend import OrtBackend
     from model.checkpoint import load_model
     from serve.generate import TorchBackend, capacity_for, prefill
     from model.weights import cache_root, resolve_model

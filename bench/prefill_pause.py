@@ -24,7 +24,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 def main(prompt_tokens: int = 4000) -> int:
     from bench import cpu_name
-    from export.ort_backend import load_ort_backend
+    from serve.ort_backend import load_ort_backend
     from serve.generate import PREFILL_CHUNK, Engine, SamplingConfig
 
     backend, _, meta = load_ort_backend("default")

@@ -89,7 +89,7 @@ OPSET = 17
 META_FILE = "onnx_meta.json"
 META_VERSION = 2  # 2: num_logits_to_keep input, shared-buffer GQA (seqlens_k per row)
 # Bump when build_graph or the quantizers change what an export computes: exports cached by
-# export/ort_backend.py are keyed by it, so a fixed exporter never serves a stale graph.
+# serve/ort_backend.py are keyed by it, so a fixed exporter never serves a stale graph.
 EXPORTER_VERSION = 3
 # Every ModelConfig field that build_graph reads. A new field makes build_graph refuse to run until
 # the graph implements it (and a test fails), so the graph and model/model.py cannot drift apart.

@@ -15,7 +15,7 @@
     chat(engine, tokenizer, messages)  ChatTurn driven in this thread: yields the reply's pieces
                                   (webui/api.py drives the same ChatTurn from an asyncio loop)
 
-The backends (TorchBackend here, OrtBackend in export/ort_backend.py) only run the network:
+The backends (TorchBackend here, OrtBackend in serve/ort_backend.py) only run the network:
 `new_cache(rows, capacity)` gives a StaticCache (model/model.py) and `forward(tokens, cache,
 last_only)` writes the new keys/values in place and returns logits. Everything else is here, once.
 Read beside gpt-fast's generate.py (the ladder) and vLLM's scheduler (the batching).

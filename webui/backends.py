@@ -47,7 +47,7 @@ def load_backend(model: str = "default", backend: str = "torch", device: str | N
         net, tokenizer, meta = load_any(torch_source(model), device=device, dtype=torch.float16 if device == "cuda" else None)
         return TorchBackend(net), tokenizer, meta
     if backend == "onnx":
-        from export.ort_backend import load_ort_backend
+        from serve.ort_backend import load_ort_backend
 
         return load_ort_backend(model, device=device)
     raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")

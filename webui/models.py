@@ -30,7 +30,7 @@ BACKEND_LABELS = dict((v, k) for k, v in BACKEND_CHOICES)
 def onnx_unavailable_reason() -> str | None:
     """None if the ONNX Runtime backend can be imported, else one sentence why not."""
     for module, fix in (("onnxruntime", "pip install onnxruntime"), ("onnx", "pip install onnx"),
-                        ("export.ort_backend", "update the checkout (export/ort_backend.py is missing)")):
+                        ("serve.ort_backend", "update the checkout (serve/ort_backend.py is missing)")):
         try:
             if importlib.util.find_spec(module) is None:
                 return f"ONNX Runtime backend unavailable: no module {module!r} ({fix})"

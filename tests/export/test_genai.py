@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from export.genai import GRAPH_IO, genai_config
-from export.ort_backend import OrtBackend
+from serve.ort_backend import OrtBackend
 from model.checkpoint import save_model
 from model.config import ModelConfig
 from serve.generate import GREEDY, SamplingConfig, generate

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from export.onnx import error_bound
-from export.ort_backend import OrtBackend, check_export, load_ort_backend
+from serve.ort_backend import OrtBackend, check_export, load_ort_backend
 from model.checkpoint import load_model
 from serve.generate import GREEDY, SamplingConfig, TorchBackend, generate
 
@@ -234,7 +234,7 @@ def test_export_script_command(nano_dir, tmp_path):
 
 
 def test_masked_dummy_past_slot_is_ignored(nano_dir, nano_export):
-    """TensorRT profiles start at past 1 (export/tensorrt.py): a zero past slot with mask 0 must
+    """TensorRT profiles start at past 1 (serve/tensorrt.py): a zero past slot with mask 0 must
     change nothing. Checked here on CPU with the plain graph TensorRT would run."""
     model, _, _ = load_model(nano_dir)
     ort = OrtBackend(nano_export("fp32", None, False))
@@ -252,7 +252,7 @@ def test_masked_dummy_past_slot_is_ignored(nano_dir, nano_export):
 @pytest.mark.skipif("TensorrtExecutionProvider" not in onnxruntime.get_available_providers(),
                     reason="no TensorrtExecutionProvider in this onnxruntime (CPU-only machine)")
 def test_tensorrt_greedy_matches_torch(nano_dir, nano_export):
-    from export.tensorrt import TrtBackend
+    from serve.tensorrt import TrtBackend
 
     model, _, _ = load_model(nano_dir)
     trt = TrtBackend(nano_export("fp16", None, False), max_len=256)
@@ -310,7 +310,7 @@ def test_gguf_quantization_needs_a_gguf_source(nano_dir, tmp_path):
 
 def test_app_default_on_cpu_serves_the_gguf_blocks(smollm2_dir, nano_dir):
     """The variant test_gguf_blocks_int8_activations_keep_perplexity measures is the one served."""
-    from export.ort_backend import pick_variant
+    from serve.ort_backend import pick_variant
 
     dtype, quantize, why = pick_variant(smollm2_dir, "CPUExecutionProvider", None, None)
     assert (dtype, quantize) == ("fp32", "gguf") and "Q4_1/Q8_0 blocks" in why

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from export.onnx import error_bound
-from export.ort_backend import OrtBackend
+from serve.ort_backend import OrtBackend
 from model.checkpoint import load_model
 from tests.model.test_engine import check_batched_equals_alone, second_turn_equals_cold
 

@@ -113,7 +113,7 @@ def test_resume_extends_a_finished_run_and_honours_safe_flags(corpus_txt, tmp_pa
 
 def test_import_changes_nothing():
     """Importing the trainer is a library import: sys.path is left as it was."""
-    code = ("import sys; before = list(sys.path); import train.train, export.onnx, export.ort_backend; "
+    code = ("import sys; before = list(sys.path); import train.train, export.onnx, serve.ort_backend; "
             "assert sys.path == before, set(sys.path) ^ set(before)")
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
                        env={**os.environ, "PYTHONPATH": str(ROOT)})

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from export.ort_backend import OrtBackend
+from serve.ort_backend import OrtBackend
 
 
 def shape_profiles(cfg, max_batch: int = 1, max_len: int | None = None, opt_len: int = 512) -> dict:

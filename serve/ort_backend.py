@@ -131,7 +131,7 @@ class OrtBackend:
         self.past_names = [f"past_key_values.{i}.{k}" for i in range(n) for k in ("key", "value")]
         self.present_names = [f"present.{i}.{k}" for i in range(n) for k in ("key", "value")]
         self.kv_dtype = np.float16 if self.meta["dtype"] == "fp16" else np.float32
-        self.min_past = 0  # TensorRT's shape profiles start at 1 (export/tensorrt.py)
+        self.min_past = 0  # TensorRT's shape profiles start at 1 (serve/tensorrt.py)
 
     # ---- the Backend contract (serve/generate.py)
     def new_cache(self, rows: int, capacity: int) -> StaticCache:
