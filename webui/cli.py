@@ -13,7 +13,7 @@ import argparse
 import sys
 
 from serve.generate import ChatStats, Engine, SamplingConfig, chat
-from webui.backends import BACKENDS, load_backend
+from serve.load import BACKENDS, load_backend
 
 
 def run_turn(engine, tokenizer, messages, cfg, out=sys.stdout) -> str:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from model.checkpoint import is_model_dir, recover_interrupted_swap
 from serve.generate import Engine
-from webui.backends import ONNX_META, is_onnx_export, load_backend
+from serve.load import ONNX_META, is_onnx_export, load_backend
 
 ROOT = Path(__file__).resolve().parents[1]
 MAX_BATCH = 8  # sequences decoded together; a 2-core CPU still gains (weights are read once per step)

@@ -116,7 +116,7 @@ def test_a_model_outside_the_list_is_refused(client):
 
 def test_start_up_falls_back_to_torch_when_onnx_cannot_load(monkeypatch, nano_dir):
     import app
-    from webui.backends import load_backend
+    from serve.load import load_backend
 
     def loader(spec, backend):
         if backend == "onnx":
