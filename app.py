@@ -26,7 +26,7 @@ import gradio as gr
 
 from webui.api import API_KEY_ENV, api_access, make_router
 from webui.chat import respond
-from webui.models import (BACKEND_CHOICES, BACKEND_LABELS, CACHE_BUDGET_MB, DEFAULT, MAX_BATCH, MODELS, list_models,
+from serve.models import (BACKEND_CHOICES, BACKEND_LABELS, CACHE_BUDGET_MB, DEFAULT, MAX_BATCH, MODELS, list_models,
                           loaded_line, model_card)
 from webui.parity import parity_panel
 

@@ -28,7 +28,7 @@ from starlette.concurrency import run_in_threadpool
 
 from serve.generate import ChatStats, ChatTurn, Engine, SamplingConfig
 from webui.chat import MAX_MESSAGE_CHARS, too_long
-from webui.models import display_name
+from serve.models import display_name
 
 API_KEY_ENV = "COGNI_MAMBA_API_KEY"
 MAX_BODY_BYTES = 8 * MAX_MESSAGE_CHARS * 4 + 65536  # several messages at the limit, UTF-8, JSON-escaped

@@ -14,7 +14,7 @@ from __future__ import annotations
 from gradio import ChatMessage, Warning as UIWarning
 
 from serve.generate import ChatStats, SamplingConfig, chat
-from webui.models import BACKEND_LABELS, MODELS, DEFAULT, onnx_unavailable_reason
+from serve.models import BACKEND_LABELS, MODELS, DEFAULT, onnx_unavailable_reason
 
 EMPTY_REPLY = "Please type a message first: an empty message has nothing to answer."
 # Refused before tokenizing: a 1,000,000-character message took 46.6 s of server time to encode and

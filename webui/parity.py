@@ -11,7 +11,7 @@ from dataclasses import replace
 
 from serve.generate import GREEDY, capacity_for, generate, prefill
 from webui.chat import too_long
-from webui.models import DEFAULT, MODELS
+from serve.models import DEFAULT, MODELS
 
 
 def compare(prompt: str, model: str = DEFAULT, max_new_tokens: int = 32, models=MODELS) -> dict:

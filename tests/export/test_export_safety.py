@@ -67,7 +67,7 @@ def test_an_earlier_export_is_replaced_and_force_replaces_anything(nano_dir, tmp
 
 def test_kill_during_the_final_swap_is_recovered(tmp_path, monkeypatch):
     from model.weights import resolve_model
-    from webui.models import list_models
+    from serve.models import list_models
 
     model = CogniMamba(ModelConfig.from_name("nano", vocab_size=128))
     tok = CharTokenizer.train(["a"])
@@ -91,7 +91,7 @@ def test_kill_during_the_final_swap_is_recovered(tmp_path, monkeypatch):
 
 
 def test_hidden_leftovers_are_not_listed(tmp_path):
-    from webui.models import list_models
+    from serve.models import list_models
 
     model, tok = CogniMamba(ModelConfig.from_name("nano", vocab_size=128)), CharTokenizer.train(["a"])
     save_model(tmp_path / "checkpoints" / "good", model, tok)

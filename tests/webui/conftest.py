@@ -21,7 +21,7 @@ TEXTS = ["hello there, how are you today?", "the quick brown fox jumps over the 
 
 
 def ort_missing() -> str | None:
-    from webui.models import onnx_unavailable_reason
+    from serve.models import onnx_unavailable_reason
 
     return onnx_unavailable_reason()
 

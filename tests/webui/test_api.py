@@ -12,7 +12,7 @@ from fastapi.testclient import TestClient  # noqa: E402
 from serve.generate import SamplingConfig, Sequence, generate  # noqa: E402
 from webui.api import api_access, make_router  # noqa: E402
 from webui.chat import MAX_MESSAGE_CHARS  # noqa: E402
-from webui.models import ModelCache  # noqa: E402
+from serve.models import ModelCache  # noqa: E402
 
 KEY = "sk-test-key"
 

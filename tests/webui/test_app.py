@@ -7,7 +7,7 @@ import pytest
 gradio_client = pytest.importorskip("gradio_client")
 
 from webui.chat import EMPTY_REPLY, respond  # noqa: E402
-from webui.models import ModelCache  # noqa: E402
+from serve.models import ModelCache  # noqa: E402
 
 from .conftest import ort_missing  # noqa: E402
 

