@@ -24,7 +24,7 @@ import time
 
 import gradio as gr
 
-from webui.api import API_KEY_ENV, api_access, make_router
+from serve.api import API_KEY_ENV, api_access, make_router
 from webui.chat import respond
 from serve.models import (BACKEND_CHOICES, BACKEND_LABELS, CACHE_BUDGET_MB, DEFAULT, MAX_BATCH, MODELS, list_models,
                           loaded_line, model_card)

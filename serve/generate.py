@@ -13,7 +13,7 @@
                                   stop string
     ChatTurn                      messages -> trimmed prompt -> Sequence; each token -> text and stats
     chat(engine, tokenizer, messages)  ChatTurn driven in this thread: yields the reply's pieces
-                                  (webui/api.py drives the same ChatTurn from an asyncio loop)
+                                  (serve/api.py drives the same ChatTurn from an asyncio loop)
 
 The backends (TorchBackend here, OrtBackend in serve/ort_backend.py) only run the network:
 `new_cache(rows, capacity)` gives a StaticCache (model/model.py) and `forward(tokens, cache,
@@ -319,7 +319,7 @@ class Engine:
     departing row's tokens and cache are kept (LRU, under `cache_budget_bytes`), so a chat's next
     turn prefills only what follows the common prefix. Consumers read a sequence's
     tokens from its queue: `run` in their own thread, or `submit` plus the sequence's listener
-    from an event loop (webui/api.py).
+    from an event loop (serve/api.py).
     """
 
     def __init__(self, backend: Backend, max_batch: int = 8, cache_budget_bytes: int = 2 << 30):
@@ -661,7 +661,7 @@ class ChatStats:
 class ChatTurn:
     """One reply to `messages` (role/content dicts, oldest first): the prompt trimmed to fit, its
     Sequence, and what each token becomes (text pieces, stats, the stop strings). Driven by
-    `chat` (blocking, any thread) or by an asyncio loop (webui/api.py), so both share this logic."""
+    `chat` (blocking, any thread) or by an asyncio loop (serve/api.py), so both share this logic."""
 
     def __init__(self, engine: Engine | Backend, tokenizer, messages: list[dict], cfg: SamplingConfig = GREEDY,
                  stats: ChatStats | None = None, conversation: str | None = None, stop: Iterable[str] = ()):

@@ -473,7 +473,7 @@ def main(**kwargs) -> dict:
         if not is_model_dir(out / "model"):
             raise RuntimeError(f"training ended without writing {out / 'model'}; see {metrics}")
         plot_losses(metrics, out / "loss_curve.png")
-        log(f"done: best validation loss {best_val:.4f}\n  model folder  {out / 'model'}  (chat: python -m webui.cli "
+        log(f"done: best validation loss {best_val:.4f}\n  model folder  {out / 'model'}  (chat: python -m serve.cli "
             f"--model {out})\n  checkpoints   {out}/best_model.pt, latest.pt\n  metrics       {metrics}\n"
             f"  loss curve    {out / 'loss_curve.png'}")
     return result

@@ -30,7 +30,7 @@ def genai_greedy(folder, ids, n):
 
 
 def ours_greedy(folder, ids, n):
-    """What `python -m webui.cli --greedy` generates: stops (unprinted) on the tokenizer's stop ids."""
+    """What `python -m serve.cli --greedy` generates: stops (unprinted) on the tokenizer's stop ids."""
     cfg = SamplingConfig(**{**GREEDY.__dict__, "max_new_tokens": n})
     return list(generate(OrtBackend(folder), ids, cfg, stop_ids=load_tokenizer(folder).stop_ids))
 

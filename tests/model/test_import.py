@@ -66,7 +66,7 @@ def test_cli_one_shot_prints_only_the_reply(smollm2_dir, smollm2, hf_smollm2):
     ids = tok.encode_chat([{"role": "user", "content": PROMPTS[0]}])
     ref = hf.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=64)[0, len(ids):].tolist()
     expected = tok.decode(ref, skip_special_tokens=True)
-    out = subprocess.run([sys.executable, "-m", "webui.cli", "--greedy", "--max-new-tokens", "64", "--prompt", PROMPTS[0]],
+    out = subprocess.run([sys.executable, "-m", "serve.cli", "--greedy", "--max-new-tokens", "64", "--prompt", PROMPTS[0]],
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert out.stdout == expected + "\n"

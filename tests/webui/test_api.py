@@ -10,7 +10,7 @@ from fastapi import FastAPI  # noqa: E402
 from fastapi.testclient import TestClient  # noqa: E402
 
 from serve.generate import SamplingConfig, Sequence, generate  # noqa: E402
-from webui.api import api_access, make_router  # noqa: E402
+from serve.api import api_access, make_router  # noqa: E402
 from webui.chat import MAX_MESSAGE_CHARS  # noqa: E402
 from serve.models import ModelCache  # noqa: E402
 
@@ -163,7 +163,7 @@ def test_the_async_reader_equals_chat_and_leaving_cancels(models, nano_dir):
     import time
 
     from serve.generate import ChatStats, ChatTurn, chat
-    from webui.api import reply_pieces
+    from serve.api import reply_pieces
 
     engine, tok, _ = models.get(str(nano_dir), "torch")
     messages = [{"role": "user", "content": "the quick brown fox"}]

@@ -20,7 +20,7 @@ def nano_dir(tmp_path_factory):
 
 
 def cli(*args, stdin=None):
-    return subprocess.run([sys.executable, "-m", "webui.cli", *args], input=stdin, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "serve.cli", *args], input=stdin, capture_output=True,
                           text=True, timeout=120)
 
 

@@ -25,7 +25,7 @@ def nano_dir(tmp_path_factory):
 
 
 def cli(*args, stdin=None, env=None):
-    return subprocess.run([sys.executable, "-m", "webui.cli", "--greedy", "--max-new-tokens", "4", *args], input=stdin,
+    return subprocess.run([sys.executable, "-m", "serve.cli", "--greedy", "--max-new-tokens", "4", *args], input=stdin,
                           capture_output=True, timeout=120, cwd=ROOT, env={**os.environ, **(env or {})})
 
 
@@ -42,7 +42,7 @@ def one_error_line(r, *words):
 ])
 def test_bad_settings_get_one_line(nano_dir, args, word):
     # --greedy would override temperature; these go without it
-    r = subprocess.run([sys.executable, "-m", "webui.cli", "--model", str(nano_dir), *args, "--prompt", "hi"],
+    r = subprocess.run([sys.executable, "-m", "serve.cli", "--model", str(nano_dir), *args, "--prompt", "hi"],
                        capture_output=True, timeout=120, cwd=ROOT)
     assert one_error_line(r, word), r.stderr[-800:]
 

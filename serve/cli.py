@@ -1,8 +1,8 @@
 """Chat with a model in the terminal, streaming the reply as it is generated.
 
-    python -m webui.cli                                   # SmolLM2-135M-Instruct, interactive
-    python -m webui.cli --model checkpoints/run/model     # your own model folder
-    python -m webui.cli --greedy --prompt "What is the capital of France?"   # one shot, for scripts
+    python -m serve.cli                                   # SmolLM2-135M-Instruct, interactive
+    python -m serve.cli --model checkpoints/run/model     # your own model folder
+    python -m serve.cli --greedy --prompt "What is the capital of France?"   # one shot, for scripts
 
 In one-shot mode only the reply goes to stdout; loading messages and stats go to stderr.
 Interactive commands: /reset forgets the conversation, /quit (or Ctrl-D) leaves.
