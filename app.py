@@ -24,6 +24,7 @@ import time
 
 import gradio as gr
 
+from model.config import GENERATION_DEFAULTS as DEFAULTS
 from serve.api import API_KEY_ENV, api_access, make_router
 from webui.chat import respond
 from serve.models import (BACKEND_CHOICES, BACKEND_LABELS, CACHE_BUDGET_MB, DEFAULT, MAX_BATCH, MODELS, list_models,
@@ -82,11 +83,11 @@ def build_demo(model: str = DEFAULT, backend: str = "onnx", note: str = "") -> g
     settings = [
         gr.Textbox("", label="System prompt", placeholder="(none: the model's own behaviour)", lines=2, render=False),
         backend_box, model_box,
-        gr.Slider(0, 2, value=0.7, step=0.05, label="Temperature (0 = greedy)", render=False),
-        gr.Slider(0, 200, value=50, step=1, precision=0, label="Top-k (0 = off)", render=False),
-        gr.Slider(0.05, 1, value=0.9, step=0.05, label="Top-p (1 = off)", render=False),
-        gr.Slider(1, 2, value=1.1, step=0.05, label="Repetition penalty (1 = off)", render=False),
-        gr.Slider(1, 1024, value=256, step=1, precision=0, label="Max new tokens", render=False),
+        gr.Slider(0, 2, value=DEFAULTS["temperature"], step=0.05, label="Temperature (0 = greedy)", render=False),
+        gr.Slider(0, 200, value=DEFAULTS["top_k"], step=1, precision=0, label="Top-k (0 = off)", render=False),
+        gr.Slider(0.05, 1, value=DEFAULTS["top_p"], step=0.05, label="Top-p (1 = off)", render=False),
+        gr.Slider(1, 2, value=DEFAULTS["repetition_penalty"], step=0.05, label="Repetition penalty (1 = off)", render=False),
+        gr.Slider(1, 1024, value=DEFAULTS["max_new_tokens"], step=1, precision=0, label="Max new tokens", render=False),
         gr.Number(-1, precision=0, label="Seed (-1 = random)", render=False),
     ]
     with gr.Blocks(title="Cogni-Mamba chat") as demo:  # built when called, never on import

@@ -35,7 +35,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from serve.generate import SamplingConfig, TorchBackend, generate  # noqa: E402
+from serve.generate import TorchBackend, generate  # noqa: E402
+from serve.sampling import SamplingConfig  # noqa: E402
 from bench import cpu_name  # noqa: E402
 from bench.llama_cpp_peer import run_peer  # noqa: E402
 from model.weights import cache_root, default_gguf, resolve_model  # noqa: E402

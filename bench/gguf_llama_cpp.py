@@ -45,7 +45,8 @@ def check(name: str, python: str, path: Path, model, tok, n: int, source: Path |
     """Tokenization and greedy tokens of llama.cpp on `path` against ours. With `source` (the GGUF the
     model was imported from), llama.cpp's greedy tokens on our file must equal its own on the source:
     the writer is judged by what llama.cpp does with the original, whatever its kernels do."""
-    from serve.generate import GREEDY, SamplingConfig, TorchBackend, generate
+    from serve.generate import TorchBackend, generate
+    from serve.sampling import GREEDY, SamplingConfig
 
     prompt = tok.encode_chat(CHAT)
     ours_greedy = list(generate(TorchBackend(model), prompt, SamplingConfig(**{**GREEDY.__dict__, "max_new_tokens": n}),

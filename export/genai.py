@@ -13,8 +13,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from model.config import ModelConfig
-from serve.generate import SamplingConfig
+from model.config import GENERATION_DEFAULTS, ModelConfig
 
 # The graph's I/O in genai's terms (%d = layer index). past_present_share_buffer says whether the
 # graph reads and writes one cache buffer of length max_length (GroupQueryAttention with seqlens_k)
@@ -28,10 +27,9 @@ GRAPH_IO = {
 
 
 def genai_config(cfg: ModelConfig, tokenizer, io: dict = GRAPH_IO, filename: str = "model.onnx",
-                 provider: str | None = None) -> dict:
+                 provider: str | None = None, sampling: dict = GENERATION_DEFAULTS) -> dict:
     """genai_config.json for one graph; `io` is the graph's I/O description (GRAPH_IO's shape).
-    Search defaults are greedy; a caller that sets do_sample gets our sampling defaults."""
-    sampling = SamplingConfig()
+    Search defaults are greedy; a caller that sets do_sample gets `sampling` (the model's own)."""
     bos = tokenizer.bos_id if tokenizer.bos_id is not None else tokenizer.eos_id
     return {
         "model": {
@@ -58,19 +56,19 @@ def genai_config(cfg: ModelConfig, tokenizer, io: dict = GRAPH_IO, filename: str
             "diversity_penalty": 0.0, "do_sample": False, "early_stopping": True, "length_penalty": 1.0,
             "max_length": cfg.max_seq_len, "min_length": 0, "no_repeat_ngram_size": 0, "num_beams": 1,
             "num_return_sequences": 1, "past_present_share_buffer": io["past_present_share_buffer"],
-            "repetition_penalty": 1.0, "temperature": sampling.temperature, "top_k": sampling.top_k,
-            "top_p": sampling.top_p,
+            "repetition_penalty": 1.0, "temperature": sampling["temperature"], "top_k": sampling["top_k"],
+            "top_p": sampling["top_p"],
         },
     }
 
 
 def write_genai_files(folder: str | Path, cfg: ModelConfig, tokenizer, io: dict = GRAPH_IO,
-                      provider: str | None = None) -> bool:
+                      provider: str | None = None, sampling: dict = GENERATION_DEFAULTS) -> bool:
     """Write genai_config.json and chat_template.jinja into an export folder. genai tokenizes with
     tokenizer.json, so a char-tokenizer export gets neither (returns False)."""
     if tokenizer.kind != "bpe":
         return False
     folder = Path(folder)
-    (folder / "genai_config.json").write_text(json.dumps(genai_config(cfg, tokenizer, io, provider=provider), indent=4))
+    (folder / "genai_config.json").write_text(json.dumps(genai_config(cfg, tokenizer, io, provider=provider, sampling=sampling), indent=4))
     (folder / "chat_template.jinja").write_text(tokenizer.chat_template)
     return True

@@ -82,7 +82,7 @@ from export.blocks import BlockMatrix, concat_rows  # noqa: E402
 from export.genai import write_genai_files  # noqa: E402
 from model.checkpoint import atomic_dir, load_model, sha256_file  # noqa: E402
 from model.weights import resolve_model  # noqa: E402
-from model.config import ModelConfig  # noqa: E402
+from model.config import ModelConfig, generation_defaults  # noqa: E402
 from model.model import CogniMamba  # noqa: E402
 
 OPSET = 17
@@ -486,7 +486,8 @@ def export_onnx(model: str | Path, out: str | Path, dtype: str = "fp32", quantiz
         shutil.copy(src / "config.json", tmp / "config.json")
         tokenizer.save(tmp)
         # onnxruntime-genai opens the folder as it is (export/genai.py: the graph's I/O in its terms)
-        write_genai_files(tmp, net.cfg, tokenizer, provider="cuda" if dtype == "fp16" else None)
+        write_genai_files(tmp, net.cfg, tokenizer, provider="cuda" if dtype == "fp16" else None,
+                          sampling=generation_defaults(src_meta))
         meta = {
             "format": "cogni-mamba-onnx", "format_version": META_VERSION,
             "source": str(src), "source_sha256": src_meta.get("weights_sha256") or sha256_file(src / "model.safetensors"),

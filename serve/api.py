@@ -26,7 +26,8 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from serve.generate import ChatStats, ChatTurn, Engine, SamplingConfig
+from serve.generate import ChatStats, ChatTurn, Engine
+from serve.sampling import SamplingConfig
 from webui.chat import MAX_MESSAGE_CHARS, too_long
 from serve.models import display_name
 

@@ -12,7 +12,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from serve.generate import ChatStats, Engine, SamplingConfig, chat
+from serve.generate import ChatStats, Engine, chat
+from model.config import GENERATION_DEFAULTS as DEFAULTS
+from serve.sampling import SamplingConfig
 from serve.load import BACKENDS, load_backend
 
 
@@ -31,8 +33,9 @@ def run_turn(engine, tokenizer, messages, cfg, out=sys.stdout) -> str:
 
 
 def main(model: str = "default", backend: str = "torch", prompt: str | None = None, system: str | None = None,
-         temperature: float = 0.7, top_k: int = 50, top_p: float = 0.9, repetition_penalty: float = 1.1,
-         max_new_tokens: int = 256, seed: int | None = None, greedy: bool = False) -> int:
+         temperature: float = DEFAULTS["temperature"], top_k: int = DEFAULTS["top_k"],
+         top_p: float = DEFAULTS["top_p"], repetition_penalty: float = DEFAULTS["repetition_penalty"],
+         max_new_tokens: int = DEFAULTS["max_new_tokens"], seed: int | None = None, greedy: bool = False) -> int:
     try:
         cfg = SamplingConfig(temperature=0.0 if greedy else temperature, top_k=top_k, top_p=top_p,
                              repetition_penalty=1.0 if greedy else repetition_penalty,
@@ -89,11 +92,11 @@ def parse_args(argv=None) -> dict:
     p.add_argument("--backend", default="torch", choices=BACKENDS, help="eager PyTorch or ONNX Runtime")
     p.add_argument("--prompt", help="answer this one message, print only the reply on stdout, and exit")
     p.add_argument("--system", help="system prompt (default: the model's template's own, if any)")
-    p.add_argument("--temperature", type=float, default=0.7, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=50, help="sample among the k most likely tokens (0 = off)")
-    p.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling mass (1 = off)")
-    p.add_argument("--repetition-penalty", type=float, default=1.1, help="CTRL-style penalty on seen tokens (1 = off)")
-    p.add_argument("--max-new-tokens", type=int, default=256, help="longest reply in tokens")
+    p.add_argument("--temperature", type=float, default=DEFAULTS["temperature"], help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=DEFAULTS["top_k"], help="sample among the k most likely tokens (0 = off)")
+    p.add_argument("--top-p", type=float, default=DEFAULTS["top_p"], help="nucleus sampling mass (1 = off)")
+    p.add_argument("--repetition-penalty", type=float, default=DEFAULTS["repetition_penalty"], help="CTRL-style penalty on seen tokens (1 = off)")
+    p.add_argument("--max-new-tokens", type=int, default=DEFAULTS["max_new_tokens"], help="longest reply in tokens")
     p.add_argument("--seed", type=int, help="seed for reproducible sampling")
     p.add_argument("--greedy", action="store_true", help="deterministic: always the most likely token, no penalty")
     return vars(p.parse_args(argv))

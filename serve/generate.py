@@ -1,7 +1,6 @@
 """Generation: one ladder of small functions under every entry point (CLI, browser chat, HTTP API).
 
-    sample(logits, seqs)          (B, vocab) -> B tokens; temperature 0 = greedy; top-k, top-p and the
-                                  repetition penalty per row, each row drawing from its own generator
+    sample(logits, rows)          (serve/sampling.py) (B, vocab) -> B tokens, per-row settings
     prefill(backend, cache, row, ids)  a sequence's prompt into one cache row, in chunks -> last logits
     decode_step(backend, cache, seqs)  one token for every active row: one network call -> (B, vocab)
     Sequence.accept(token)        the stopping rules: a stop id, max_new_tokens, a full context
@@ -24,7 +23,6 @@ from __future__ import annotations
 
 import atexit
 import itertools
-import math
 import weakref
 import queue
 import threading
@@ -36,45 +34,10 @@ from typing import Iterable, Iterator, Protocol
 import torch
 
 from model.model import CogniMamba, StaticCache
+from serve.sampling import GREEDY, SamplingConfig, SamplingRow, sample
 
 PREFILL_CHUNK = 512  # prompt tokens per network call: bounds the (T x context) attention scores
 CAPACITY_STEP = 256  # caches grow in steps of this many positions, so a resize (a copy) is rare
-
-
-@dataclass
-class SamplingConfig:
-    temperature: float = 0.7  # 0 -> greedy (deterministic)
-    top_k: int = 50  # 0 -> off
-    top_p: float = 0.9  # 1.0 -> off
-    repetition_penalty: float = 1.1  # 1.0 -> off
-    max_new_tokens: int = 256
-    seed: int | None = None
-
-    def __post_init__(self):
-        # NaN passes every comparison below as False, and inf turns sampling uniform: refuse both first.
-        for name in ("temperature", "top_p", "repetition_penalty"):
-            v = getattr(self, name)
-            if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
-                raise ValueError(f"{name} must be a finite number, got {v!r}")
-        for name in ("top_k", "max_new_tokens"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool):
-                raise ValueError(f"{name} must be a whole number, got {v!r}")
-        if self.seed is not None and (not isinstance(self.seed, int) or not 0 <= self.seed < 2**63):
-            raise ValueError(f"seed must be in [0, 2^63) and a whole number, got {self.seed!r}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.repetition_penalty <= 0:
-            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-
-
-GREEDY = SamplingConfig(temperature=0.0, top_k=0, top_p=1.0, repetition_penalty=1.0)
 
 
 class Sequence:
@@ -91,11 +54,7 @@ class Sequence:
         self.tokens: list[int] = []
         self.finish_reason: str | None = None  # "stop", "length", "cancelled" or "error"
         self.reused_tokens = 0  # prompt tokens whose cache came from an earlier turn
-        self.generator = None
-        if cfg.temperature > 0:
-            self.generator = torch.Generator()
-            self.generator.manual_seed(cfg.seed if cfg.seed is not None else int(torch.randint(2**62, (1,))))
-        self.seen: torch.Tensor | None = None  # (vocab,) bool: tokens in the context, for the penalty
+        self.sampling = SamplingRow(cfg)  # what the sampler sees of this sequence
         self.cancelled = threading.Event()
         self.out: queue.Queue = queue.Queue()  # Engine -> consumer: token ids, then None or an exception
         self.listener = None  # called (from the engine's thread) after each put: wakes an asyncio consumer
@@ -120,70 +79,10 @@ class Sequence:
             self.finish_reason = "stop"
             return False
         self.tokens.append(token)
-        if self.seen is not None:
-            self.seen[token] = True
+        self.sampling.saw(token)
         if len(self.tokens) >= self.cfg.max_new_tokens or len(self.prompt) + len(self.tokens) >= max_seq_len:
             self.finish_reason = "length"
         return True
-
-
-def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: torch.Tensor) -> torch.Tensor:
-    """CTRL (Keskar et al. 2019): shrink the logits of tokens already in the context.
-    logits (B, vocab), seen (B, vocab) bool, penalty (B, 1)."""
-    penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
-    return torch.where(seen, penalised, logits)
-
-
-def top_candidates(logits: torch.Tensor, top_k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, vocab) logits -> the C largest of each row in descending order and their token ids, C =
-    the largest top_k of the batch (the whole vocabulary when a row has top_k 0). Sampling then
-    works on (B, C) instead of sorting the vocabulary: with top_k 50 that is ~1000x less to sort,
-    which is most of a batched decode step's time outside the network. Rows keep their own top_k
-    below (a row's draws do not depend on which rows share the batch)."""
-    V = logits.shape[-1]
-    c = V if int(top_k.min()) == 0 else min(int(top_k.max()), V)
-    return torch.topk(logits, c, dim=-1)  # sorted, largest first
-
-
-def candidate_probs(sorted_logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
-                    top_p: torch.Tensor) -> torch.Tensor:
-    """(B, C) logits in descending order -> (B, C) probabilities; temperature (B, 1) > 0, top_k
-    (B, 1) (0 = off), top_p (B, 1) (1 = off)."""
-    logits = sorted_logits / temperature
-    C = logits.shape[-1]
-    k = torch.where(top_k > 0, top_k.clamp(max=C), C)  # (B, 1)
-    drop = torch.arange(C, device=logits.device)[None] >= k  # beyond the row's k-th largest
-    # Nucleus sampling (Holtzman et al. 2019): keep the smallest set whose mass reaches top_p; a token
-    # goes when the mass before it already suffices. Ties with the k-th value are cut by position.
-    probs = torch.softmax(logits.masked_fill(drop, float("-inf")), -1)
-    drop |= ((probs.cumsum(-1) - probs) >= top_p) & (top_p < 1)
-    return torch.softmax(logits.masked_fill(drop, float("-inf")), -1)
-
-
-def sample(logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
-    """logits (B, vocab) float32 -> one token per row, each row with its own settings. A row draws
-    one uniform number from its own generator (inverse-CDF sampling over its candidates, largest
-    first), so its tokens do not depend on which other sequences share the batch."""
-    B, V = logits.shape
-    penalty = torch.tensor([[s.cfg.repetition_penalty] for s in seqs])  # (B, 1)
-    if bool((penalty != 1.0).any()):
-        seen = torch.stack([s.seen if s.seen is not None else torch.zeros(V, dtype=torch.bool) for s in seqs])
-        logits = apply_repetition_penalty(logits, seen, penalty)
-    tokens = logits.argmax(-1)  # (B,): the greedy rows' answer
-    rows = [i for i, s in enumerate(seqs) if s.cfg.temperature > 0]
-    if rows:
-        picked = [seqs[i].cfg for i in rows]
-        top_k = torch.tensor([[c.top_k] for c in picked])
-        values, ids = top_candidates(logits[rows], top_k)
-        probs = candidate_probs(values, torch.tensor([[c.temperature] for c in picked]), top_k,
-                                torch.tensor([[c.top_p] for c in picked]))
-        cdf = probs.cumsum(-1)  # (b, C)
-        u = torch.cat([torch.rand(1, generator=seqs[i].generator) for i in rows])[:, None] * cdf[:, -1:]
-        # right=True: the first index whose cdf exceeds u, which never lands on a zero-probability token
-        drawn = torch.searchsorted(cdf, u, right=True)[:, 0]
-        last_nonzero = probs.shape[-1] - 1 - (probs > 0).flip(-1).float().argmax(-1)  # rounding can push u past the end
-        tokens[rows] = ids.gather(1, torch.minimum(drawn, last_nonzero)[:, None])[:, 0]
-    return tokens.tolist()
 
 
 class Backend(Protocol):
@@ -250,9 +149,7 @@ def decode_step(backend: Backend, cache: StaticCache, seqs: list[Sequence]) -> t
 def start(seq: Sequence, vocab_size: int, max_seq_len: int) -> None:
     if len(seq.prompt) >= max_seq_len:
         raise ValueError(f"the prompt has {len(seq.prompt)} tokens; the model's context is {max_seq_len}")
-    if seq.cfg.repetition_penalty != 1.0:
-        seq.seen = torch.zeros(vocab_size, dtype=torch.bool)
-        seq.seen[torch.tensor([t for t in seq.prompt if 0 <= t < vocab_size], dtype=torch.long)] = True
+    seq.sampling.start(seq.prompt, vocab_size)
 
 
 def generate(backend: Backend, prompt_ids: list[int], cfg: SamplingConfig = GREEDY,
@@ -269,7 +166,7 @@ def run_alone(backend: Backend, seq: Sequence) -> Iterator[int]:
     try:
         logits = prefill(backend, cache, 0, seq.prompt)[None]
         while True:
-            token = sample(logits, [seq])[0]
+            token = sample(logits, [seq.sampling])[0]
             if seq.accept(token, backend.max_seq_len):
                 yield token
             if seq.finish_reason or seq.cancelled.is_set():
@@ -475,7 +372,7 @@ class Engine:
             self._fail([p.seq], e)
             return
         self.active.append(p.seq)
-        self._emit(row, sample(logits[None], [p.seq])[0])
+        self._emit(row, sample(logits[None], [p.seq.sampling])[0])
 
     def _step(self) -> None:
         try:
@@ -485,7 +382,7 @@ class Engine:
             self._fail(self.active, e)
             self.active = []
             return
-        for row, token in reversed(list(enumerate(sample(logits, self.active)))):
+        for row, token in reversed(list(enumerate(sample(logits, [s.sampling for s in self.active])))):
             self._emit(row, token)
 
     def _emit(self, row: int, token: int) -> None:

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 from gradio import ChatMessage, Warning as UIWarning
 
-from serve.generate import ChatStats, SamplingConfig, chat
+from serve.generate import ChatStats, chat
+from model.config import GENERATION_DEFAULTS as DEFAULTS
+from serve.sampling import SamplingConfig
 from serve.models import BACKEND_LABELS, MODELS, DEFAULT, onnx_unavailable_reason
 
 EMPTY_REPLY = "Please type a message first: an empty message has nothing to answer."
@@ -64,8 +66,9 @@ def history_to_messages(history: list, system_prompt: str = "") -> list[dict]:
 
 
 def respond(message: str, history: list, system_prompt: str = "", backend: str = "onnx", model: str = DEFAULT,
-            temperature: float = 0.7, top_k: int = 50, top_p: float = 0.9, repetition_penalty: float = 1.1,
-            max_new_tokens: int = 256, seed: int | float | None = -1, models=MODELS):
+            temperature: float = DEFAULTS["temperature"], top_k: int = DEFAULTS["top_k"],
+            top_p: float = DEFAULTS["top_p"], repetition_penalty: float = DEFAULTS["repetition_penalty"],
+            max_new_tokens: int = DEFAULTS["max_new_tokens"], seed: int | float | None = -1, models=MODELS):
     """Yield the reply as it grows (a str), then [reply, status] (a list of chat messages)."""
     message = message if isinstance(message, str) else _text(message)
     # the history too: a client of the Gradio API may send any history it likes

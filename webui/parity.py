@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from serve.generate import GREEDY, capacity_for, generate, prefill
+from serve.generate import capacity_for, generate, prefill
+from serve.sampling import GREEDY
 from webui.chat import too_long
 from serve.models import DEFAULT, MODELS
 

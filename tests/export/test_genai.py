@@ -9,7 +9,8 @@ from export.genai import GRAPH_IO, genai_config
 from serve.ort_backend import OrtBackend
 from model.checkpoint import save_model
 from model.config import ModelConfig
-from serve.generate import GREEDY, SamplingConfig, generate
+from serve.generate import generate
+from serve.sampling import GREEDY, SamplingConfig
 from model.model import CogniMamba
 from model.tokenizer import load_tokenizer, train_bpe
 

@@ -17,7 +17,8 @@ import torch
 from export.onnx import error_bound
 from serve.ort_backend import OrtBackend, check_export, load_ort_backend
 from model.checkpoint import load_model
-from serve.generate import GREEDY, SamplingConfig, TorchBackend, generate
+from serve.generate import TorchBackend, generate
+from serve.sampling import GREEDY, SamplingConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 # Tolerances are not absolute numbers measured on one machine: both runtimes are compared with a

@@ -10,7 +10,7 @@ import torch
 from export.onnx import error_bound
 from serve.ort_backend import OrtBackend
 from model.checkpoint import load_model
-from tests.model.test_engine import check_batched_equals_alone, second_turn_equals_cold
+from tests.serve.test_engine import check_batched_equals_alone, second_turn_equals_cold
 
 
 def ort_vs_ort_bound(model, ids) -> float:

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from model.config import ModelConfig
-from serve.generate import SamplingConfig, TorchBackend, generate
+from serve.generate import TorchBackend, generate
+from serve.sampling import SamplingConfig
 from model.hf import export_hf
 from model.model import CogniMamba
 from model.tokenizer import train_bpe

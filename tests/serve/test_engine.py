@@ -7,7 +7,8 @@ import time
 import pytest
 import torch
 
-from serve.generate import CAPACITY_STEP, Engine, SamplingConfig, Sequence, TorchBackend, generate
+from serve.generate import CAPACITY_STEP, Engine, Sequence, TorchBackend, generate
+from serve.sampling import SamplingConfig
 from model.model import StaticCache
 
 EPS32 = torch.finfo(torch.float32).eps  # 1.19e-7

@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from serve.generate import (GREEDY, SamplingConfig, Sequence, TorchBackend, apply_repetition_penalty, chat,
-                            generate, sample, stream_text, trim_messages)
+from serve.generate import Sequence, TorchBackend, chat, generate, stream_text, trim_messages
+from serve.sampling import GREEDY, SamplingConfig, SamplingRow, apply_repetition_penalty, sample
 from model.tokenizer import IM_END, train_bpe
 
 CORPUS = ["Once upon a time there was a little fox who liked to run in the forest. ",
@@ -17,7 +17,7 @@ def tokenizer():
 
 def draws(logits, n, **cfg):
     """n tokens sampled from one row of logits by one sequence (its own seeded generator)."""
-    seq = Sequence([0], SamplingConfig(**{"top_k": 0, "top_p": 1.0, "repetition_penalty": 1.0, "seed": 0, **cfg}))
+    seq = SamplingRow(SamplingConfig(**{"top_k": 0, "top_p": 1.0, "repetition_penalty": 1.0, "seed": 0, **cfg}))
     return [sample(logits[None], [seq])[0] for _ in range(n)]
 
 
@@ -57,9 +57,9 @@ def test_a_batch_samples_each_row_with_its_own_settings():
     cfgs = [SamplingConfig(temperature=0, top_k=0, top_p=1, repetition_penalty=1),
             SamplingConfig(temperature=1.5, top_k=1, repetition_penalty=1),
             SamplingConfig(temperature=1.0, top_k=0, top_p=1, seed=5), SamplingConfig(temperature=0.7, seed=9)]
-    batch = [Sequence([0], c) for c in cfgs]
+    batch = [SamplingRow(c) for c in cfgs]
     together = [sample(logits, batch) for _ in range(10)]
-    alone = [[sample(logits[i:i + 1], [s])[0] for _ in range(10)] for i, s in enumerate([Sequence([0], c) for c in cfgs])]
+    alone = [[sample(logits[i:i + 1], [s])[0] for _ in range(10)] for i, s in enumerate([SamplingRow(c) for c in cfgs])]
     assert [list(col) for col in zip(*together)] == alone
     assert alone[0] == [int(logits[0].argmax())] * 10 and alone[1] == [int(logits[1].argmax())] * 10
 

@@ -9,7 +9,8 @@ openai = pytest.importorskip("openai")
 from fastapi import FastAPI  # noqa: E402
 from fastapi.testclient import TestClient  # noqa: E402
 
-from serve.generate import SamplingConfig, Sequence, generate  # noqa: E402
+from serve.generate import Sequence, generate  # noqa: E402
+from serve.sampling import SamplingConfig  # noqa: E402
 from serve.api import api_access, make_router  # noqa: E402
 from webui.chat import MAX_MESSAGE_CHARS  # noqa: E402
 from serve.models import ModelCache  # noqa: E402
