@@ -12,7 +12,7 @@ also the HuggingFace Spaces entry point.
 
 The logic lives in webui/ (chat.respond, parity.parity_panel, models.MODELS, api.make_router); this
 file lays out the page, mounts it on a FastAPI app beside the API, and serves both with uvicorn.
-Every chat, from the page or the API, goes through the model's Engine (serve/generate.py), which
+Every chat, from the page or the API, goes through the model's Engine (serve/engine.py), which
 decodes them together. Spaces run `python app.py` and set GRADIO_SERVER_NAME=0.0.0.0.
 """
 from __future__ import annotations

@@ -200,7 +200,7 @@ def main(repeats: int = 3, new_tokens: int = 128, threads: int | None = None, co
     def hf_run(ids, n):
         x = torch.tensor([ids])
         with torch.inference_mode():
-            y = hf_serve.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n, min_new_tokens=n,
+            y = hf_model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n, min_new_tokens=n,
                                   do_sample=False, pad_token_id=tok.eos_id)
         return y.shape[1] - x.shape[1]
 

@@ -6,7 +6,7 @@
     curl http://127.0.0.1:7860/v1/chat/completions -H 'Content-Type: application/json' \
          -d '{"model": "SmolLM2-135M-Instruct", "messages": [{"role": "user", "content": "Hi!"}]}'
 
-Generation goes through the same Engine as the browser chat (serve/generate.py): API requests are
+Generation goes through the same Engine as the browser chat (serve/engine.py): API requests are
 batched with the page's chats, and a conversation's next request reuses the cache of the longest
 common prefix. Errors use OpenAI's format, {"error": {"message", "type", "param", "code"}}, with
 400 (bad request), 401 (API key), 404 (unknown model), 413 (a message above the size limit),
@@ -26,7 +26,8 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from serve.generate import ChatStats, ChatTurn, Engine
+from serve.chat import ChatStats, ChatTurn
+from serve.engine import Engine
 from serve.sampling import SamplingConfig
 from webui.chat import MAX_MESSAGE_CHARS, too_long
 from serve.models import display_name

@@ -12,7 +12,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from serve.generate import ChatStats, Engine, chat
+from serve.chat import ChatStats, chat
+from serve.engine import Engine
 from model.config import GENERATION_DEFAULTS as DEFAULTS
 from serve.sampling import SamplingConfig
 from serve.load import BACKENDS, load_backend

@@ -4,7 +4,7 @@
     MODELS.get(spec, "onnx")      (backend, tokenizer, meta), loaded once per (model, backend)
     model_card(spec, meta)        Markdown: architecture, parameters, dtype, quantization, source
 
-Each loaded backend runs under one serve.generate.Engine: every session's generation is batched
+Each loaded backend runs under one serve.engine.Engine: every session's generation is batched
 into the same decode steps, and each chat's cache is kept for its next turn (LRU, under a memory
 budget). A per-key lock keeps two sessions from loading the same model twice.
 """
@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from model.checkpoint import is_model_dir, recover_interrupted_swap
-from serve.generate import Engine
+from serve.engine import Engine
 from serve.load import ONNX_META, is_onnx_export, load_backend
 
 ROOT = Path(__file__).resolve().parents[1]

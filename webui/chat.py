@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from gradio import ChatMessage, Warning as UIWarning
 
-from serve.generate import ChatStats, chat
+from serve.chat import ChatStats, chat
 from model.config import GENERATION_DEFAULTS as DEFAULTS
 from serve.sampling import SamplingConfig
 from serve.models import BACKEND_LABELS, MODELS, DEFAULT, onnx_unavailable_reason

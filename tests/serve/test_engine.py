@@ -7,7 +7,8 @@ import time
 import pytest
 import torch
 
-from serve.generate import CAPACITY_STEP, Engine, Sequence, TorchBackend, generate
+from serve.engine import Engine
+from serve.generate import CAPACITY_STEP, Sequence, TorchBackend, generate
 from serve.sampling import SamplingConfig
 from model.model import StaticCache
 
@@ -207,9 +208,9 @@ def test_a_failing_backend_fails_its_requests_and_the_engine_goes_on(nano_model)
 def test_a_long_prompt_is_fed_between_decode_steps(nano_model, monkeypatch):
     """Chunked prefill: while a 200-token prompt goes in 32 tokens at a time, the running sequence
     keeps decoding (a step after every chunk), and both get the tokens they get alone."""
-    import serve.generate as generation
+    import serve.engine
 
-    monkeypatch.setattr(generation, "PREFILL_CHUNK", 32)
+    monkeypatch.setattr(serve.engine, "PREFILL_CHUNK", 32)
     backend = TorchBackend(nano_model)
     long_prompt = torch.randint(0, backend.vocab_size, (200,), generator=torch.Generator().manual_seed(7)).tolist()
     alone_long = list(Engine(backend).generate(long_prompt, greedy(5)))  # the same 32-token chunks, alone

@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from serve.generate import Sequence, TorchBackend, chat, generate, stream_text, trim_messages
+from serve.chat import chat, stream_text, trim_messages
+from serve.generate import TorchBackend, generate
 from serve.sampling import GREEDY, SamplingConfig, SamplingRow, apply_repetition_penalty, sample
 from model.tokenizer import IM_END, train_bpe
 
@@ -134,7 +135,7 @@ def test_trim_keeps_system_and_newest(tokenizer):
 
 
 def test_chat_streams_with_stats(nano_model, tokenizer):
-    from serve.generate import ChatStats
+    from serve.chat import ChatStats
 
     stats = ChatStats()
     pieces = list(chat(TorchBackend(nano_model), tokenizer, [{"role": "user", "content": "hi"}],

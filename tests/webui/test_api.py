@@ -163,7 +163,7 @@ def test_the_async_reader_equals_chat_and_leaving_cancels(models, nano_dir):
     import asyncio
     import time
 
-    from serve.generate import ChatStats, ChatTurn, chat
+    from serve.chat import ChatStats, ChatTurn, chat
     from serve.api import reply_pieces
 
     engine, tok, _ = models.get(str(nano_dir), "torch")

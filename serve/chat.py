@@ -1,0 +1,179 @@
+"""A chat turn: messages in, the reply's text out, through an Engine or a bare Backend.
+
+    TextStream / stream_text      token ids -> text pieces, never half a UTF-8 character or half a
+                                  stop string
+    trim_messages                 a chat -> prompt ids that fit the context
+    ChatTurn                      messages -> trimmed prompt -> Sequence; each token -> text and stats
+    chat(engine, tokenizer, messages)  ChatTurn driven in this thread: yields the reply's pieces
+                                  (serve/api.py drives the same ChatTurn from an asyncio loop)
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Iterable, Iterator
+
+from serve.engine import Engine
+from serve.generate import Backend, Sequence, run_alone
+from serve.sampling import GREEDY, SamplingConfig
+
+class TextStream:
+    """Token ids in, text pieces out, one token at a time. A piece is held back while it ends in an
+    incomplete UTF-8 character (decoded as U+FFFD) or could be the start of a stop string; `stop`
+    is the stop string that ended the text, once one has."""
+
+    def __init__(self, tokenizer, stop_strings: Iterable[str] = ()):
+        self.tokenizer, self.stop_strings = tokenizer, [s for s in stop_strings if s]
+        self.ids: list[int] = []
+        self.emitted = 0  # characters of the decoded text handed out
+        self.stop: str | None = None
+
+    def push(self, token: int) -> str:
+        self.ids.append(token)
+        text = self.tokenizer.decode(self.ids)
+        for s in self.stop_strings:
+            if (cut := text.find(s, self.emitted)) >= 0:
+                self.stop = s
+                return self._take(text, cut)
+        safe = len(text.rstrip("\ufffd")) if text.endswith("\ufffd") else len(text)
+        for s in self.stop_strings:  # hold back a suffix that may grow into a stop string (litgpt)
+            for k in range(min(len(s) - 1, safe - self.emitted), 0, -1):
+                if text[:safe].endswith(s[:k]):
+                    safe -= k
+                    break
+        return self._take(text, safe)
+
+    def finish(self) -> str:
+        """What was held back, at the end of the tokens (nothing after a stop string)."""
+        return "" if self.stop is not None else self._take(self.tokenizer.decode(self.ids), None)
+
+    def _take(self, text: str, end: int | None) -> str:
+        piece = text[self.emitted:end]
+        self.emitted += len(piece)
+        return piece
+
+
+def stream_text(tokenizer, tokens: Iterable[int], stop_strings: Iterable[str] = ()) -> Iterator[str]:
+    """TextStream over an iterable of tokens. Returns (as the generator's value) the stop string
+    that ended the text, or None."""
+    text = TextStream(tokenizer, stop_strings)
+    for tok in tokens:
+        if piece := text.push(tok):
+            yield piece
+        if text.stop is not None:
+            return text.stop
+    if rest := text.finish():
+        yield rest
+    return None
+
+
+def trim_messages(tokenizer, messages: list[dict], max_prompt_tokens: int) -> tuple[list[int], list[dict], str]:
+    """Encode a chat to fit max_prompt_tokens: drop the oldest turns first, always keeping a leading
+    system message and the newest message; cut the newest message itself (keeping its end, where
+    the question usually is) only if it alone is too long. Returns (ids, messages used, notice)."""
+    system = messages[:1] if messages and messages[0]["role"] == "system" else []
+    turns = messages[len(system):]
+    if not turns:
+        raise ValueError("there is no message to answer")
+    notice = ""
+    for start_turn in range(len(turns)):
+        kept = system + turns[start_turn:]
+        ids = tokenizer.encode_chat(kept)
+        if len(ids) <= max_prompt_tokens:
+            if start_turn:
+                notice = f"dropped the {start_turn} oldest message(s) to fit the context window"
+            return ids, kept, notice
+    last = dict(turns[-1])
+    overhead = len(tokenizer.encode_chat(system + [{**last, "content": ""}]))
+    budget = max_prompt_tokens - overhead
+    if budget <= 0:
+        raise ValueError("the system prompt alone fills the context window; shorten it")
+    content_ids = tokenizer.encode(last["content"])
+    last["content"] = tokenizer.decode(content_ids[-budget:]).lstrip("\ufffd")
+    kept = system + [last]
+    ids = tokenizer.encode_chat(kept)
+    while len(ids) > max_prompt_tokens:  # re-encoding the cut text can merge differently
+        budget -= len(ids) - max_prompt_tokens
+        last["content"] = tokenizer.decode(content_ids[-budget:]).lstrip("\ufffd")
+        ids = tokenizer.encode_chat(kept)
+    notice = (f"your message was {len(content_ids)} tokens; only its last {budget} fit the context window "
+              f"of {max_prompt_tokens + 0} prompt tokens")
+    return ids, kept, notice
+
+
+@dataclass
+class ChatStats:
+    backend: str = ""
+    device: str = ""
+    prompt_tokens: int = 0
+    reused_tokens: int = 0  # prompt tokens whose cache an earlier turn left
+    new_tokens: int = 0
+    context_max: int = 0
+    time_to_first_token: float = 0.0
+    seconds: float = 0.0
+    notice: str = ""
+    finish_reason: str = ""
+
+    @property
+    def tokens_per_second(self) -> float:
+        decode_time = self.seconds - self.time_to_first_token
+        return (self.new_tokens - 1) / decode_time if self.new_tokens > 1 and decode_time > 0 else 0.0
+
+    def summary(self) -> str:
+        return (f"{self.backend} on {self.device} · {self.tokens_per_second:.1f} tok/s · "
+                f"first token {self.time_to_first_token:.2f} s · "
+                f"context {self.prompt_tokens + self.new_tokens}/{self.context_max} tokens")
+
+
+class ChatTurn:
+    """One reply to `messages` (role/content dicts, oldest first): the prompt trimmed to fit, its
+    Sequence, and what each token becomes (text pieces, stats, the stop strings). Driven by
+    `chat` (blocking, any thread) or by an asyncio loop (serve/api.py), so both share this logic."""
+
+    def __init__(self, engine: Engine | Backend, tokenizer, messages: list[dict], cfg: SamplingConfig = GREEDY,
+                 stats: ChatStats | None = None, conversation: str | None = None, stop: Iterable[str] = ()):
+        self.stats = stats = stats if stats is not None else ChatStats()
+        budget = engine.max_seq_len - min(cfg.max_new_tokens, engine.max_seq_len // 2)
+        ids, _, stats.notice = trim_messages(tokenizer, messages, budget)
+        stats.backend, stats.device = engine.name, engine.device
+        stats.prompt_tokens, stats.context_max, stats.new_tokens = len(ids), engine.max_seq_len, 0
+        self.seq = Sequence(ids, cfg, tokenizer.stop_ids, conversation)
+        self.text = TextStream(tokenizer, [tokenizer.decode([i]) for i in tokenizer.stop_ids] + [s for s in stop if s])
+        self.began = time.perf_counter()
+
+    def accept(self, token: int) -> str:
+        """A generated token -> the text it adds ('' while held back). After a stop string
+        (self.text.stop) the caller stops reading and cancels the sequence."""
+        stats = self.stats
+        stats.new_tokens += 1
+        stats.seconds = time.perf_counter() - self.began
+        if stats.new_tokens == 1:
+            stats.time_to_first_token = stats.seconds
+        return self.text.push(token)
+
+    def finish(self) -> str:
+        """The held-back rest of the text; fills in why the reply ended."""
+        stats = self.stats
+        stats.seconds = time.perf_counter() - self.began
+        stats.reused_tokens = self.seq.reused_tokens
+        stats.finish_reason = "stop" if self.text.stop is not None else (self.seq.finish_reason or "cancelled")
+        return self.text.finish()
+
+
+def chat(engine: Engine | Backend, tokenizer, messages: list[dict], cfg: SamplingConfig = GREEDY,
+         stats: ChatStats | None = None, conversation: str | None = None, stop: Iterable[str] = ()) -> Iterator[str]:
+    """Stream the assistant's reply to `messages` through an Engine (batched with other chats, its
+    cache kept under `conversation`) or a bare Backend (alone, in this thread). `stop`: extra stop
+    strings. stats.finish_reason says why it ended."""
+    turn = ChatTurn(engine, tokenizer, messages, cfg, stats, conversation, stop)
+    tokens = engine.run(turn.seq) if isinstance(engine, Engine) else run_alone(engine, turn.seq)
+    try:
+        for token in tokens:
+            if piece := turn.accept(token):
+                yield piece
+            if turn.text.stop is not None:
+                break
+    finally:
+        tokens.close()  # a stop string (or a closed stream) cancels the generation under it
+    if rest := turn.finish():
+        yield rest

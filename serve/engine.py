@@ -1,0 +1,290 @@
+"""The serving engine: continuous batching over one backend, each conversation's cache kept.
+
+    engine = Engine(backend, max_batch=8)
+    for token in engine.generate(prompt_ids, cfg): ...     # batched with every other caller's
+"""
+from __future__ import annotations
+
+import atexit
+import threading
+import weakref
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Iterable, Iterator
+
+import torch
+
+from model.model import StaticCache
+from serve.generate import (PREFILL_CHUNK, Backend, Sequence, capacity_for, decode_step, prefill,
+                            start)
+from serve.sampling import GREEDY, SamplingConfig, sample
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    if n == 0:
+        return 0
+    diff = (torch.tensor(a[:n]) != torch.tensor(b[:n])).nonzero()
+    return int(diff[0, 0]) if len(diff) else n
+
+
+@dataclass
+class Prefill:
+    """A sequence whose prompt is being fed, PREFILL_CHUNK tokens at a time, into its own one-row
+    cache (sized for its whole reply) before it joins the batch."""
+    seq: Sequence
+    cache: StaticCache
+    done: int  # prompt tokens whose keys/values the cache holds
+
+
+@dataclass
+class SavedCache:
+    tokens: list[int]  # the tokens whose keys/values `tensors` hold
+    tensors: list[torch.Tensor]  # (n_kv_heads, len(tokens), head_dim) per layer, keys then values
+    nbytes: int
+
+
+class Engine:
+    """Continuous batching over one backend, and each conversation's cache kept between turns.
+
+    A scheduler thread owns one StaticCache whose rows 0..n-1 are the n active sequences. Each
+    iteration it admits waiting sequences (each into its own one-row cache, starting from the
+    longest common prefix with a kept cache), feeds prompts in chunks of PREFILL_CHUNK tokens
+    until about PREFILL_CHUNK tokens have gone in (so eight short prompts join together, while a
+    long one is fed a chunk per iteration and the others keep decoding between its chunks, as
+    vLLM's chunked prefill does), moves each fully fed prompt into a new row of the batch, then
+    takes one decode step for every active row with one network call, and lets finished or
+    cancelled rows leave: the last row moves into the freed one, so the active rows stay a
+    contiguous view (one row copied per departure, nothing per step). Chunks fall where
+    `prefill` puts them, so a sequence's numbers do not depend on what runs beside it. A
+    departing row's tokens and cache are kept (LRU, under `cache_budget_bytes`), so a chat's next
+    turn prefills only what follows the common prefix. Consumers read a sequence's
+    tokens from its queue: `run` in their own thread, or `submit` plus the sequence's listener
+    from an event loop (serve/api.py).
+    """
+
+    def __init__(self, backend: Backend, max_batch: int = 8, cache_budget_bytes: int = 2 << 30):
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        self.backend, self.max_batch, self.cache_budget_bytes = backend, max_batch, cache_budget_bytes
+        self.name, self.device = backend.name, backend.device
+        self.max_seq_len, self.vocab_size = backend.max_seq_len, backend.vocab_size
+        self.cache: StaticCache | None = None
+        self.active: list[Sequence] = []
+        self.prefilling: list[Prefill] = []  # admitted, prompt being fed; oldest first
+        self.waiting: list[Sequence] = []
+        self.saved: OrderedDict[str, SavedCache] = OrderedDict()
+        self.saved_bytes = 0
+        self.wake = threading.Condition()
+        self.thread: threading.Thread | None = None
+        self.steps = 0  # decode steps taken (network calls for decoding): tests count batching by it
+        self.closed = False
+        _ENGINES.add(self)
+
+    def close(self) -> None:
+        """Stop the scheduler thread (at exit: a thread left inside torch at shutdown aborts the process)."""
+        with self.wake:
+            self.closed = True
+            for seq in self.waiting + self.active + [p.seq for p in self.prefilling]:
+                seq.cancelled.set()
+            self.wake.notify()
+        if self.thread is not None and self.thread is not threading.current_thread():
+            self.thread.join(timeout=10)
+
+    # ---- the consumer side (any thread)
+    def submit(self, seq: Sequence) -> None:
+        """Queue `seq`; its tokens arrive in seq.out (then None, or an exception)."""
+        start(seq, self.vocab_size, self.max_seq_len)
+        with self.wake:
+            if self.closed:
+                raise RuntimeError("the engine is closed")
+            self.waiting.append(seq)
+            if self.thread is None or not self.thread.is_alive():
+                self.thread = threading.Thread(target=self._loop, name="engine", daemon=True)
+                self.thread.start()
+            self.wake.notify()
+
+    def cancel(self, seq: Sequence) -> None:
+        """Stop `seq` at the next step, unless it has finished (any thread)."""
+        if seq.finish_reason is None:
+            seq.cancelled.set()
+            with self.wake:
+                self.wake.notify()
+
+    def run(self, seq: Sequence) -> Iterator[int]:
+        """Submit `seq` and yield its tokens; closing the iterator cancels it."""
+        self.submit(seq)
+        try:
+            while (item := seq.out.get()) is not None:
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            self.cancel(seq)
+
+    def generate(self, prompt_ids: list[int], cfg: SamplingConfig = GREEDY, stop_ids: Iterable[int] = (),
+                 conversation: str | None = None) -> Iterator[int]:
+        return self.run(Sequence(prompt_ids, cfg, stop_ids, conversation))
+
+    # ---- the scheduler thread
+    def _loop(self) -> None:
+        while True:
+            with self.wake:
+                while not self.waiting and not self.active and not self.prefilling and not self.closed:
+                    self.cache = None  # idle: give the memory back
+                    self.wake.wait()
+                if self.closed:
+                    for seq in self.waiting + self.active + [p.seq for p in self.prefilling]:
+                        seq.finish_reason = seq.finish_reason or "cancelled"
+                        seq.put(None)
+                    self.waiting, self.active, self.prefilling = [], [], []
+                    return
+                admitted = []
+                while self.waiting and len(self.active) + len(self.prefilling) + len(admitted) < self.max_batch:
+                    admitted.append(self.waiting.pop(0))
+            try:
+                for seq in admitted:
+                    self._admit(seq)
+                if self.prefilling:
+                    self._feed()
+                if self.active:
+                    self._step()
+            except Exception as e:  # sampling or a kept cache's copy failed (out of memory): end every
+                # sequence with the error rather than let this thread die with its callers waiting
+                self._fail(self.active + [p.seq for p in self.prefilling], e)
+                self.active, self.prefilling, self.cache = [], [], None
+
+    def _fail(self, seqs: list[Sequence], error: BaseException) -> None:
+        for s in seqs:
+            s.finish_reason = "error"
+            s.put(error)
+
+    def _admit(self, seq: Sequence) -> None:
+        """Give `seq` its own cache, holding what a kept cache shares with its prompt."""
+        if seq.cancelled.is_set():
+            seq.finish_reason = "cancelled"
+            seq.put(None)
+            return
+        try:
+            need = capacity_for(len(seq.prompt) + seq.cfg.max_new_tokens, self.max_seq_len)
+            cache = self.backend.new_cache(1, need)
+            reuse, saved = self._reusable(seq.prompt)
+            if saved is not None:
+                cache.load_row(0, saved.tensors, reuse)
+            seq.reused_tokens = reuse
+        except Exception as e:  # this request fails; the others go on
+            self._fail([seq], e)
+            return
+        self.prefilling.append(Prefill(seq, cache, reuse))
+
+    def _feed(self) -> None:
+        """Feed prompt chunks, oldest sequence first, until ~PREFILL_CHUNK tokens have gone in;
+        a sequence whose prompt is all in joins the batch with its first token."""
+        fed = 0
+        for p in list(self.prefilling):
+            if fed >= PREFILL_CHUNK:
+                break
+            if p.seq.cancelled.is_set():
+                self.prefilling.remove(p)
+                p.seq.finish_reason = "cancelled"
+                p.seq.put(None)
+                continue
+            part = p.seq.prompt[p.done:p.done + PREFILL_CHUNK]
+            try:
+                logits = prefill(self.backend, p.cache, 0, part)
+            except Exception as e:  # this request fails; the others go on
+                self.prefilling.remove(p)
+                self._fail([p.seq], e)
+                continue
+            p.done += len(part)
+            fed += len(part)
+            if p.done == len(p.seq.prompt):
+                self.prefilling.remove(p)
+                self._join(p, logits)
+
+    def _join(self, p: Prefill, logits: torch.Tensor) -> None:
+        """Move a fed prompt into the next row of the batch and emit its first token. Into an empty
+        batch its own cache becomes the batch's (no copy)."""
+        row = len(self.active)
+        try:
+            if row == 0:
+                self.cache = p.cache
+            else:
+                self.cache = self.cache.resized(row + 1, p.cache.capacity)
+                self.cache.load_row(row, p.cache.row_views(0, p.done), p.done)
+        except Exception as e:
+            self._fail([p.seq], e)
+            return
+        self.active.append(p.seq)
+        self._emit(row, sample(logits[None], [p.seq.sampling])[0])
+
+    def _step(self) -> None:
+        try:
+            logits = decode_step(self.backend, self.cache, self.active)
+            self.steps += 1
+        except Exception as e:
+            self._fail(self.active, e)
+            self.active = []
+            return
+        for row, token in reversed(list(enumerate(sample(logits, [s.sampling for s in self.active])))):
+            self._emit(row, token)
+
+    def _emit(self, row: int, token: int) -> None:
+        """Accept a row's token, pass it on, and let the row leave if it is done. Rows are visited
+        from the last so that a departure (the last row moving into the freed one) skips no row."""
+        seq = self.active[row]
+        if seq.cancelled.is_set():
+            seq.finish_reason = "cancelled"
+        elif seq.accept(token, self.max_seq_len):
+            seq.put(token)
+        if seq.finish_reason is None:
+            return
+        handed_over = self._keep(seq, self.cache.lengths[row], row)
+        last = len(self.active) - 1
+        if row != last:
+            self.cache.copy_row(last, row)
+            self.active[row] = self.active[last]
+        self.active.pop()
+        self.cache.lengths[last] = 0
+        if handed_over:
+            self.cache = None  # its memory now belongs to the kept cache; a new sequence gets a new one
+        seq.put(None)
+
+    # ---- kept caches (cross-turn reuse)
+    def _reusable(self, prompt: list[int]) -> tuple[int, SavedCache | None]:
+        """The kept cache sharing the longest prefix with `prompt`, taken out of the store (its
+        conversation saves it again when this turn ends). At least one prompt token is left to
+        prefill: its logits choose the first new token."""
+        best, best_key = 0, None
+        for key, saved in self.saved.items():
+            n = min(common_prefix(saved.tokens, prompt), len(prompt) - 1)
+            if n > best:
+                best, best_key = n, key
+        if best_key is None:
+            return 0, None
+        saved = self.saved.pop(best_key)
+        self.saved_bytes -= saved.nbytes
+        return best, saved
+
+    def _keep(self, seq: Sequence, length: int, row: int) -> bool:
+        """Keep a departing row's tokens and cache for the conversation's next turn. The last
+        sequence of a one-row cache hands the buffers over as they are (views, no copy: a long chat
+        alone would otherwise hold its cache twice at this moment); True if it did."""
+        tokens = (seq.prompt + seq.tokens)[:length]  # the last sampled token was never fed
+        hand_over = self.cache.num_rows == 1 and len(self.active) == 1
+        nbytes = (self.cache.capacity if hand_over else length) * self.cache.bytes_per_token  # memory held
+        if seq.finish_reason == "error" or length == 0 or nbytes > self.cache_budget_bytes:
+            return False
+        old = self.saved.pop(seq.conversation, None)
+        if old is not None:
+            self.saved_bytes -= old.nbytes
+        while self.saved and self.saved_bytes + nbytes > self.cache_budget_bytes:
+            _, evicted = self.saved.popitem(last=False)  # least recently used first
+            self.saved_bytes -= evicted.nbytes
+        tensors = self.cache.row_views(row, length) if hand_over else self.cache.save_row(row, length)
+        self.saved[seq.conversation] = SavedCache(tokens, tensors, nbytes)
+        self.saved_bytes += nbytes
+        return hand_over
+
+
+_ENGINES: weakref.WeakSet = weakref.WeakSet()
+atexit.register(lambda: [engine.close() for engine in list(_ENGINES)])
