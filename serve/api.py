@@ -26,11 +26,10 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from serve.chat import ChatStats, ChatTurn
+from serve.chat import MAX_MESSAGE_CHARS, ChatStats, ChatTurn, too_long
 from serve.engine import Engine
-from serve.sampling import SamplingConfig
-from webui.chat import MAX_MESSAGE_CHARS, too_long
 from serve.models import display_name
+from serve.sampling import SamplingConfig
 
 API_KEY_ENV = "COGNI_MAMBA_API_KEY"
 MAX_BODY_BYTES = 8 * MAX_MESSAGE_CHARS * 4 + 65536  # several messages at the limit, UTF-8, JSON-escaped

@@ -3,7 +3,7 @@
 gr.ChatInterface calls it once per user message, each session with its own history; it is a plain
 generator, so tests drive it without a server. The generation runs in the model's Engine, batched
 with every other session's; closing this generator (stop button, closed tab) cancels it there: no
-tokens are computed for nobody. A message above MAX_MESSAGE_CHARS is refused before tokenizing.
+tokens are computed for nobody. A message above serve.chat.MAX_MESSAGE_CHARS is refused before tokenizing.
 
 The reply is yielded as a string while it grows; the last yield adds a status message under it
 (backend, tokens/s, time to first token, context used), marked with metadata so it is shown as a
@@ -13,27 +13,12 @@ from __future__ import annotations
 
 from gradio import ChatMessage, Warning as UIWarning
 
-from serve.chat import ChatStats, chat
+from serve.chat import ChatStats, chat, too_long
 from model.config import GENERATION_DEFAULTS as DEFAULTS
 from serve.sampling import SamplingConfig
 from serve.models import BACKEND_LABELS, MODELS, DEFAULT, onnx_unavailable_reason
 
 EMPTY_REPLY = "Please type a message first: an empty message has nothing to answer."
-# Refused before tokenizing: a 1,000,000-character message took 46.6 s of server time to encode and
-# trim. 100,000 characters (~25k tokens of English) is three times SmolLM2's whole context, so no
-# message a model could read in full is refused.
-MAX_MESSAGE_CHARS = 100_000
-
-
-def too_long(text: str) -> str | None:
-    """None if `text` is within MAX_MESSAGE_CHARS, else the sentence that refuses it."""
-    limit = MAX_MESSAGE_CHARS
-    if len(text) <= limit:
-        return None
-    return (f"The message is {len(text):,} characters long; the limit is {limit:,}. "
-            "Shorten it (the model could only read its end anyway).")
-
-
 def note(title: str, text: str = "") -> ChatMessage:
     """A status line under the answer: shown by the Chatbot, skipped by history_to_messages."""
     return ChatMessage(content=text, metadata={"title": title, "status": "done"})

@@ -11,7 +11,7 @@ from dataclasses import replace
 
 from serve.generate import capacity_for, generate, prefill
 from serve.sampling import GREEDY
-from webui.chat import too_long
+from serve.chat import too_long
 from serve.models import DEFAULT, MODELS
 
 

@@ -12,7 +12,7 @@ from fastapi.testclient import TestClient  # noqa: E402
 from serve.generate import Sequence, generate  # noqa: E402
 from serve.sampling import SamplingConfig  # noqa: E402
 from serve.api import api_access, make_router  # noqa: E402
-from webui.chat import MAX_MESSAGE_CHARS  # noqa: E402
+from serve.chat import MAX_MESSAGE_CHARS  # noqa: E402
 from serve.models import ModelCache  # noqa: E402
 
 KEY = "sk-test-key"

@@ -210,7 +210,7 @@ def test_parity_torch_and_onnx_agree(nano_dir, cache_dir):
 
 def test_a_message_above_the_limit_is_refused_before_tokenizing(torch_models, monkeypatch):
     """1,000,000 characters took 46.6 s of server time to tokenize and trim; now it is one line."""
-    from webui.chat import MAX_MESSAGE_CHARS
+    from serve.chat import MAX_MESSAGE_CHARS
 
     _, tokenizer, _ = torch_models.loaded
     monkeypatch.setattr(type(tokenizer), "encode", lambda *a, **k: pytest.fail("tokenized an oversize message"))
