@@ -173,111 +173,136 @@ async def reply_pieces(engine: Engine, turn: ChatTurn) -> AsyncIterator[str]:
         yield rest
 
 
-def make_router(models, spec: str, backend: str, api_key: str | None = None, max_waiting: int = 32) -> APIRouter:
-    """The /v1 routes for the model `spec` on `backend`, loaded through `models` (a ModelCache)."""
-    router = APIRouter()
+async def read_json(request: Request) -> object:
+    """The body, size-checked before and after reading, parsed; ApiError if it is not JSON."""
+    too_large = ApiError(413, f"the request body is above {MAX_BODY_BYTES:,} bytes", code="request_too_large")
+    if int(request.headers.get("content-length") or 0) > MAX_BODY_BYTES:
+        raise too_large
+    raw = await request.body()
+    if len(raw) > MAX_BODY_BYTES:
+        raise too_large
+    try:
+        return json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ApiError(400, f"the request body is not valid JSON: {e}") from None
 
-    def served_names() -> tuple[str, set[str]]:
-        _, _, meta = models.get(spec, backend)
-        name = display_name(spec, meta)
-        return name, {name, spec}
 
-    def check_key(request: Request) -> None:
-        if api_key is None:
-            return
-        given = request.headers.get("authorization", "")
-        if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
-            raise ApiError(401, "a valid API key is required: Authorization: Bearer KEY", "authentication_error",
-                           code="invalid_api_key")
+def check_key(request: Request, api_key: str | None) -> None:
+    if api_key is None:
+        return
+    given = request.headers.get("authorization", "")
+    if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
+        raise ApiError(401, "a valid API key is required: Authorization: Bearer KEY", "authentication_error",
+                       code="invalid_api_key")
 
-    @router.get("/v1/models")
-    async def list_models(request: Request):
+
+class ChatReply:
+    """One chat completion being answered: the engine's text pieces, and the two ways to send them
+    (one JSON reply, or server-sent events) over the same stats."""
+
+    def __init__(self, engine: Engine, turn: ChatTurn, name: str, notice: str, include_usage: bool):
+        self.pieces, self.stats, self.name = reply_pieces(engine, turn), turn.stats, name
+        self.ident, self.created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        self.notice, self.include_usage = notice, include_usage
+        self.headers = {"X-Cogni-Notice": notice} if notice else {}
+
+    def usage(self) -> dict:
+        s = self.stats
+        return {"prompt_tokens": s.prompt_tokens, "completion_tokens": s.new_tokens,
+                "total_tokens": s.prompt_tokens + s.new_tokens}
+
+    def notices(self) -> dict:
+        found = [n for n in (self.notice, self.stats.notice) if n]
+        return {"notices": found} if found else {}
+
+    async def full(self) -> JSONResponse:
         try:
-            check_key(request)
-            name, _ = await run_in_threadpool(served_names)
-        except ApiError as e:
-            return e.response()
+            text = "".join([piece async for piece in self.pieces])
+        except Exception as e:
+            return ApiError(500, f"generation failed: {type(e).__name__}: {e}", "server_error").response()
+        finally:
+            await self.pieces.aclose()
+        reply = {"id": self.ident, "object": "chat.completion", "created": self.created, "model": self.name,
+                 "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                              "finish_reason": self.stats.finish_reason, "logprobs": None}],
+                 "usage": self.usage(), **self.notices()}
+        return JSONResponse(reply, headers=self.headers)
+
+    def _event(self, choices: list, **extra) -> str:
+        return "data: " + json.dumps({"id": self.ident, "object": "chat.completion.chunk", "created": self.created,
+                                      "model": self.name, "choices": choices, **extra}) + "\n\n"
+
+    def _delta(self, delta: dict, finish=None, **extra) -> str:
+        return self._event([{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}], **extra)
+
+    async def events(self) -> AsyncIterator[str]:
+        try:
+            yield self._delta({"role": "assistant", "content": ""})
+            async for piece in self.pieces:
+                yield self._delta({"content": piece})
+            yield self._delta({}, self.stats.finish_reason, **self.notices())
+            if self.include_usage:
+                yield self._event([], usage=self.usage())
+        except Exception as e:  # mid-stream: the status is sent already; report in the stream
+            yield "data: " + json.dumps({"error": {"message": f"generation failed: {type(e).__name__}: {e}",
+                                                   "type": "server_error", "param": None, "code": None}}) + "\n\n"
+        finally:  # a client that went away cancels its generation
+            await self.pieces.aclose()
+        yield "data: [DONE]\n\n"
+
+    def stream(self) -> StreamingResponse:
+        return StreamingResponse(self.events(), media_type="text/event-stream", headers=self.headers)
+
+
+class Api:
+    """The /v1 handlers for the model `spec` on `backend`, loaded through `models` (a ModelCache)."""
+
+    def __init__(self, models, spec: str, backend: str, api_key: str | None = None, max_waiting: int = 32):
+        self.models, self.spec, self.backend = models, spec, backend
+        self.api_key, self.max_waiting = api_key, max_waiting
+
+    async def load(self) -> tuple[Engine, object, str]:
+        """(engine, tokenizer, the name the model is served under), off the event loop."""
+        engine, tokenizer, meta = await run_in_threadpool(self.models.get, self.spec, self.backend)
+        return engine, tokenizer, display_name(self.spec, meta)
+
+    async def list_models(self, request: Request):
+        check_key(request, self.api_key)
+        _, _, name = await self.load()
         return {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "cogni-mamba"}]}
 
-    @router.post("/v1/chat/completions")
-    async def chat_completions(request: Request):
+    async def chat_completions(self, request: Request):
+        check_key(request, self.api_key)
+        body = await read_json(request)
+        engine, tokenizer, name = await self.load()
+        messages, cfg, stop, stream, notice = parse_request(body, {name, self.spec}, engine.max_seq_len)
+        if len(engine.waiting) >= self.max_waiting:
+            raise ApiError(429, f"{len(engine.waiting)} requests are already waiting; try again shortly",
+                           "rate_limit_error", code="too_many_requests")
+        # the template and the tokenizer, off the event loop
+        turn = await run_in_threadpool(ChatTurn, engine, tokenizer, messages, cfg, ChatStats(), None, stop)
+        options = body.get("stream_options")
+        reply = ChatReply(engine, turn, name, notice, isinstance(options, dict) and bool(options.get("include_usage")))
+        return reply.stream() if stream else await reply.full()
+
+
+def answering(handler):
+    """A route around `handler`: ApiError as OpenAI's error body; anything else (a model that fails
+    to load, a broken template) one line with status 500, never a traceback."""
+    async def route(request: Request):
         try:
-            check_key(request)
-            if int(request.headers.get("content-length") or 0) > MAX_BODY_BYTES:
-                raise ApiError(413, f"the request body is above {MAX_BODY_BYTES:,} bytes", code="request_too_large")
-            raw = await request.body()
-            if len(raw) > MAX_BODY_BYTES:
-                raise ApiError(413, f"the request body is above {MAX_BODY_BYTES:,} bytes", code="request_too_large")
-            try:
-                body = json.loads(raw)
-            except (ValueError, UnicodeDecodeError) as e:
-                raise ApiError(400, f"the request body is not valid JSON: {e}") from None
-            engine, tokenizer, meta = await run_in_threadpool(models.get, spec, backend)
-            name = display_name(spec, meta)
-            served = {name, spec}
-            messages, cfg, stop, stream, notice = parse_request(body, served, engine.max_seq_len)
-            if len(engine.waiting) >= max_waiting:
-                raise ApiError(429, f"{len(engine.waiting)} requests are already waiting; try again shortly",
-                               "rate_limit_error", code="too_many_requests")
+            return await handler(request)
         except ApiError as e:
             return e.response()
-        except Exception as e:  # a model that fails to load: one line, no traceback
-            return ApiError(500, f"{type(e).__name__}: {e}", "server_error").response()
-        stats = ChatStats()
-        try:  # the template and the tokenizer, off the event loop
-            turn = await run_in_threadpool(ChatTurn, engine, tokenizer, messages, cfg, stats, None, stop)
         except Exception as e:
             return ApiError(500, f"{type(e).__name__}: {e}", "server_error").response()
-        pieces = reply_pieces(engine, turn)
-        ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-        headers = {"X-Cogni-Notice": notice} if notice else {}
+    return route
 
-        def usage() -> dict:
-            return {"prompt_tokens": stats.prompt_tokens, "completion_tokens": stats.new_tokens,
-                    "total_tokens": stats.prompt_tokens + stats.new_tokens}
 
-        def notices() -> list[str]:
-            return [n for n in (notice, stats.notice) if n]
-
-        if not stream:
-            try:
-                text = "".join([piece async for piece in pieces])
-            except Exception as e:
-                return ApiError(500, f"generation failed: {type(e).__name__}: {e}", "server_error").response()
-            finally:
-                await pieces.aclose()
-            reply = {"id": ident, "object": "chat.completion", "created": created, "model": name,
-                     "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                                  "finish_reason": stats.finish_reason, "logprobs": None}],
-                     "usage": usage()}
-            if notices():
-                reply["notices"] = notices()
-            return JSONResponse(reply, headers=headers)
-
-        options = body.get("stream_options")
-        include_usage = isinstance(options, dict) and bool(options.get("include_usage"))
-
-        def chunk(delta: dict, finish=None, **extra) -> str:
-            return "data: " + json.dumps({"id": ident, "object": "chat.completion.chunk", "created": created,
-                                          "model": name, "choices": [{"index": 0, "delta": delta, "finish_reason": finish,
-                                                                      "logprobs": None}], **extra}) + "\n\n"
-
-        async def events():
-            try:
-                yield chunk({"role": "assistant", "content": ""})
-                async for piece in pieces:
-                    yield chunk({"content": piece})
-                yield chunk({}, stats.finish_reason, **({"notices": notices()} if notices() else {}))
-                if include_usage:
-                    yield "data: " + json.dumps({"id": ident, "object": "chat.completion.chunk", "created": created,
-                                                 "model": name, "choices": [], "usage": usage()}) + "\n\n"
-            except Exception as e:  # mid-stream: the status is sent already; report in the stream
-                yield "data: " + json.dumps({"error": {"message": f"generation failed: {type(e).__name__}: {e}",
-                                                       "type": "server_error", "param": None, "code": None}}) + "\n\n"
-            finally:  # a client that went away cancels its generation
-                await pieces.aclose()
-            yield "data: [DONE]\n\n"
-
-        return StreamingResponse(events(), media_type="text/event-stream", headers=headers)
-
+def make_router(models, spec: str, backend: str, api_key: str | None = None, max_waiting: int = 32) -> APIRouter:
+    """The /v1 routes for the model `spec` on `backend`, loaded through `models` (a ModelCache)."""
+    api = Api(models, spec, backend, api_key, max_waiting)
+    router = APIRouter()
+    router.add_api_route("/v1/models", answering(api.list_models), methods=["GET"])
+    router.add_api_route("/v1/chat/completions", answering(api.chat_completions), methods=["POST"])
     return router
