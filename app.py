@@ -154,14 +154,20 @@ def main(host: str = "127.0.0.1", port: int = 7860, model: str = DEFAULT, backen
         print("note: --share serves the page only; the API needs the app's own server", file=sys.stderr)
         demo = build_demo(model, backend, note)
         print(f"ready in {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
-        demo.queue(default_concurrency_limit=max_batch).launch(server_name=host, server_port=port, share=True)
+        try:
+            demo.queue(default_concurrency_limit=max_batch).launch(server_name=host, server_port=port, share=True)
+        finally:
+            MODELS.close()
         return 0
     import uvicorn
 
     app = make_app(model, backend, note, host, api_key)
     print(f"ready in {time.perf_counter() - start:.1f} s; serving on http://{host}:{port} "
           f"(up to {max_batch} chats decoded together)", file=sys.stderr, flush=True)
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    try:
+        uvicorn.run(app, host=host, port=port, log_level="warning")
+    finally:
+        MODELS.close()
     return 0
 
 

@@ -15,7 +15,6 @@ reachable from other machines (app.py decides; see api_access).
 """
 from __future__ import annotations
 
-import asyncio
 import hmac
 import json
 import time
@@ -26,7 +25,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from serve.chat import MAX_MESSAGE_CHARS, ChatStats, ChatTurn, too_long
+from serve.chat import MAX_MESSAGE_CHARS, ChatStats, ChatTurn, achat, too_long
 from serve.engine import Engine
 from serve.models import display_name
 from serve.sampling import SamplingConfig
@@ -135,44 +134,6 @@ def parse_request(body, served: set[str], max_seq_len: int) -> tuple[list[dict],
     return messages, cfg, stop, bool(body.get("stream", False)), notice
 
 
-async def reply_pieces(engine: Engine, turn: ChatTurn) -> AsyncIterator[str]:
-    """The turn's text pieces as the engine makes them, read in the event loop: the engine's thread
-    wakes it through the sequence's listener. No worker thread waits per open stream (AnyIO's pool
-    has 40, which 40 slow streams would otherwise hold), and leaving early (a client that went
-    away) cancels the generation at once instead of after the blocked read returns. Throughput is
-    the same as with a thread hop per token (bench/serve_load.py, within run-to-run noise)."""
-    loop, ready = asyncio.get_running_loop(), asyncio.Event()
-
-    def wake() -> None:  # runs in the engine's thread
-        try:
-            loop.call_soon_threadsafe(ready.set)
-        except RuntimeError:  # the loop has closed (shutdown): nobody is reading any more
-            pass
-
-    turn.seq.listener = wake
-    engine.submit(turn.seq)
-    try:
-        done = False
-        while not done:
-            await ready.wait()
-            ready.clear()
-            for item in turn.seq.drain():
-                if isinstance(item, BaseException):
-                    raise item
-                if item is None:
-                    done = True
-                    break
-                if piece := turn.accept(item):
-                    yield piece
-                if turn.text.stop is not None:
-                    done = True
-                    break
-    finally:
-        engine.cancel(turn.seq)
-    if rest := turn.finish():
-        yield rest
-
-
 async def read_json(request: Request) -> object:
     """The body, size-checked before and after reading, parsed; ApiError if it is not JSON."""
     too_large = ApiError(413, f"the request body is above {MAX_BODY_BYTES:,} bytes", code="request_too_large")
@@ -201,7 +162,7 @@ class ChatReply:
     (one JSON reply, or server-sent events) over the same stats."""
 
     def __init__(self, engine: Engine, turn: ChatTurn, name: str, notice: str, include_usage: bool):
-        self.pieces, self.stats, self.name = reply_pieces(engine, turn), turn.stats, name
+        self.pieces, self.stats, self.name = achat(engine, turn), turn.stats, name
         self.ident, self.created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         self.notice, self.include_usage = notice, include_usage
         self.headers = {"X-Cogni-Notice": notice} if notice else {}
@@ -276,8 +237,8 @@ class Api:
         body = await read_json(request)
         engine, tokenizer, name = await self.load()
         messages, cfg, stop, stream, notice = parse_request(body, {name, self.spec}, engine.max_seq_len)
-        if len(engine.waiting) >= self.max_waiting:
-            raise ApiError(429, f"{len(engine.waiting)} requests are already waiting; try again shortly",
+        if (waiting := engine.waiting_count()) >= self.max_waiting:
+            raise ApiError(429, f"{waiting} requests are already waiting; try again shortly",
                            "rate_limit_error", code="too_many_requests")
         # the template and the tokenizer, off the event loop
         turn = await run_in_threadpool(ChatTurn, engine, tokenizer, messages, cfg, ChatStats(), None, stop)

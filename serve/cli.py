@@ -50,6 +50,14 @@ def main(model: str = "default", backend: str = "torch", prompt: str | None = No
     except OSError as e:  # e.g. a read-only cache folder for a first conversion
         print(f"error: cannot write {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
         return 2
+    try:
+        return converse(engine, tokenizer, meta, model, cfg, prompt, system)
+    finally:
+        engine.close()
+
+
+def converse(engine, tokenizer, meta: dict, model: str, cfg, prompt: str | None, system: str | None) -> int:
+    """One shot (`prompt`) or the interactive loop; the exit status."""
     # Bytes that are not UTF-8 (a pasted binary, another encoding) must not end the chat with a
     # UnicodeDecodeError: they arrive as U+FFFD, as a browser shows them.
     if hasattr(sys.stdin, "reconfigure"):

@@ -5,9 +5,8 @@
 """
 from __future__ import annotations
 
-import atexit
+import queue
 import threading
-import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Iterable, Iterator
@@ -18,6 +17,7 @@ from model.model import StaticCache
 from serve.generate import (PREFILL_CHUNK, Backend, Sequence, capacity_for, decode_step, prefill,
                             start)
 from serve.sampling import GREEDY, SamplingConfig, sample
+
 
 def common_prefix(a: list[int], b: list[int]) -> int:
     n = min(len(a), len(b))
@@ -46,20 +46,23 @@ class SavedCache:
 class Engine:
     """Continuous batching over one backend, and each conversation's cache kept between turns.
 
-    A scheduler thread owns one StaticCache whose rows 0..n-1 are the n active sequences. Each
-    iteration it admits waiting sequences (each into its own one-row cache, starting from the
-    longest common prefix with a kept cache), feeds prompts in chunks of PREFILL_CHUNK tokens
-    until about PREFILL_CHUNK tokens have gone in (so eight short prompts join together, while a
-    long one is fed a chunk per iteration and the others keep decoding between its chunks, as
-    vLLM's chunked prefill does), moves each fully fed prompt into a new row of the batch, then
-    takes one decode step for every active row with one network call, and lets finished or
-    cancelled rows leave: the last row moves into the freed one, so the active rows stay a
-    contiguous view (one row copied per departure, nothing per step). Chunks fall where
-    `prefill` puts them, so a sequence's numbers do not depend on what runs beside it. A
-    departing row's tokens and cache are kept (LRU, under `cache_budget_bytes`), so a chat's next
-    turn prefills only what follows the common prefix. Consumers read a sequence's
-    tokens from its queue: `run` in their own thread, or `submit` plus the sequence's listener
-    from an event loop (serve/api.py).
+    Threading, in two sentences: one thread, started with the engine and ended by close(), owns
+    the batch and everything in it (the waiting, prefilling and active sequences, the cache, the
+    kept caches); callers talk to it only through one queue in (`submit`, `cancel`, `close` put
+    messages on `inbox`) and one route out per sequence (the engine puts its tokens, then None or
+    an exception, into `seq.out`). An error ends the sequences it hit and the loop goes on.
+
+    Each iteration the thread reads its inbox, admits waiting sequences (each into its own one-row
+    cache, starting from the longest common prefix with a kept cache), feeds prompts in chunks of
+    PREFILL_CHUNK tokens until about PREFILL_CHUNK tokens have gone in (so eight short prompts join
+    together, while a long one is fed a chunk per iteration and the others keep decoding between
+    its chunks, as vLLM's chunked prefill does), moves each fully fed prompt into a new row of the
+    batch, then takes one decode step for every active row with one network call, and lets
+    finished or cancelled rows leave: the last row moves into the freed one, so the active rows
+    stay a contiguous view (one row copied per departure, nothing per step). Chunks fall where
+    `prefill` puts them, so a sequence's numbers do not depend on what runs beside it. A departing
+    row's tokens and cache are kept (LRU, under `cache_budget_bytes`), so a chat's next turn
+    prefills only what follows the common prefix.
     """
 
     def __init__(self, backend: Backend, max_batch: int = 8, cache_budget_bytes: int = 2 << 30):
@@ -68,47 +71,43 @@ class Engine:
         self.backend, self.max_batch, self.cache_budget_bytes = backend, max_batch, cache_budget_bytes
         self.name, self.device = backend.name, backend.device
         self.max_seq_len, self.vocab_size = backend.max_seq_len, backend.vocab_size
+        self.inbox: queue.Queue = queue.Queue()  # ("submit" | "cancel", seq) or ("close", None)
+        # Owned by the engine's thread; others may only read them once it is idle (tests do).
         self.cache: StaticCache | None = None
         self.active: list[Sequence] = []
         self.prefilling: list[Prefill] = []  # admitted, prompt being fed; oldest first
         self.waiting: list[Sequence] = []
         self.saved: OrderedDict[str, SavedCache] = OrderedDict()
         self.saved_bytes = 0
-        self.wake = threading.Condition()
-        self.thread: threading.Thread | None = None
         self.steps = 0  # decode steps taken (network calls for decoding): tests count batching by it
+        self.queued = 0  # sequences waiting for a row, as of the last iteration (read by anyone)
         self.closed = False
-        _ENGINES.add(self)
+        self.thread = threading.Thread(target=self._loop, name="engine", daemon=True)
+        self.thread.start()
 
-    def close(self) -> None:
-        """Stop the scheduler thread (at exit: a thread left inside torch at shutdown aborts the process)."""
-        with self.wake:
-            self.closed = True
-            for seq in self.waiting + self.active + [p.seq for p in self.prefilling]:
-                seq.cancelled.set()
-            self.wake.notify()
-        if self.thread is not None and self.thread is not threading.current_thread():
-            self.thread.join(timeout=10)
-
-    # ---- the consumer side (any thread)
+    # ---- the callers' side (any thread)
     def submit(self, seq: Sequence) -> None:
         """Queue `seq`; its tokens arrive in seq.out (then None, or an exception)."""
         start(seq, self.vocab_size, self.max_seq_len)
-        with self.wake:
-            if self.closed:
-                raise RuntimeError("the engine is closed")
-            self.waiting.append(seq)
-            if self.thread is None or not self.thread.is_alive():
-                self.thread = threading.Thread(target=self._loop, name="engine", daemon=True)
-                self.thread.start()
-            self.wake.notify()
+        if self.closed:
+            raise RuntimeError("the engine is closed")
+        self.inbox.put(("submit", seq))
 
     def cancel(self, seq: Sequence) -> None:
-        """Stop `seq` at the next step, unless it has finished (any thread)."""
-        if seq.finish_reason is None:
-            seq.cancelled.set()
-            with self.wake:
-                self.wake.notify()
+        """Stop `seq` at the next step, unless it has finished."""
+        self.inbox.put(("cancel", seq))
+
+    def close(self) -> None:
+        """End every sequence (cancelled) and the engine's thread. Owners call it when they stop:
+        a thread left inside torch at interpreter shutdown aborts the process."""
+        self.closed = True
+        self.inbox.put(("close", None))
+        if self.thread is not threading.current_thread():
+            self.thread.join(timeout=10)
+
+    def waiting_count(self) -> int:
+        """Requests not yet given a row: what a server refuses more of (HTTP 429)."""
+        return self.inbox.qsize() + self.queued
 
     def run(self, seq: Sequence) -> Iterator[int]:
         """Submit `seq` and yield its tokens; closing the iterator cancels it."""
@@ -125,56 +124,69 @@ class Engine:
                  conversation: str | None = None) -> Iterator[int]:
         return self.run(Sequence(prompt_ids, cfg, stop_ids, conversation))
 
-    # ---- the scheduler thread
+    # ---- the engine's thread
     def _loop(self) -> None:
-        while True:
-            with self.wake:
-                while not self.waiting and not self.active and not self.prefilling and not self.closed:
-                    self.cache = None  # idle: give the memory back
-                    self.wake.wait()
-                if self.closed:
-                    for seq in self.waiting + self.active + [p.seq for p in self.prefilling]:
-                        seq.finish_reason = seq.finish_reason or "cancelled"
-                        seq.put(None)
-                    self.waiting, self.active, self.prefilling = [], [], []
-                    return
-                admitted = []
-                while self.waiting and len(self.active) + len(self.prefilling) + len(admitted) < self.max_batch:
-                    admitted.append(self.waiting.pop(0))
+        while self._read_inbox(block=not (self.waiting or self.active or self.prefilling)):
             try:
-                for seq in admitted:
-                    self._admit(seq)
+                self._admit_waiting()
                 if self.prefilling:
                     self._feed()
                 if self.active:
                     self._step()
-            except Exception as e:  # sampling or a kept cache's copy failed (out of memory): end every
-                # sequence with the error rather than let this thread die with its callers waiting
-                self._fail(self.active + [p.seq for p in self.prefilling], e)
+            except Exception as e:  # what no narrower place caught (a row copy out of memory):
+                # end the batch with the error rather than let the thread die with callers waiting
+                for seq in self.active + [p.seq for p in self.prefilling]:
+                    self._end(seq, "error", e)
                 self.active, self.prefilling, self.cache = [], [], None
+        for seq in self.waiting + self.active + [p.seq for p in self.prefilling]:
+            self._end(seq, "cancelled")
+        self.waiting, self.active, self.prefilling, self.cache = [], [], [], None
 
-    def _fail(self, seqs: list[Sequence], error: BaseException) -> None:
-        for s in seqs:
-            s.finish_reason = "error"
-            s.put(error)
-
-    def _admit(self, seq: Sequence) -> None:
-        """Give `seq` its own cache, holding what a kept cache shares with its prompt."""
-        if seq.cancelled.is_set():
-            seq.finish_reason = "cancelled"
-            seq.put(None)
-            return
+    def _read_inbox(self, block: bool) -> bool:
+        """Apply every message waiting (and wait for one when idle); False once closed."""
+        if block:
+            self.cache = None  # idle: give the memory back
         try:
-            need = capacity_for(len(seq.prompt) + seq.cfg.max_new_tokens, self.max_seq_len)
-            cache = self.backend.new_cache(1, need)
-            reuse, saved = self._reusable(seq.prompt)
-            if saved is not None:
-                cache.load_row(0, saved.tensors, reuse)
-            seq.reused_tokens = reuse
-        except Exception as e:  # this request fails; the others go on
-            self._fail([seq], e)
-            return
-        self.prefilling.append(Prefill(seq, cache, reuse))
+            message = self.inbox.get(block=block)
+            while True:
+                kind, seq = message
+                if kind == "close":
+                    return False
+                if kind == "submit":
+                    self.waiting.append(seq)
+                elif seq.finish_reason is None:
+                    seq.cancel_requested = True
+                message = self.inbox.get_nowait()
+        except queue.Empty:
+            pass
+        self.queued = len(self.waiting)
+        return True
+
+    def _end(self, seq: Sequence, reason: str | None = None, error: BaseException | None = None) -> None:
+        """Tell the consumer `seq` is over: None after its tokens, or the error that ended it."""
+        seq.finish_reason = seq.finish_reason or reason
+        seq.out.put(error)
+
+    def _admit_waiting(self) -> None:
+        while self.waiting and len(self.active) + len(self.prefilling) < self.max_batch:
+            seq = self.waiting.pop(0)
+            if seq.cancel_requested:
+                self._end(seq, "cancelled")
+                continue
+            try:
+                self.prefilling.append(self._own_cache(seq))
+            except Exception as e:  # this request fails (its cache did not fit); the others go on
+                self._end(seq, "error", e)
+        self.queued = len(self.waiting)
+
+    def _own_cache(self, seq: Sequence) -> Prefill:
+        """`seq` with its own one-row cache, holding what a kept cache shares with its prompt."""
+        cache = self.backend.new_cache(1, capacity_for(len(seq.prompt) + seq.cfg.max_new_tokens, self.max_seq_len))
+        reuse, saved = self._reusable(seq.prompt)
+        if saved is not None:
+            cache.load_row(0, saved.tensors, reuse)
+        seq.reused_tokens = reuse
+        return Prefill(seq, cache, reuse)
 
     def _feed(self) -> None:
         """Feed prompt chunks, oldest sequence first, until ~PREFILL_CHUNK tokens have gone in;
@@ -183,47 +195,44 @@ class Engine:
         for p in list(self.prefilling):
             if fed >= PREFILL_CHUNK:
                 break
-            if p.seq.cancelled.is_set():
+            if p.seq.cancel_requested:
                 self.prefilling.remove(p)
-                p.seq.finish_reason = "cancelled"
-                p.seq.put(None)
+                self._end(p.seq, "cancelled")
                 continue
             part = p.seq.prompt[p.done:p.done + PREFILL_CHUNK]
             try:
                 logits = prefill(self.backend, p.cache, 0, part)
+                p.done += len(part)
+                fed += len(part)
+                row = self._join(p) if p.done == len(p.seq.prompt) else None
             except Exception as e:  # this request fails; the others go on
                 self.prefilling.remove(p)
-                self._fail([p.seq], e)
+                self._end(p.seq, "error", e)
                 continue
-            p.done += len(part)
-            fed += len(part)
-            if p.done == len(p.seq.prompt):
-                self.prefilling.remove(p)
-                self._join(p, logits)
+            if row is not None:
+                self._emit(row, sample(logits[None], [p.seq.sampling])[0])
 
-    def _join(self, p: Prefill, logits: torch.Tensor) -> None:
-        """Move a fed prompt into the next row of the batch and emit its first token. Into an empty
-        batch its own cache becomes the batch's (no copy)."""
+    def _join(self, p: Prefill) -> int:
+        """Move a fed prompt into the next row of the batch; returns the row. Into an empty batch
+        its own cache becomes the batch's (no copy)."""
         row = len(self.active)
-        try:
-            if row == 0:
-                self.cache = p.cache
-            else:
-                self.cache = self.cache.resized(row + 1, p.cache.capacity)
-                self.cache.load_row(row, p.cache.row_views(0, p.done), p.done)
-        except Exception as e:
-            self._fail([p.seq], e)
-            return
+        if row == 0:
+            self.cache = p.cache
+        else:
+            self.cache = self.cache.resized(row + 1, p.cache.capacity)
+            self.cache.load_row(row, p.cache.row_views(0, p.done), p.done)
+        self.prefilling.remove(p)
         self.active.append(p.seq)
-        self._emit(row, sample(logits[None], [p.seq.sampling])[0])
+        return row
 
     def _step(self) -> None:
         try:
             logits = decode_step(self.backend, self.cache, self.active)
             self.steps += 1
-        except Exception as e:
-            self._fail(self.active, e)
-            self.active = []
+        except Exception as e:  # the network call failed: every row in it ends with the error
+            for seq in self.active:
+                self._end(seq, "error", e)
+            self.active, self.cache = [], None
             return
         for row, token in reversed(list(enumerate(sample(logits, [s.sampling for s in self.active])))):
             self._emit(row, token)
@@ -232,10 +241,10 @@ class Engine:
         """Accept a row's token, pass it on, and let the row leave if it is done. Rows are visited
         from the last so that a departure (the last row moving into the freed one) skips no row."""
         seq = self.active[row]
-        if seq.cancelled.is_set():
+        if seq.cancel_requested:
             seq.finish_reason = "cancelled"
         elif seq.accept(token, self.max_seq_len):
-            seq.put(token)
+            seq.out.put(token)
         if seq.finish_reason is None:
             return
         handed_over = self._keep(seq, self.cache.lengths[row], row)
@@ -247,7 +256,7 @@ class Engine:
         self.cache.lengths[last] = 0
         if handed_over:
             self.cache = None  # its memory now belongs to the kept cache; a new sequence gets a new one
-        seq.put(None)
+        self._end(seq)
 
     # ---- kept caches (cross-turn reuse)
     def _reusable(self, prompt: list[int]) -> tuple[int, SavedCache | None]:
@@ -284,7 +293,3 @@ class Engine:
         self.saved[seq.conversation] = SavedCache(tokens, tensors, nbytes)
         self.saved_bytes += nbytes
         return hand_over
-
-
-_ENGINES: weakref.WeakSet = weakref.WeakSet()
-atexit.register(lambda: [engine.close() for engine in list(_ENGINES)])

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import itertools
 import queue
-import threading
 from typing import Iterable, Iterator, Protocol
 
 import torch
@@ -43,23 +42,10 @@ class Sequence:
         self.finish_reason: str | None = None  # "stop", "length", "cancelled" or "error"
         self.reused_tokens = 0  # prompt tokens whose cache came from an earlier turn
         self.sampling = SamplingRow(cfg)  # what the sampler sees of this sequence
-        self.cancelled = threading.Event()
-        self.out: queue.Queue = queue.Queue()  # Engine -> consumer: token ids, then None or an exception
-        self.listener = None  # called (from the engine's thread) after each put: wakes an asyncio consumer
-
-    def put(self, item) -> None:
-        self.out.put(item)
-        if self.listener is not None:
-            self.listener()
-
-    def drain(self) -> list:
-        """Everything queued so far, without waiting."""
-        items = []
-        while True:
-            try:
-                items.append(self.out.get_nowait())
-            except queue.Empty:
-                return items
+        self.cancel_requested = False  # set by the engine's thread when a cancel reaches it
+        # The one route out: the engine puts token ids, then None (done) or the exception that
+        # ended the sequence. Any object with put() will do: an asyncio consumer passes its own.
+        self.out = queue.Queue()
 
     def accept(self, token: int, max_seq_len: int) -> bool:
         """Apply the stopping rules to a sampled token; True if it is part of the reply."""
@@ -157,7 +143,7 @@ def run_alone(backend: Backend, seq: Sequence) -> Iterator[int]:
             token = sample(logits, [seq.sampling])[0]
             if seq.accept(token, backend.max_seq_len):
                 yield token
-            if seq.finish_reason or seq.cancelled.is_set():
+            if seq.finish_reason:
                 return
             logits = decode_step(backend, cache, [seq])
     finally:

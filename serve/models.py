@@ -93,6 +93,11 @@ class ModelCache:
                          f"in {time.perf_counter() - start:.1f} s")
         return self.loaded[key]
 
+    def close(self) -> None:
+        """Stop every loaded model's engine (the server is shutting down)."""
+        for engine, _, _ in list(self.loaded.values()):
+            engine.close()
+
 
 MODELS = ModelCache()
 

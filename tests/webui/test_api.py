@@ -158,13 +158,13 @@ def test_over_real_http_streamed_and_concurrent(server, nano_dir):
 
 
 def test_the_async_reader_equals_chat_and_leaving_cancels(models, nano_dir):
-    """reply_pieces (the API's reader, in the event loop) gives chat()'s pieces and stats, stop
+    """achat (the API's reader, in the event loop) gives chat()'s pieces and stats, stop
     string included; leaving after two pieces cancels the generation in the engine."""
     import asyncio
     import time
 
     from serve.chat import ChatStats, ChatTurn, chat
-    from serve.api import reply_pieces
+    from serve.chat import achat
 
     engine, tok, _ = models.get(str(nano_dir), "torch")
     messages = [{"role": "user", "content": "the quick brown fox"}]
@@ -176,7 +176,7 @@ def test_the_async_reader_equals_chat_and_leaving_cancels(models, nano_dir):
 
     async def read_all():
         stats = ChatStats()
-        return [p async for p in reply_pieces(engine, ChatTurn(engine, tok, messages, cfg, stats, None, stop))], stats
+        return [p async for p in achat(engine, ChatTurn(engine, tok, messages, cfg, stats, None, stop))], stats
 
     got, stats = asyncio.run(read_all())
     assert got == want and (stats.finish_reason, stats.new_tokens) == (want_stats.finish_reason, want_stats.new_tokens)
@@ -185,7 +185,7 @@ def test_the_async_reader_equals_chat_and_leaving_cancels(models, nano_dir):
     turn = ChatTurn(engine, tok, messages, long, ChatStats())
 
     async def leave_early():
-        pieces = reply_pieces(engine, turn)
+        pieces = achat(engine, turn)
         await anext(pieces)
         await anext(pieces)
         await pieces.aclose()
