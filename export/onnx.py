@@ -68,7 +68,6 @@ if __name__ == "__main__":
 
 import argparse  # noqa: E402
 import json  # noqa: E402
-import dataclasses  # noqa: E402
 import hashlib  # noqa: E402
 import shutil  # noqa: E402
 import time  # noqa: E402
@@ -76,29 +75,21 @@ import time  # noqa: E402
 import numpy as np  # noqa: E402
 import onnx  # noqa: E402
 import torch  # noqa: E402
-from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
-from export.blocks import BlockMatrix, concat_rows  # noqa: E402
 from export.genai import write_genai_files  # noqa: E402
+from export.graph import ACCURACY_LEVELS, DTYPES, OPSET, build_graph  # noqa: E402
 from model.checkpoint import atomic_dir, load_model, sha256_file  # noqa: E402
 from model.weights import resolve_model  # noqa: E402
-from model.config import ModelConfig, generation_defaults  # noqa: E402
+from model.config import generation_defaults  # noqa: E402
 from model.model import CogniMamba  # noqa: E402
 
-OPSET = 17
 META_FILE = "onnx_meta.json"
 META_VERSION = 2  # 2: num_logits_to_keep input, shared-buffer GQA (seqlens_k per row)
 # Bump when build_graph or the quantizers change what an export computes: exports cached by
 # serve/ort_backend.py are keyed by it, so a fixed exporter never serves a stale graph.
 EXPORTER_VERSION = 3
-# Every ModelConfig field that build_graph reads. A new field makes build_graph refuse to run until
-# the graph implements it (and a test fails), so the graph and model/model.py cannot drift apart.
-CONFIG_FIELDS_IN_GRAPH = {"dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "hidden_dim", "head_dim",
-                          "max_seq_len", "rope_theta", "norm_eps", "tie_embeddings"}
 EXTERNAL_DATA_BYTES = 1_800_000_000  # protobuf's hard limit is 2 GB
-DTYPES = ("fp32", "fp16")
 QUANTIZATIONS = ("int8", "int4", "gguf")
-ACCURACY_LEVELS = (0, 4)  # MatMulNBits: 0 = fp32 arithmetic, 4 = int8 activations (as llama.cpp's dot products)
 
 
 def tokenizer_hash(directory: str | Path) -> str:
@@ -109,260 +100,6 @@ def tokenizer_hash(directory: str | Path) -> str:
         if p.is_file():
             h.update(name.encode() + p.read_bytes())
     return h.hexdigest()
-
-
-class _Graph:
-    """Nodes and initializers, with generated names; `op` returns its output name(s)."""
-
-    def __init__(self):
-        self.nodes: list = []
-        self.inits: list = []
-        self._consts: dict = {}
-        self._n = 0
-
-    def weight(self, name: str, array: np.ndarray) -> str:
-        self.inits.append(numpy_helper.from_array(np.asarray(array, order="C"), name))  # (ascontiguousarray makes 0-d 1-d)
-        return name
-
-    def const(self, values, dtype=np.int64) -> str:
-        a = np.asarray(values, dtype=dtype)
-        key = (a.dtype.str, a.shape, a.tobytes())
-        if key not in self._consts:
-            self._consts[key] = self.weight(f"const_{len(self._consts)}", a)
-        return self._consts[key]
-
-    def op(self, op_type: str, *inputs: str, outputs=1, domain: str = "", **attrs):
-        self._n += 1
-        name = f"/{op_type}_{self._n}"
-        outs = [f"{name}/out{i}" for i in range(outputs)] if isinstance(outputs, int) else list(outputs)
-        self.nodes.append(helper.make_node(op_type, list(inputs), outs, name=name, domain=domain, **attrs))
-        return outs[0] if len(outs) == 1 else outs
-
-
-def rope_tables(model: CogniMamba) -> tuple[np.ndarray, np.ndarray]:
-    """cos, sin (max_seq_len, head_dim/2) computed by torch exactly as model.rope_cos_sin does."""
-    pos = torch.arange(model.cfg.max_seq_len).float()[:, None]
-    freqs = pos * model.inv_freq.float().cpu()  # (max_seq_len, head_dim/2)
-    return freqs.cos().numpy(), freqs.sin().numpy()
-
-
-def block_linear(g: _Graph, x: str, name: str, m: BlockMatrix, accuracy_level: int = 4, out: str | None = None) -> str:
-    """x (..., K) @ W.T -> (..., N) for a block-quantized W (N, K), as it is: MatMulNBits on
-    (codes - zero_point) * scales, plus sum_b offsets[:, b] * sum(x over block b) when the blocks
-    have Q4_1-style offsets (ORT's float zero points would run ~100x slower, export/blocks.py)."""
-    N, K = m.shape
-    nb = K // m.block
-    q = m.codes.reshape(N, nb, m.block)
-    if m.bits == 4:  # two codes a byte, element 2i in the low nibble (MatMulNBits' B layout)
-        q = q[..., 0::2] | (q[..., 1::2] << 4)
-    inputs = [x, g.weight(name + ".q", q), g.weight(name + ".scales", m.scales.reshape(-1))]  # B (N, nb, blob)
-    if (m.zero_points != 1 << (m.bits - 1)).any():  # MatMulNBits' default zero point is 2^(bits-1)
-        zp = m.zero_points
-        if m.bits == 4:  # packed like B, each row padded to whole bytes
-            zp = np.pad(zp, ((0, 0), (0, nb % 2)))
-            zp = zp[:, 0::2] | (zp[:, 1::2] << 4)
-        inputs.append(g.weight(name + ".zero_points", zp.reshape(-1)))
-    last = m.offsets is None
-    y = g.op("MatMulNBits", *inputs, domain="com.microsoft", K=K, N=N, bits=m.bits, block_size=m.block,
-             accuracy_level=accuracy_level, outputs=[out] if last and out else 1)
-    if last:
-        return y
-    sums = g.op("ReduceSum", g.op("Reshape", x, g.const([0, 0, nb, m.block])), g.const([-1]), keepdims=0)  # (B, S, nb)
-    corr = g.op("MatMul", sums, g.weight(name + ".offsets", m.offsets.T))  # (B, S, N)
-    return g.op("Add", y, corr, outputs=[out] if out else 1)
-
-
-def build_graph(model: CogniMamba, dtype: str = "fp32", fused: bool = False,
-                blocks: dict[str, BlockMatrix | None] | None = None, accuracy_level: int = 4) -> onnx.ModelProto:
-    """The whole network as one ONNX graph. `fused` emits ORT contrib ops. `blocks` (state-dict
-    name -> BlockMatrix) makes every linear layer whose weights it holds a MatMulNBits with those
-    blocks; a tied head with blocks for tok_embeddings.weight gets its own quantized copy."""
-    cfg: ModelConfig = model.cfg
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
-    unknown = {f.name for f in dataclasses.fields(cfg)} - CONFIG_FIELDS_IN_GRAPH
-    if unknown:
-        raise ValueError(f"build_graph does not implement the config fields {sorted(unknown)}: teach it "
-                         "(and CONFIG_FIELDS_IN_GRAPH) before exporting")
-    fp16 = dtype == "fp16"
-    np_dt, T = (np.float16, TensorProto.FLOAT16) if fp16 else (np.float32, TensorProto.FLOAT)
-    neg = float(np.finfo(np_dt).min)  # masked score; rows never mask the diagonal, so never all -inf
-    nh, kvh, hd, D = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.dim
-    sd = {k: v.detach().float().cpu().numpy() for k, v in model.state_dict().items()}
-    used: set[str] = set()
-
-    def W(k: str) -> np.ndarray:  # every weight goes through here; leftovers are an error below
-        used.add(k)
-        return sd[k].astype(np_dt)
-
-    g = _Graph()
-
-    def quantized(parts) -> BlockMatrix | None:
-        """The parts' blocks stacked along N, or None for a plain MatMul: some part unquantized, or
-        8-bit blocks at accuracy level 0, where ORT's CPU MatMulNBits has no fp32 kernel and
-        dequantizes the whole matrix on every call (measured ~50x slower than its fp32 weights)."""
-        if blocks is None or any(blocks.get(p) is None for p in parts):
-            return None
-        m = concat_rows([blocks[p] for p in parts])
-        return None if accuracy_level == 0 and m.bits == 8 else m
-
-    def linear(x, name, parts, out=None):  # x @ W.T, W = the parts (N_i, K) stacked along the output
-        m = quantized(parts)
-        if m is not None:
-            used.update(parts)  # read as their blocks
-            return block_linear(g, x, name, m, accuracy_level, out)
-        w = g.weight(name, np.concatenate([W(p) for p in parts]).T)  # stored (in, out)
-        return g.op("MatMul", x, w, outputs=[out] if out else 1)
-
-    # ---- shapes, positions, the attention bias (shared by every layer)
-    ids_shape = g.op("Shape", "input_ids")  # [B, S]
-    B = g.op("Gather", ids_shape, g.const(0), axis=0)
-    S = g.op("Gather", ids_shape, g.const(1), axis=0)
-    total = g.op("Gather", g.op("Shape", "attention_mask"), g.const(1), axis=0)  # P + S
-    # Left padding: a token's position counts the real tokens before it, as model.forward does.
-    pos_all = g.op("Max", g.op("Sub", g.op("CumSum", "attention_mask", g.const(1)), g.const(1)), g.const(0))
-    positions = g.op("Slice", pos_all, g.op("Unsqueeze", g.op("Neg", S), g.const([0])),
-                     g.const([np.iinfo(np.int64).max]), g.const([1]))  # (B, S)
-    q_pos = g.op("Unsqueeze", g.op("Range", g.op("Sub", total, S), total, g.const(1)), g.const([1]))  # (S, 1)
-    k_pos = g.op("Unsqueeze", g.op("Range", g.const(0), total, g.const(1)), g.const([0]))  # (1, P+S)
-    # model.attention_mask_4d: causal from positions (not is_causal: pytorch #103082), padding
-    # keys hidden, the diagonal always kept so a padding row is never fully masked (NaN).
-    key_real = g.op("Unsqueeze", g.op("Cast", "attention_mask", to=TensorProto.BOOL), g.const([1, 2]))  # (B, 1, 1, P+S)
-    keep = g.op("And", g.op("LessOrEqual", k_pos, q_pos), key_real)  # (B, 1, S, P+S)
-    if not fused:  # GQA's bias is finite (a padding query seeing no key gets a uniform row, not NaN),
-        # and with a shared buffer the diagonal is not the row's own key (right padding)
-        keep = g.op("Or", keep, g.op("Equal", k_pos, q_pos))
-    bias_dt, bias_neg = (T, neg) if fused else (TensorProto.FLOAT, float(np.finfo(np.float32).min))
-    bias = g.op("Where", keep, g.const(0.0, np.float16 if bias_dt == TensorProto.FLOAT16 else np.float32),
-                g.const(bias_neg, np.float16 if bias_dt == TensorProto.FLOAT16 else np.float32))
-
-    cos, sin = rope_tables(model)
-    if fused:
-        cos_c, sin_c = g.weight("rope.cos", cos.astype(np_dt)), g.weight("rope.sin", sin.astype(np_dt))
-        # GQA reads seqlens_k as each row's index of its last valid key: the index of the mask
-        # row's last 1. Left-padded (concatenating) rows end in 1, so that is P+S-1 and the padding
-        # is in the bias; right-padded rows of a shared buffer give their own length - 1, where GQA
-        # writes the new keys (onnxruntime-genai: past_present_share_buffer).
-        last_one = g.op("ReduceMax", g.op("Mul", "attention_mask", g.op("Add", k_pos, g.const(1))), axes=[1], keepdims=0)
-        seqlens_k = g.op("Cast", g.op("Sub", last_one, g.const(1)), to=TensorProto.INT32)  # (B,)
-        total_i32 = g.op("Cast", total, to=TensorProto.INT32)
-    else:
-        # (B, 1, S, head_dim): "rotate half" tables, cos/sin of pairs (i, i + head_dim/2)
-        cos_f = g.weight("rope.cos", np.concatenate([cos, cos], -1).astype(np_dt))
-        sin_f = g.weight("rope.sin", np.concatenate([sin, sin], -1).astype(np_dt))
-        cos_b = g.op("Unsqueeze", g.op("Gather", cos_f, positions, axis=0), g.const([1]))
-        sin_b = g.op("Unsqueeze", g.op("Gather", sin_f, positions, axis=0), g.const([1]))
-        scale = g.const(1.0 / np.sqrt(hd), np_dt)
-
-    def rmsnorm(x, w):  # fp32 mean of squares, as model.RMSNorm
-        x32 = g.op("Cast", x, to=TensorProto.FLOAT) if fp16 else x
-        ms = g.op("ReduceMean", g.op("Mul", x32, x32), axes=[-1], keepdims=1)
-        y = g.op("Mul", x32, g.op("Reciprocal", g.op("Sqrt", g.op("Add", ms, g.const(cfg.norm_eps, np.float32)))))
-        return g.op("Mul", w, g.op("Cast", y, to=T) if fp16 else y)
-
-    def rope(x):  # x (B, H, S, head_dim)
-        x1 = g.op("Slice", x, g.const([0]), g.const([hd // 2]), g.const([3]))
-        x2 = g.op("Slice", x, g.const([hd // 2]), g.const([hd]), g.const([3]))
-        rot = g.op("Concat", g.op("Neg", x2), x1, axis=3)
-        return g.op("Add", g.op("Mul", x, cos_b), g.op("Mul", rot, sin_b))
-
-    def heads(x, n):  # (B, S, n*head_dim) -> (B, n, S, head_dim)
-        return g.op("Transpose", g.op("Reshape", x, g.const([0, 0, n, hd])), perm=[0, 2, 1, 3])
-
-    def attention_plain(q, k, v, i):
-        q, k, v = rope(heads(q, nh)), rope(heads(k, kvh)), heads(v, kvh)
-        k = g.op("Concat", f"past_key_values.{i}.key", k, axis=2, outputs=[f"present.{i}.key"])  # (B, kv, P+S, hd)
-        v = g.op("Concat", f"past_key_values.{i}.value", v, axis=2, outputs=[f"present.{i}.value"])
-        # GQA without repeating K/V: query head h = kv*rep + r reads KV head kv (HF repeat_kv order),
-        # so (B, nh, S, hd) -> (B, kv, rep*S, hd) batches each group's queries against its keys.
-        qg = g.op("Reshape", g.op("Mul", q, scale), g.const([0, kvh, -1, hd]))
-        scores = g.op("MatMul", qg, g.op("Transpose", k, perm=[0, 1, 3, 2]))  # (B, kv, rep*S, P+S)
-        scores = g.op("Reshape", scores, g.op("Concat", g.const([0, nh]), g.op("Unsqueeze", S, g.const([0])), g.const([-1]), axis=0))
-        if fp16:
-            scores = g.op("Cast", scores, to=TensorProto.FLOAT)  # softmax in fp32 (ORT #15752)
-        p = g.op("Softmax", g.op("Add", scores, bias), axis=-1)  # (B, nh, S, P+S)
-        if fp16:
-            p = g.op("Cast", p, to=T)
-        y = g.op("MatMul", g.op("Reshape", p, g.const([0, kvh, -1, 0])), v)  # (B, kv, rep*S, hd)
-        y = g.op("Transpose", g.op("Reshape", y, g.const([0, nh, -1, hd])), perm=[0, 2, 1, 3])  # (B, S, nh, hd)
-        return g.op("Reshape", y, g.const([0, 0, nh * hd]))
-
-    def attention_fused(q, k, v, i):
-        q = g.op("RotaryEmbedding", q, positions, cos_c, sin_c, domain="com.microsoft", num_heads=nh, interleaved=0)
-        k = g.op("RotaryEmbedding", k, positions, cos_c, sin_c, domain="com.microsoft", num_heads=kvh, interleaved=0)
-        y, _, _ = g.op("GroupQueryAttention", q, k, v, f"past_key_values.{i}.key", f"past_key_values.{i}.value",
-                       seqlens_k, total_i32, "", "", "", bias, domain="com.microsoft",
-                       outputs=[f"/attn_{i}", f"present.{i}.key", f"present.{i}.value"],
-                       num_heads=nh, kv_num_heads=kvh, do_rotary=0)
-        return y
-
-    # ---- the network
-    emb = g.weight("tok_embeddings.weight", W("tok_embeddings.weight"))  # (vocab, dim), stored once
-    h = g.op("Gather", emb, "input_ids", axis=0)  # (B, S, dim)
-    split_qkv = g.const([nh * hd, kvh * hd, kvh * hd])
-    split_ff = g.const([cfg.hidden_dim, cfg.hidden_dim])
-    gamma = [f"layers.{i}.{n}.weight" for i in range(cfg.n_layers) for n in ("attention_norm", "ffn_norm")] + ["norm.weight"]
-    for name in gamma:
-        g.weight(name, W(name))
-    if fused:
-        x = g.op("SimplifiedLayerNormalization", h, gamma[0], outputs=2, axis=-1, epsilon=cfg.norm_eps, stash_type=1)[0]
-    else:
-        x = rmsnorm(h, gamma[0])
-    for i in range(cfg.n_layers):
-        p = f"layers.{i}."
-        # q, k, v in one MatMul (and w1, w3 below): fewer, larger kernels; weights stored (in, out)
-        qkv = linear(x, p + "attention.wqkv", [p + f"attention.{n}.weight" for n in ("wq", "wk", "wv")])
-        q, k, v = g.op("Split", qkv, split_qkv, axis=-1, outputs=3)
-        y = (attention_fused if fused else attention_plain)(q, k, v, i)
-        a = linear(y, p + "attention.wo", [p + "attention.wo.weight"])
-        if fused:  # residual add and the next norm in one kernel; output 3 is the new residual
-            x, _, _, h = g.op("SkipSimplifiedLayerNormalization", a, h, gamma[2 * i + 1], domain="com.microsoft",
-                              outputs=[f"/ln_{i}_1", "", "", f"/res_{i}_1"], epsilon=cfg.norm_eps)
-        else:
-            h = g.op("Add", h, a)
-            x = rmsnorm(h, gamma[2 * i + 1])
-        w13 = linear(x, p + "feed_forward.w13", [p + "feed_forward.w1.weight", p + "feed_forward.w3.weight"])
-        gate, up = g.op("Split", w13, split_ff, axis=-1, outputs=2)
-        f = g.op("Mul", g.op("Mul", gate, g.op("Sigmoid", gate)), up)  # SwiGLU: silu(w1 x) * w3 x
-        d = linear(f, p + "feed_forward.w2", [p + "feed_forward.w2.weight"])
-        if fused:
-            x, _, _, h = g.op("SkipSimplifiedLayerNormalization", d, h, gamma[2 * i + 2], domain="com.microsoft",
-                              outputs=[f"/ln_{i}_2", "", "", f"/res_{i}_2"], epsilon=cfg.norm_eps)
-        else:
-            h = g.op("Add", h, d)
-            x = rmsnorm(h, gamma[2 * i + 2])
-    # Only the last num_logits_to_keep positions reach the head: a generating prefill needs one.
-    x = g.op("Slice", x, g.op("Unsqueeze", g.op("Neg", "num_logits_to_keep"), g.const([0])),
-             g.const([np.iinfo(np.int64).max]), g.const([1]))  # (B, k, dim)
-    if not cfg.tie_embeddings:
-        linear(x, "output.weight", ["output.weight"], out="logits")
-    elif quantized(["tok_embeddings.weight"]) is not None:
-        # the embedding's blocks (a GGUF's Q8_0 token_embd: what llama.cpp's head reads); the
-        # Gather keeps the fp32 table, which holds the same values
-        linear(x, "lm_head.weight", ["tok_embeddings.weight"], out="logits")
-    else:  # the embedding itself, read transposed: one copy on disk (pytorch #108342)
-        flat = g.op("Gemm", g.op("Reshape", x, g.const([-1, D])), emb, transB=1)  # (B*S, vocab)
-        g.op("Reshape", flat, g.op("Concat", g.op("Unsqueeze", B, g.const([0])), g.const([-1, cfg.vocab_size]), axis=0), outputs=["logits"])
-
-    if set(sd) - used:  # a weight the graph does not read: model/model.py has something the graph lacks
-        raise ValueError(f"build_graph left {len(set(sd) - used)} weights unused, e.g. {sorted(set(sd) - used)[0]}: "
-                         "the graph no longer matches model/model.py")
-    # An initializer named like an input is that input's default (ONNX IR >= 4): 2^62 keeps every
-    # position (Slice clamps the start), which is what runtimes that never feed it expect.
-    g.weight("num_logits_to_keep", np.array(2**62, np.int64))
-    kv_in = [helper.make_tensor_value_info(f"past_key_values.{i}.{n}", T, ["batch", kvh, "past", hd])
-             for i in range(cfg.n_layers) for n in ("key", "value")]
-    kv_out = [helper.make_tensor_value_info(f"present.{i}.{n}", T, ["batch", kvh, "total", hd])
-              for i in range(cfg.n_layers) for n in ("key", "value")]
-    graph = helper.make_graph(
-        g.nodes, "cogni_mamba",
-        [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"]),
-         helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "total"]),
-         helper.make_tensor_value_info("num_logits_to_keep", TensorProto.INT64, [])] + kv_in,
-        [helper.make_tensor_value_info("logits", T, ["batch", "kept", cfg.vocab_size])] + kv_out,
-        g.inits)
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid("com.microsoft", 1)],
-                             producer_name="cogni-mamba", ir_version=9)
 
 
 def save_onnx(proto: onnx.ModelProto, path: Path) -> None:

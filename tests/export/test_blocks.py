@@ -6,7 +6,7 @@ import pytest
 from onnx import TensorProto, helper
 
 from export.blocks import concat_rows, from_gguf
-from export.onnx import _Graph, block_linear
+from export.graph import _Graph, block_linear
 
 N, K = 24, 512  # K a multiple of the K-quants' 256-weight super-blocks
 # Offsets of the f16 scale fields in each K-quant block (ggml-common.h block_q4_K, block_q5_K,
