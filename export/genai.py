@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from export.graph import PAST, PRESENT
 from model.config import GENERATION_DEFAULTS, ModelConfig
 
 # The graph's I/O in genai's terms (%d = layer index). past_present_share_buffer says whether the
@@ -20,8 +21,9 @@ from model.config import GENERATION_DEFAULTS, ModelConfig
 # or, as our graph does now, returns present = concat(past, new) at length past + seq.
 GRAPH_IO = {
     "inputs": {"input_ids": "input_ids", "attention_mask": "attention_mask",
-               "past_key_names": "past_key_values.%d.key", "past_value_names": "past_key_values.%d.value"},
-    "outputs": {"logits": "logits", "present_key_names": "present.%d.key", "present_value_names": "present.%d.value"},
+               "past_key_names": PAST.format(i="%d", kv="key"), "past_value_names": PAST.format(i="%d", kv="value")},
+    "outputs": {"logits": "logits", "present_key_names": PRESENT.format(i="%d", kv="key"),
+                "present_value_names": PRESENT.format(i="%d", kv="value")},
     "past_present_share_buffer": False,
 }
 

@@ -77,7 +77,7 @@ import onnx  # noqa: E402
 import torch  # noqa: E402
 
 from export.genai import write_genai_files  # noqa: E402
-from export.graph import ACCURACY_LEVELS, DTYPES, OPSET, build_graph  # noqa: E402
+from export.graph import ACCURACY_LEVELS, DTYPES, OPSET, PAST, PRESENT, all_kv_names, build_graph  # noqa: E402
 from model.checkpoint import atomic_dir, load_model, sha256_file  # noqa: E402
 from model.weights import resolve_model  # noqa: E402
 from model.config import generation_defaults  # noqa: E402
@@ -125,8 +125,7 @@ def measure_parity(model: CogniMamba, onnx_path: Path, dtype: str = "fp32", step
     ref32, _ = model(ids)  # (1, 16+steps, vocab), uncached: also checks the graph's cache
     ref64 = copy.deepcopy(model).double()(ids)[0][0]  # (16+steps, vocab)
     np_dt = np.float16 if dtype == "fp16" else np.float32
-    past = {f"past_key_values.{i}.{n}": np.zeros((1, cfg.n_kv_heads, 0, cfg.head_dim), np_dt)
-            for i in range(cfg.n_layers) for n in ("key", "value")}
+    past = {n: np.zeros((1, cfg.n_kv_heads, 0, cfg.head_dim), np_dt) for n in all_kv_names(PAST, cfg.n_layers)}
     outs, start = [], 0
     for end in [16] + list(range(17, 17 + steps)):
         feed = {"input_ids": ids[:, start:end].numpy(), "attention_mask": np.ones((1, end), np.int64),
@@ -233,9 +232,9 @@ def export_onnx(model: str | Path, out: str | Path, dtype: str = "fp32", quantiz
             "dtype": dtype, "quantization": quantize, "fused_ops": optimize, "opset": OPSET,
             "accuracy_level": accuracy_level if quantize else None,
             "source_blocks": None if blocks is None else sorted({f"{m.bits}-bit block {m.block}" for m in blocks.values() if m}),
-            "io": {"inputs": ["input_ids", "attention_mask", "num_logits_to_keep", "past_key_values.{i}.key/value"],
+            "io": {"inputs": ["input_ids", "attention_mask", "num_logits_to_keep", PAST.format(i="{i}", kv="key/value")],
                    "shared_buffer": optimize,  # past and present may be bound to one buffer (GQA)
-                   "outputs": ["logits", "present.{i}.key/value"]},
+                   "outputs": ["logits", PRESENT.format(i="{i}", kv="key/value")]},
             "versions": {"exporter": "cogni-mamba build_graph (onnx.helper)", "onnx": onnx.__version__,
                          "onnxruntime": ort.__version__, "torch": torch.__version__},
             "export_seconds": None, "parity": None,
@@ -250,9 +249,9 @@ def export_onnx(model: str | Path, out: str | Path, dtype: str = "fp32", quantiz
     size = sum(f.stat().st_size for f in out.iterdir()) / 2**20
     log(f"wrote {out / 'model.onnx'} ({size:.0f} MB in {out.name}/, {meta['export_seconds']} s): "
         f"{dtype}{' ' + quantize if quantize else ''}{', fused ORT ops' if optimize else ''}")
-    log(f"  inputs  input_ids (batch, seq), attention_mask (batch, past+seq), num_logits_to_keep, "
-        f"past_key_values.{{0..{net.cfg.n_layers - 1}}}.key/value")
-    log("  outputs logits (batch, num_logits_to_keep, vocab), present.{i}.key/value"
+    log("  inputs  input_ids (batch, seq), attention_mask (batch, past+seq), num_logits_to_keep, "
+        + PAST.format(i=f"{{0..{net.cfg.n_layers - 1}}}", kv="key/value"))
+    log("  outputs logits (batch, num_logits_to_keep, vocab), " + PRESENT.format(i="{i}", kv="key/value")
         + (" (may share the past's buffer)" if optimize else ""))
     if meta["parity"]:
         par = meta["parity"]

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from export.graph import PAST, PRESENT, all_kv_names
 from export.onnx import EXPORTER_VERSION, META_FILE, META_VERSION, export_onnx, tokenizer_hash
 from model.checkpoint import read_meta
 from model.config import ModelConfig
@@ -119,7 +120,7 @@ class OrtBackend:
         # (bench/serve_load.py, 128-token replies: 8 users 185 -> 233 tok/s, one user 87 -> 93).
         so.add_session_config_entry("session.force_spinning_stop", "1")
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        providers = pick_providers(device)
+        providers = self.providers(directory, device)
         try:
             self.session = ort.InferenceSession(str(Path(directory) / "model.onnx"), so, providers=providers)
         except Exception as e:  # onnxruntime's own exception types: a truncated or foreign file
@@ -127,11 +128,14 @@ class OrtBackend:
                              f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); re-export the model") from None
         self.device = self.session.get_providers()[0]  # what loaded, not what was asked for
         self.io_device = "cuda" if self.device in PROVIDER_ORDER[:2] else "cpu"
-        n = self.cfg.n_layers
-        self.past_names = [f"past_key_values.{i}.{k}" for i in range(n) for k in ("key", "value")]
-        self.present_names = [f"present.{i}.{k}" for i in range(n) for k in ("key", "value")]
+        self.past_names = all_kv_names(PAST, self.cfg.n_layers)
+        self.present_names = all_kv_names(PRESENT, self.cfg.n_layers)
         self.kv_dtype = np.float16 if self.meta["dtype"] == "fp16" else np.float32
         self.min_past = 0  # TensorRT's shape profiles start at 1 (serve/tensorrt.py)
+
+    def providers(self, directory: str | Path, device: str | None) -> list:
+        """The execution providers to open the session with, best first."""
+        return pick_providers(device)
 
     # ---- the Backend contract (serve/generate.py)
     def new_cache(self, rows: int, capacity: int) -> StaticCache:

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from export.graph import PAST, all_kv_names
 from serve.ort_backend import OrtBackend
 
 
@@ -31,7 +32,7 @@ def shape_profiles(cfg, max_batch: int = 1, max_len: int | None = None, opt_len:
     """ORT TensorRT EP profile strings: name:BxS,... for min, opt and max."""
     max_len = max_len or cfg.max_seq_len
     kv = lambda b, t: f"{b}x{cfg.n_kv_heads}x{t}x{cfg.head_dim}"  # noqa: E731
-    names = [f"past_key_values.{i}.{k}" for i in range(cfg.n_layers) for k in ("key", "value")]
+    names = all_kv_names(PAST, cfg.n_layers)
     lo = ["input_ids:1x1", "attention_mask:1x2"] + [f"{n}:{kv(1, 1)}" for n in names]
     opt = [f"input_ids:{max_batch}x1", f"attention_mask:{max_batch}x{opt_len}"] + [f"{n}:{kv(max_batch, opt_len)}" for n in names]
     hi = [f"input_ids:{max_batch}x{max_len}", f"attention_mask:{max_batch}x{max_len}"] + [f"{n}:{kv(max_batch, max_len - 1)}" for n in names]
@@ -48,21 +49,23 @@ class TrtBackend(OrtBackend):
         if "TensorrtExecutionProvider" not in ort.get_available_providers():
             raise RuntimeError("onnxruntime has no TensorrtExecutionProvider here: install onnxruntime-gpu with "
                                "TensorRT libraries on a CUDA machine, or use the CPU/CUDA OrtBackend")
-        super().__init__(directory, device="cpu")  # reads and checks the export; session replaced below
+        self.max_len, self.fp16 = max_len, fp16
+        super().__init__(directory, device="tensorrt")  # one session, on the providers below
         if self.meta.get("fused_ops"):
             raise ValueError(f"{directory} uses ORT contrib ops TensorRT cannot run; export it without --optimize")
-        cache = Path(directory) / "trt_cache"
-        cache.mkdir(exist_ok=True)
-        trt = {"trt_engine_cache_enable": True, "trt_engine_cache_path": str(cache), "trt_fp16_enable": fp16,
-               "trt_timing_cache_enable": True, "trt_timing_cache_path": str(cache),
-               **shape_profiles(self.cfg, max_len=max_len or min(self.cfg.max_seq_len, 2048))}
-        so = ort.SessionOptions()
-        self.session = ort.InferenceSession(str(Path(directory) / "model.onnx"), so,
-                                            providers=[("TensorrtExecutionProvider", trt), "CUDAExecutionProvider",
-                                                       "CPUExecutionProvider"])
-        self.device = self.session.get_providers()[0]
+        self.max_seq_len = self.profile_len  # the engine is built for no longer sequence
         self.io_device = "cuda"
         self.shared_buffer = False  # the plain graph concatenates
         self.min_past = 1  # the profile's minimum past: one zero slot, masked out by attention_mask
         warm = self.new_cache(1, 8)
         self.forward(torch.tensor([[0, 1]]), warm, last_only=True)  # builds (or loads) the engine now
+
+    def providers(self, directory: str | Path, device: str | None) -> list:
+        """TensorRT with an engine cache and explicit shape profiles; CUDA and CPU for anything it rejects."""
+        self.profile_len = self.max_len or min(self.cfg.max_seq_len, 2048)
+        cache = Path(directory) / "trt_cache"
+        cache.mkdir(exist_ok=True)
+        trt = {"trt_engine_cache_enable": True, "trt_engine_cache_path": str(cache), "trt_fp16_enable": self.fp16,
+               "trt_timing_cache_enable": True, "trt_timing_cache_path": str(cache),
+               **shape_profiles(self.cfg, max_len=self.profile_len)}
+        return [("TensorrtExecutionProvider", trt), "CUDAExecutionProvider", "CPUExecutionProvider"]

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from export import onnx as exporter
+from export import graph, onnx as exporter
 from model.checkpoint import WRITER_MARKER, atomic_dir, load_model, save_model
 from model.config import ModelConfig
 from model.model import CogniMamba
@@ -101,13 +101,13 @@ def test_hidden_leftovers_are_not_listed(tmp_path):
 
 
 def test_verify_fails_the_export_when_parity_is_off(nano_dir, tmp_path, monkeypatch):
-    real = exporter.rope_tables
+    real = graph.rope_tables
 
     def shifted(model):  # a real mistake: every position off by one
         cos, sin = real(model)
         return np.roll(cos, 1, axis=0), np.roll(sin, 1, axis=0)
 
-    monkeypatch.setattr(exporter, "rope_tables", shifted)
+    monkeypatch.setattr(graph, "rope_tables", shifted)
     out = tmp_path / "bad"
     with pytest.raises(ValueError, match="--verify"):
         exporter.export_onnx(nano_dir, out, optimize=True, verify=True, log=lambda *_: None)
@@ -115,7 +115,7 @@ def test_verify_fails_the_export_when_parity_is_off(nano_dir, tmp_path, monkeypa
 
 
 def test_builder_consumes_every_weight_and_config_field(nano_dir):
-    assert {f.name for f in dataclasses.fields(ModelConfig)} == exporter.CONFIG_FIELDS_IN_GRAPH
+    assert {f.name for f in dataclasses.fields(ModelConfig)} == graph.CONFIG_FIELDS_IN_GRAPH
     model, _, _ = load_model(nano_dir)
     model.layers[0].attention.register_parameter("extra_bias", torch.nn.Parameter(torch.zeros(4)))
     with pytest.raises(ValueError, match="unused.*extra_bias"):
