@@ -5,9 +5,11 @@ from), so loaders rebuild the model from it and never from a file name. Nothing 
 """
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from contextlib import contextmanager
@@ -81,14 +83,50 @@ def check_output_dir(directory: str | Path, writer: str, force: bool = False, so
     return directory
 
 
+def _temp_prefix(target: Path) -> str:
+    """Temp names carry the writing process's id, so a later save can tell a killed writer's
+    leftovers from a save still running: .NAME.<pid>.<mkdtemp's 8 characters>[.tmp]."""
+    return f".{target.name}.{os.getpid()}."
+
+
+def _running(pid: int) -> bool:
+    if pid == os.getpid() or os.name != "posix":  # elsewhere os.kill(pid, 0) is not a harmless probe
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def clean_stale_temps(target: Path) -> None:
+    """Delete what a killed save into `target` left beside it: temp folders holding our writer
+    marker (or nothing), temp files ending .tmp, in both cases named by _temp_prefix after a process
+    that is gone (or without a pid: made before names carried one). Nothing else matches, so no
+    user file or folder is touched."""
+    pattern = re.compile(rf"\.{re.escape(target.name)}\.(?:(\d+)\.)?[a-z0-9_]{{8}}(\.tmp)?")
+    for p in target.parent.glob(f".{glob.escape(target.name)}.*"):
+        m = pattern.fullmatch(p.name)
+        if not m or p.is_symlink() or (m[1] and _running(int(m[1]))):
+            continue
+        if m[2] and p.is_file():
+            p.unlink(missing_ok=True)
+        elif not m[2] and p.is_dir() and (folder_writer(p) is not None or not any(p.iterdir())):
+            shutil.rmtree(p, ignore_errors=True)
+
+
 @contextmanager
 def atomic_dir(directory: str | Path, writer: str, force: bool = False, sources=()):
     """Yield a temp folder beside `directory`; when the block succeeds it replaces `directory`
-    whole, by rename. A crash, Ctrl-C or a full disk leaves the old folder as it was. Only a folder
-    this `writer` made before (or an empty one) is replaced, unless `force` (check_output_dir)."""
+    whole, by rename. A crash, Ctrl-C or a full disk leaves the old folder as it was, and the temp
+    folder of a killed save is deleted by the next save into the same place. Only a folder this
+    `writer` made before (or an empty one) is replaced, unless `force` (check_output_dir)."""
     directory = check_output_dir(directory, writer, force, sources)
     directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    clean_stale_temps(directory)
+    tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(directory), dir=directory.parent))
     try:
         (tmp / WRITER_MARKER).write_text(json.dumps({"writer": writer}) + "\n")
         yield tmp
@@ -118,10 +156,12 @@ def plain_mode(dir: bool) -> int:
 @contextmanager
 def atomic_file(path: Path):
     """Yield a temp file path beside `path`; when the block succeeds it replaces `path` by rename
-    (atomic_dir for one file: a crash or a full disk leaves the old file as it was). Whether `path`
-    may be replaced is the caller's to check first."""
+    (atomic_dir for one file: a crash or a full disk leaves the old file as it was, and a killed
+    save's temp file goes at the next save). Whether `path` may be replaced is the caller's to check."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    clean_stale_temps(path)
+    fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         yield Path(tmp)

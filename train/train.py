@@ -33,7 +33,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from model.checkpoint import check_output_dir, folder_writer, is_model_dir, save_model, WRITER_MARKER  # noqa: E402
+from model.checkpoint import atomic_file, check_output_dir, folder_writer, is_model_dir, save_model, WRITER_MARKER  # noqa: E402
 from model.config import ModelConfig, find_multiple  # noqa: E402
 from model.model import CogniMamba  # noqa: E402
 
@@ -170,14 +170,9 @@ def autocast(device: str, dtype):
 
 
 def atomic_save(obj: dict, path: Path) -> None:
-    """Write to a temp file, then rename: a crash or a full disk never leaves half a checkpoint."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
+    """torch.save through checkpoint.atomic_file: a crash or a full disk never leaves half a checkpoint."""
+    with atomic_file(path) as tmp:
         torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def rng_state(batch_gen: torch.Generator) -> dict:
