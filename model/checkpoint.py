@@ -5,6 +5,7 @@ from), so loaders rebuild the model from it and never from a file name. Nothing 
 """
 from __future__ import annotations
 
+import dataclasses
 import glob
 import hashlib
 import json
@@ -172,6 +173,46 @@ def atomic_file(path: Path):
         raise
 
 
+def header_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape from a safetensors file's header alone (its data is not read)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ValueError(f"{path} is damaged or truncated ({e})") from None
+
+
+def check_weights(cfg: ModelConfig, shapes: dict[str, tuple[int, ...]], origin: str) -> None:
+    """Refuse a config that does not describe the weights (name -> shape, from a file's header)
+    before a network of the config's size is allocated: a config.json edited to 100,000 layers
+    would otherwise be built first and compared after. One ValueError naming the field."""
+    layers = {int(k.split(".")[1]) for k in shapes if k.startswith("layers.") and k.split(".")[1].isdigit()}
+    if len(layers) != cfg.n_layers:
+        raise ValueError(f"{origin}: the config's n_layers is {cfg.n_layers}, but the weights hold {len(layers)} layers")
+    with torch.device("meta"):  # one layer, no storage: the shapes the config gives, at no cost
+        one = CogniMamba(dataclasses.replace(cfg, n_layers=1)).state_dict()
+    expected = {}
+    for name, t in one.items():
+        for i in range(cfg.n_layers) if name.startswith("layers.0.") else [None]:
+            expected[name if i is None else f"layers.{i}." + name.removeprefix("layers.0.")] = tuple(t.shape)
+    for name, shape in expected.items():
+        if name not in shapes:
+            raise ValueError(f"{origin}: the weights lack {name}, which the config has (tie_embeddings "
+                             f"{cfg.tie_embeddings}, n_layers {cfg.n_layers})")
+        if shapes[name] != shape:
+            axis = next(a for a, (x, y) in enumerate(zip(shape, shapes[name])) if x != y) if len(shape) == len(shapes[name]) else 0
+            fields = [f for f in ("dim", "hidden_dim", "vocab_size", "head_dim") if getattr(cfg, f) == shape[axis]]
+            what = f"the config's {' / '.join(fields)} ({shape[axis]})" if fields else "the config"
+            raise ValueError(f"{origin}: {what} does not match the weights: {name} is {list(shapes[name])} "
+                             f"in the file, {list(shape)} by the config")
+    extra = sorted(set(shapes) - set(expected))
+    if extra:
+        raise ValueError(f"{origin}: the weights hold {extra[0]}, which the config has no place for "
+                         f"(tie_embeddings {cfg.tie_embeddings})")
+
+
 def build_model(cfg: ModelConfig, state: dict[str, torch.Tensor], origin: str) -> CogniMamba:
     """A model that takes `state`'s tensors as they are: built on the meta device, so there is no
     random init to throw away and no copy. A mismatch is one ValueError naming `origin`."""
@@ -247,6 +288,7 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu",
     if "weights_sha256" in meta and sha256_file(weights) != meta["weights_sha256"]:
         raise ValueError(f"{weights} does not match the checksum in config.json: the file is corrupted "
                          "(re-copy it, re-export or retrain)")
+    check_weights(cfg, header_shapes(weights), str(directory))
     try:
         state = load_file(str(weights), device=str(device))
     except (SafetensorError, OSError, ValueError) as e:

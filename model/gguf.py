@@ -164,10 +164,15 @@ def tokenizer_from_gguf(reader) -> BPETokenizer:
 
 def load_gguf(path: str | Path):
     """-> (CogniMamba fp32, tokenizer, info dict) from a GGUF file."""
-    from model.checkpoint import build_model
+    from model.checkpoint import build_model, check_weights
 
     reader = _open(path)
     cfg = config_from_gguf(reader)
+    # Before dequantizing, the llama.* keys must describe the tensors; names are mapped for the blocks
+    # the file holds, not for its block_count, which may be absurd. GGUF lists dims fastest-first.
+    lookup = per_layer_names(GGUF_TO_OURS, len({t.name.split(".")[1] for t in reader.tensors if t.name.startswith("blk.")}))
+    check_weights(cfg, {lookup[t.name]: tuple(reversed([int(n) for n in t.shape])) for t in reader.tensors
+                        if t.name in lookup}, str(path))
     state, qtypes = state_dict_from_gguf(reader, cfg)
     tokenizer = tokenizer_from_gguf(reader)
     model = build_model(cfg, state, str(path))

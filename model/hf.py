@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from model.checkpoint import atomic_dir, build_model
+from model.checkpoint import atomic_dir, build_model, check_weights, header_shapes
 from model.config import ModelConfig, per_layer_names
 from model.tokenizer import Tokenizer, from_tokenizer_json
 
@@ -80,24 +80,30 @@ def load_hf(directory: str | Path):
         cfg = config_from_hf(hf)
     except (KeyError, TypeError) as e:
         raise ValueError(f"{d / 'config.json'} lacks or mistypes a Llama setting ({e})") from None
-    names = _name_map(cfg.n_layers)
-    unknown = []
-    state = {}
-    for shard in sorted(d.glob("*.safetensors")):
-        try:
-            tensors = load_file(str(shard))
-        except (SafetensorError, OSError) as e:
-            raise ValueError(f"{shard} is damaged or truncated ({e})") from None
-        for k, v in tensors.items():
-            if k in names:
-                state[names[k]] = v.float()
-            elif not k.endswith("rotary_emb.inv_freq"):  # derived from the config, as ours is
-                unknown.append(k)
+    shards = sorted(d.glob("*.safetensors"))
+    # Headers only: the config is checked against them before any tensor is read, and names are
+    # mapped for the layers the files hold, not for num_hidden_layers, which may be absurd.
+    headers = {k: shape for shard in shards for k, shape in header_shapes(shard).items()}
+    names = _name_map(len({k.split(".")[2] for k in headers if k.startswith("model.layers.")}))
+    shapes, unknown = {}, []
+    for k, shape in headers.items():
+        if k in names:
+            shapes[names[k]] = shape
+        elif not k.endswith("rotary_emb.inv_freq"):  # derived from the config, as ours is
+            unknown.append(k)
     if unknown:
         raise ValueError(f"{d}: {len(unknown)} tensors this model does not implement, e.g. {unknown[0]} "
                          "(a Llama variant with extra weights); refusing rather than dropping them")
     if cfg.tie_embeddings:
-        state.pop("output.weight", None)
+        shapes.pop("output.weight", None)
+    check_weights(cfg, shapes, str(d))
+    state = {}
+    for shard in shards:
+        try:
+            tensors = load_file(str(shard))
+        except (SafetensorError, OSError) as e:
+            raise ValueError(f"{shard} is damaged or truncated ({e})") from None
+        state.update({names[k]: v.float() for k, v in tensors.items() if names.get(k) in shapes})
     model = build_model(cfg, state, str(d))
     if not (d / "tokenizer.json").is_file():
         raise FileNotFoundError(f"{d} has no tokenizer.json (a fast tokenizer is needed)")

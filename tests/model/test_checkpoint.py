@@ -62,3 +62,23 @@ def test_a_killed_checkpoint_writes_temp_file_is_removed_by_the_next_one(tmp_pat
     stale.write_bytes(b"half a checkpoint")
     atomic_save({"x": torch.zeros(1)}, tmp_path / "latest.pt")
     assert [p.name for p in tmp_path.iterdir()] == ["latest.pt"]
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"n_layers": 100_000}, "n_layers is 100000, but the weights hold 4 layers"),
+    ({"dim": 2**20, "n_layers": 4096}, "n_layers is 4096, but the weights hold 4 layers"),
+    ({"dim": 2**20}, r"the config's dim \(1048576\) does not match the weights: tok_embeddings.weight is \[512, 128\]"),
+    ({"vocab_size": 1024}, r"the config's vocab_size \(1024\) does not match"),
+    ({"tie_embeddings": False}, "the weights lack output.weight"),
+])
+def test_a_config_that_does_not_describe_the_weights_is_refused_at_once(nano_model, tmp_path, change, message):
+    import time
+
+    folder = save_model(tmp_path / "m", nano_model, CharTokenizer.train(["a"]))
+    meta = json.loads((folder / "config.json").read_text())
+    # only the config is wrong: the weights and their checksum are as saved
+    (folder / "config.json").write_text(json.dumps({**meta, "model": {**meta["model"], **change}}))
+    start = time.perf_counter()
+    with pytest.raises(ValueError, match=message):
+        load_model(folder)
+    assert time.perf_counter() - start < 1.0  # from the header: nothing of the config's size is built
