@@ -51,9 +51,11 @@ A tied LM head is one initializer shared by the Gather and a Gemm(transB=1) (pyt
 wrote it twice); quantized variants give the head its own 8-bit blocks (the largest matrix), and
 with --quantize gguf the embedding's own blocks (SmolLM2: Q8_0), as llama.cpp's head reads them.
 
-Writes into --out: model.onnx (+ model.onnx.data above 1.8 GB), config.json, the tokenizer files,
-onnx_meta.json (source hash, dtype, quantization, opset, versions, parity at export), and for
-BPE tokenizers genai_config.json + chat_template.jinja, so onnxruntime-genai opens the folder.
+Writes into --out: model.onnx (+ model.onnx.data above 1.8 GB), HF's config.json and
+generation_config.json (optimum's ORTModelForCausalLM opens the folder by them), the tokenizer
+files, onnx_meta.json (our own: the model config, the source's name, hash, licence and base_model,
+dtype, quantization, opset, versions, parity at export; no absolute path), and for BPE tokenizers
+genai_config.json + chat_template.jinja, so onnxruntime-genai opens the folder.
 """
 import sys
 from pathlib import Path
@@ -69,7 +71,7 @@ if __name__ == "__main__":
 import argparse  # noqa: E402
 import json  # noqa: E402
 import hashlib  # noqa: E402
-import shutil  # noqa: E402
+import os  # noqa: E402
 import time  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -79,17 +81,37 @@ import torch  # noqa: E402
 from export.genai import write_genai_files  # noqa: E402
 from export.graph import ACCURACY_LEVELS, DTYPES, OPSET, PAST, PRESENT, all_kv_names, build_graph  # noqa: E402
 from model.checkpoint import atomic_dir, load_model, sha256_file  # noqa: E402
+from model.hf import write_hf_configs  # noqa: E402
 from model.weights import resolve_model  # noqa: E402
 from model.config import generation_defaults  # noqa: E402
 from model.model import CogniMamba  # noqa: E402
 
 META_FILE = "onnx_meta.json"
-META_VERSION = 2  # 2: num_logits_to_keep input, shared-buffer GQA (seqlens_k per row)
+# 3: config.json is HF's (for optimum); the source is recorded by name, hash and card, its model
+# folder's description (name, source_format, ...) is here, and no absolute path is
+META_VERSION = 3
+# What the source model folder's config.json says about the model that an export carries on (and a
+# card shows); its paths and file-level fields (the weights' own hash, dtype, format) stay behind.
+SOURCE_FIELDS = ("name", "num_params", "source_format", "source_quantization", "card")
+ROOT = Path(__file__).resolve().parents[1]
 # Bump when build_graph or the quantizers change what an export computes: exports cached by
 # serve/ort_backend.py are keyed by it, so a fixed exporter never serves a stale graph.
 EXPORTER_VERSION = 3
 EXTERNAL_DATA_BYTES = 1_800_000_000  # protobuf's hard limit is 2 GB
 QUANTIZATIONS = ("int8", "int4", "gguf")
+
+
+def source_record(src: Path, src_meta: dict, out: Path) -> dict:
+    """Where an export came from, without this machine's paths (an uploaded folder would publish
+    them): the source folder's name and weights hash, its SOURCE_FIELDS, and a path relative to
+    the export only when both lie inside this repository (checkpoints/ -> exports/), so the pair
+    moves together."""
+    src, out = src.resolve(), out.resolve()
+    inside = ROOT in src.parents and ROOT in out.parents
+    return {"source_name": src_meta.get("name") or src.name,
+            "source_sha256": src_meta.get("weights_sha256") or sha256_file(src / "model.safetensors"),
+            "source_path": os.path.relpath(src, out) if inside else None,
+            **{k: src_meta[k] for k in SOURCE_FIELDS if k in src_meta}}
 
 
 def tokenizer_hash(directory: str | Path) -> str:
@@ -219,14 +241,16 @@ def export_onnx(model: str | Path, out: str | Path, dtype: str = "fp32", quantiz
         t_build = time.perf_counter() - t0
         save_onnx(proto, tmp / "model.onnx")
         del proto
-        shutil.copy(src / "config.json", tmp / "config.json")
+        # optimum's ORTModelForCausalLM (and transformers' AutoConfig) open the folder by HF's
+        # config.json: model_type llama, and generation_config.json's stop ids
+        write_hf_configs(tmp, net.cfg, tokenizer, torch.float16 if dtype == "fp16" else torch.float32)
         tokenizer.save(tmp)
         # onnxruntime-genai opens the folder as it is (export/genai.py: the graph's I/O in its terms)
         write_genai_files(tmp, net.cfg, tokenizer, provider="cuda" if dtype == "fp16" else None,
                           sampling=generation_defaults(src_meta))
         meta = {
             "format": "cogni-mamba-onnx", "format_version": META_VERSION,
-            "source": str(src), "source_sha256": src_meta.get("weights_sha256") or sha256_file(src / "model.safetensors"),
+            **source_record(src, src_meta, out),
             "exporter_version": EXPORTER_VERSION,
             "tokenizer_sha256": tokenizer_hash(tmp), "model": net.cfg.to_dict(),
             "dtype": dtype, "quantization": quantize, "fused_ops": optimize, "opset": OPSET,

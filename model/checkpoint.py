@@ -5,9 +5,12 @@ from), so loaders rebuild the model from it and never from a file name. Nothing 
 """
 from __future__ import annotations
 
+import dataclasses
+import glob
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from contextlib import contextmanager
@@ -81,14 +84,50 @@ def check_output_dir(directory: str | Path, writer: str, force: bool = False, so
     return directory
 
 
+def _temp_prefix(target: Path) -> str:
+    """Temp names carry the writing process's id, so a later save can tell a killed writer's
+    leftovers from a save still running: .NAME.<pid>.<mkdtemp's 8 characters>[.tmp]."""
+    return f".{target.name}.{os.getpid()}."
+
+
+def _running(pid: int) -> bool:
+    if pid == os.getpid() or os.name != "posix":  # elsewhere os.kill(pid, 0) is not a harmless probe
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def clean_stale_temps(target: Path) -> None:
+    """Delete what a killed save into `target` left beside it: temp folders holding our writer
+    marker (or nothing), temp files ending .tmp, in both cases named by _temp_prefix after a process
+    that is gone (or without a pid: made before names carried one). Nothing else matches, so no
+    user file or folder is touched."""
+    pattern = re.compile(rf"\.{re.escape(target.name)}\.(?:(\d+)\.)?[a-z0-9_]{{8}}(\.tmp)?")
+    for p in target.parent.glob(f".{glob.escape(target.name)}.*"):
+        m = pattern.fullmatch(p.name)
+        if not m or p.is_symlink() or (m[1] and _running(int(m[1]))):
+            continue
+        if m[2] and p.is_file():
+            p.unlink(missing_ok=True)
+        elif not m[2] and p.is_dir() and (folder_writer(p) is not None or not any(p.iterdir())):
+            shutil.rmtree(p, ignore_errors=True)
+
+
 @contextmanager
 def atomic_dir(directory: str | Path, writer: str, force: bool = False, sources=()):
     """Yield a temp folder beside `directory`; when the block succeeds it replaces `directory`
-    whole, by rename. A crash, Ctrl-C or a full disk leaves the old folder as it was. Only a folder
-    this `writer` made before (or an empty one) is replaced, unless `force` (check_output_dir)."""
+    whole, by rename. A crash, Ctrl-C or a full disk leaves the old folder as it was, and the temp
+    folder of a killed save is deleted by the next save into the same place. Only a folder this
+    `writer` made before (or an empty one) is replaced, unless `force` (check_output_dir)."""
     directory = check_output_dir(directory, writer, force, sources)
     directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    clean_stale_temps(directory)
+    tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(directory), dir=directory.parent))
     try:
         (tmp / WRITER_MARKER).write_text(json.dumps({"writer": writer}) + "\n")
         yield tmp
@@ -118,10 +157,12 @@ def plain_mode(dir: bool) -> int:
 @contextmanager
 def atomic_file(path: Path):
     """Yield a temp file path beside `path`; when the block succeeds it replaces `path` by rename
-    (atomic_dir for one file: a crash or a full disk leaves the old file as it was). Whether `path`
-    may be replaced is the caller's to check first."""
+    (atomic_dir for one file: a crash or a full disk leaves the old file as it was, and a killed
+    save's temp file goes at the next save). Whether `path` may be replaced is the caller's to check."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    clean_stale_temps(path)
+    fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         yield Path(tmp)
@@ -130,6 +171,46 @@ def atomic_file(path: Path):
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def header_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape from a safetensors file's header alone (its data is not read)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ValueError(f"{path} is damaged or truncated ({e})") from None
+
+
+def check_weights(cfg: ModelConfig, shapes: dict[str, tuple[int, ...]], origin: str) -> None:
+    """Refuse a config that does not describe the weights (name -> shape, from a file's header)
+    before a network of the config's size is allocated: a config.json edited to 100,000 layers
+    would otherwise be built first and compared after. One ValueError naming the field."""
+    layers = {int(k.split(".")[1]) for k in shapes if k.startswith("layers.") and k.split(".")[1].isdigit()}
+    if len(layers) != cfg.n_layers:
+        raise ValueError(f"{origin}: the config's n_layers is {cfg.n_layers}, but the weights hold {len(layers)} layers")
+    with torch.device("meta"):  # one layer, no storage: the shapes the config gives, at no cost
+        one = CogniMamba(dataclasses.replace(cfg, n_layers=1)).state_dict()
+    expected = {}
+    for name, t in one.items():
+        for i in range(cfg.n_layers) if name.startswith("layers.0.") else [None]:
+            expected[name if i is None else f"layers.{i}." + name.removeprefix("layers.0.")] = tuple(t.shape)
+    for name, shape in expected.items():
+        if name not in shapes:
+            raise ValueError(f"{origin}: the weights lack {name}, which the config has (tie_embeddings "
+                             f"{cfg.tie_embeddings}, n_layers {cfg.n_layers})")
+        if shapes[name] != shape:
+            axis = next(a for a, (x, y) in enumerate(zip(shape, shapes[name])) if x != y) if len(shape) == len(shapes[name]) else 0
+            fields = [f for f in ("dim", "hidden_dim", "vocab_size", "head_dim") if getattr(cfg, f) == shape[axis]]
+            what = f"the config's {' / '.join(fields)} ({shape[axis]})" if fields else "the config"
+            raise ValueError(f"{origin}: {what} does not match the weights: {name} is {list(shapes[name])} "
+                             f"in the file, {list(shape)} by the config")
+    extra = sorted(set(shapes) - set(expected))
+    if extra:
+        raise ValueError(f"{origin}: the weights hold {extra[0]}, which the config has no place for "
+                         f"(tie_embeddings {cfg.tie_embeddings})")
 
 
 def build_model(cfg: ModelConfig, state: dict[str, torch.Tensor], origin: str) -> CogniMamba:
@@ -207,6 +288,7 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu",
     if "weights_sha256" in meta and sha256_file(weights) != meta["weights_sha256"]:
         raise ValueError(f"{weights} does not match the checksum in config.json: the file is corrupted "
                          "(re-copy it, re-export or retrain)")
+    check_weights(cfg, header_shapes(weights), str(directory))
     try:
         state = load_file(str(weights), device=str(device))
     except (SafetensorError, OSError, ValueError) as e:

@@ -38,6 +38,12 @@ GGUF_TO_OURS = {
     "blk.{i}.ffn_up.weight": "layers.{i}.feed_forward.w3.weight",
 }
 GGUF_TOKEN_CONTROL, GGUF_TOKEN_USER_DEFINED = 3, 4
+# general.* keys that say what a model is and under which licence, -> the names of our meta's
+# "card" (a HF model card's metadata where it has one): read on import, written back on export.
+GGUF_CARD_KEYS = {"general.license": "license", "general.languages": "language", "general.tags": "tags",
+                  "general.organization": "organization", "general.basename": "basename",
+                  "general.finetune": "finetune", "general.size_label": "size_label"}
+HF_URL = "https://huggingface.co/"
 
 
 def _open(path: str | Path):
@@ -162,12 +168,31 @@ def tokenizer_from_gguf(reader) -> BPETokenizer:
                         stop_tokens=[eos, "<|im_end|>", doc_end])
 
 
+def card_from_gguf(reader) -> dict:
+    """The card of a GGUF: GGUF_CARD_KEYS, and base_model as Hub ids: the repository the file was
+    converted from where it names one (general.source.repo_url), else its general.base_model.*."""
+    card = {ours: _field(reader, key) for key, ours in GGUF_CARD_KEYS.items() if _field(reader, key) is not None}
+    source = _field(reader, "general.source.repo_url") or ""
+    bases = []
+    for i in range(min(int(_field(reader, "general.base_model.count", 0)), 16)):
+        url = _field(reader, f"general.base_model.{i}.repo_url") or ""
+        org, name = (_field(reader, f"general.base_model.{i}.{k}") for k in ("organization", "name"))
+        bases.append(url.removeprefix(HF_URL) if url.startswith(HF_URL) else "/".join(filter(None, (org, name))))
+    base = [source.removeprefix(HF_URL)] if source.startswith(HF_URL) else [b for b in bases if b]
+    return {**card, "base_model": base} if base else card
+
+
 def load_gguf(path: str | Path):
     """-> (CogniMamba fp32, tokenizer, info dict) from a GGUF file."""
-    from model.checkpoint import build_model
+    from model.checkpoint import build_model, check_weights
 
     reader = _open(path)
     cfg = config_from_gguf(reader)
+    # Before dequantizing, the llama.* keys must describe the tensors; names are mapped for the blocks
+    # the file holds, not for its block_count, which may be absurd. GGUF lists dims fastest-first.
+    lookup = per_layer_names(GGUF_TO_OURS, len({t.name.split(".")[1] for t in reader.tensors if t.name.startswith("blk.")}))
+    check_weights(cfg, {lookup[t.name]: tuple(reversed([int(n) for n in t.shape])) for t in reader.tensors
+                        if t.name in lookup}, str(path))
     state, qtypes = state_dict_from_gguf(reader, cfg)
     tokenizer = tokenizer_from_gguf(reader)
     model = build_model(cfg, state, str(path))
@@ -175,7 +200,7 @@ def load_gguf(path: str | Path):
             "source_quantization": ",".join(qtypes),
             # kept so an export can write each tensor at its source type and name the split the same
             "gguf_types": {t.name: t.tensor_type.name for t in reader.tensors},
-            "gguf_pre": _field(reader, "tokenizer.ggml.pre")}
+            "gguf_pre": _field(reader, "tokenizer.ggml.pre"), "card": card_from_gguf(reader)}
     return model, tokenizer, info
 
 
@@ -274,6 +299,26 @@ def _owned_or_absent(path: Path) -> bool:
         return False
 
 
+def write_card(w, card: dict) -> None:
+    """The source's card as general.* keys (GGUF_CARD_KEYS, general.base_model.*), so llama.cpp,
+    Ollama and the Hub show its licence and origin."""
+    for key, ours in GGUF_CARD_KEYS.items():
+        value = card.get(ours)
+        if isinstance(value, str):
+            w.add_string(key, value)
+        elif isinstance(value, list) and value and all(isinstance(v, str) for v in value):
+            w.add_array(key, value)
+    bases = [b for b in card.get("base_model") or [] if isinstance(b, str)]
+    if bases:
+        w.add_base_model_count(len(bases))
+    for i, repo in enumerate(bases):
+        org, _, name = repo.rpartition("/")
+        w.add_base_model_name(i, name)
+        if org:
+            w.add_base_model_organization(i, org)
+            w.add_base_model_repo_url(i, HF_URL + repo)
+
+
 def export_gguf(model, tokenizer, out: str | Path, gguf_type: str = "auto", name: str = "cogni-mamba",
                 source: dict | None = None, force: bool = False) -> dict:
     """Write a llama-architecture GGUF (temp file beside it, then rename). `source` is the model
@@ -325,6 +370,7 @@ def export_gguf(model, tokenizer, out: str | Path, gguf_type: str = "auto", name
         w.add_add_bos_token(vocab["add_bos"])
         w.add_add_eos_token(False)
         w.add_chat_template(vocab["chat_template"])
+        write_card(w, source.get("card") or {})
         for ours, t in model.state_dict().items():
             theirs = ours_to_gguf[ours]  # a KeyError here is a weight the map does not know: a bug
             a = t.detach().float().cpu().numpy()

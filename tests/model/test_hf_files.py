@@ -2,9 +2,6 @@
 batches with padding, generate(**tok(...)) runs and gives our greedy tokens, and the model card
 says where the weights came from."""
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -15,6 +12,7 @@ from serve.sampling import SamplingConfig
 from model.hf import export_hf
 from model.model import CogniMamba
 from model.tokenizer import train_bpe
+from tests.side_env import OPTIMUM_ENV, run_side, side_python
 
 TEXTS = ["Hello world 12345 and 3.14159", "ñandú, Ünïcode, emoji 🦊🚀", "def f(x):\n\treturn x ** 2\n"]
 
@@ -77,18 +75,11 @@ print(json.dumps({"version": transformers.__version__, "keys": sorted(batch), "m
 
 
 @pytest.mark.slow
-def test_transformers_4_reads_the_folder(hf_folder, tmp_path_factory):
-    """transformers 4.57 (what optimum and many servers pin) in its own folder on sys.path, beside
-    this venv's torch: installed from PyPI on the spot, skipped when PyPI is unreachable."""
+def test_transformers_4_reads_the_folder(hf_folder):
+    """transformers 4.57 (what optimum and many servers pin) in a venv of its own (tests/side_env.py,
+    made once and cached), skipped when PyPI is unreachable."""
     model, _, folder = hf_folder
-    target = tmp_path_factory.mktemp("transformers4")
-    pip = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--retries", "0", "--timeout", "10",
-                          "--target", str(target), "transformers==4.57.*", "tokenizers>=0.22,<0.23",
-                          "huggingface_hub<1.0"], capture_output=True, text=True, timeout=600)
-    if pip.returncode:
-        pytest.skip(f"transformers 4.57 could not be installed (offline?): {pip.stderr.strip().splitlines()[-1:]}")
-    r = subprocess.run([sys.executable, "-c", TF4_SCRIPT, str(folder)], capture_output=True, text=True, timeout=300,
-                       env={**os.environ, "PYTHONPATH": str(target), "HF_HUB_OFFLINE": "1"})
+    r = run_side(side_python(*OPTIMUM_ENV), TF4_SCRIPT, str(folder))
     assert r.returncode == 0, r.stderr[-2000:]
     got = json.loads(r.stdout.strip().splitlines()[-1])
     assert got["version"].startswith("4.57")

@@ -202,3 +202,25 @@ def test_hf_import_refuses_biases(tmp_path, nano_model):
     (folder / "config.json").write_text(json.dumps({**config, "attention_bias": True}))
     with pytest.raises(ValueError, match="attention_bias"):
         load_hf(folder)
+
+
+@pytest.mark.parametrize("fmt", ["hf", "gguf"])
+def test_foreign_configs_that_do_not_describe_the_weights_are_refused_at_once(tmp_path, nano_model, fmt):
+    import dataclasses
+    import time
+
+    from model.gguf import export_gguf, load_gguf
+    from model.hf import export_hf, load_hf
+
+    # written by our own exporters, whose header says what model.cfg says: 100,000 layers over 4
+    nano_model.cfg = dataclasses.replace(nano_model.cfg, n_layers=100_000)
+    tok = train_bpe(["hello world"] * 4, 300)
+    if fmt == "hf":
+        path, load = export_hf(nano_model, tok, tmp_path / "hf"), load_hf
+    else:
+        path, load = tmp_path / "m.gguf", load_gguf
+        export_gguf(nano_model, tok, path, "f32")
+    start = time.perf_counter()
+    with pytest.raises(ValueError, match="n_layers is 100000, but the weights hold 4 layers"):
+        load(path)
+    assert time.perf_counter() - start < 1.0

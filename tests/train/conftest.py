@@ -21,6 +21,15 @@ def corpus_txt(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def lines_txt(tmp_path_factory):
+    """~200 KB of one sentence per line and no blank line (many corpora come so)."""
+    rng = random.Random(5)
+    path = tmp_path_factory.mktemp("lines") / "sentences.txt"
+    path.write_text("\n".join(story(rng) for _ in range(650)) + "\n")
+    return path
+
+
+@pytest.fixture(scope="session")
 def tinystories_parquet(tmp_path_factory):
     """roneneldan/TinyStories' schema: one `text` column."""
     import pyarrow as pa

@@ -170,6 +170,19 @@ def test_empty_file_and_unreachable_hub(tmp_path):
     assert out.returncode == 2 and "--data PATH" in out.stderr and "Traceback" not in out.stderr
 
 
+def test_one_sentence_per_line_trains_and_paragraphs_stay_whole(lines_txt, corpus_txt, tmp_path):
+    from model.tokenizer import CharTokenizer
+    from train.data import Source, build_token_files
+
+    tok = CharTokenizer.train([lines_txt.read_text()])
+    lines, paragraphs = build_token_files([Source(str(lines_txt)), Source(str(corpus_txt))], tok, tmp_path / "cache",
+                                          log=lambda *_: None)
+    assert lines["documents"] == len(lines_txt.read_text().splitlines()) and lines["val_documents"] > 0
+    assert paragraphs["documents"] == corpus_txt.read_text().count("\n\n") + 1  # split at blank lines only
+    result = trainer.main(**BASE, data=str(lines_txt), max_steps=2, out=str(tmp_path / "o"))
+    assert result["steps"] == 2
+
+
 def test_seq_len_beyond_a_fine_tuned_models_context(corpus_txt, tmp_path):
     from model.checkpoint import save_model
     from model.config import ModelConfig

@@ -27,7 +27,7 @@ def strict_rows(path: Path) -> list[dict]:
 @pytest.mark.parametrize("change, flag", [
     (dict(eval_interval=0), "--eval-interval"), (dict(batch_size=0), "--batch-size"), (dict(seq_len=0), "--seq-len"),
     (dict(seq_len=-5), "--seq-len"), (dict(grad_accum=0), "--grad-accum"), (dict(eval_batches=0), "--eval-batches"),
-    (dict(max_steps=-1), "--max-steps"), (dict(lr=float("nan")), "--lr"), (dict(lr=float("inf")), "--lr"),
+    (dict(max_steps=-1), "--max-steps"), (dict(max_steps=0), "--max-steps"), (dict(lr=float("nan")), "--lr"), (dict(lr=float("inf")), "--lr"),
     (dict(seed=99999999999999999999999), "--seed"), (dict(epochs=0.0), "--epochs"), (dict(batch_size="8"), "--batch-size"),
     (dict(val_fraction=1.5), "--val-fraction"), (dict(grad_clip=float("nan")), "--grad-clip"),
 ])
@@ -53,6 +53,14 @@ def test_cli_errors_are_one_line(corpus_txt, tmp_path):
         lines = [line for line in r.stderr.splitlines() if line.startswith("error:")]
         assert len(lines) == 1 and "Traceback" not in r.stderr, (args, r.stderr[-800:])
     assert existing.read_text() == "my thesis"
+
+
+def test_max_steps_zero_is_refused_not_read_as_a_whole_epoch(corpus_txt, tmp_path):
+    r = _cli("--data", str(corpus_txt), "--out", str(tmp_path / "r"), "--max-steps", "0")
+    assert r.returncode == 2, r.stderr[-500:]
+    assert [line for line in r.stderr.splitlines() if line.startswith("error:")] == [
+        "error: --max-steps must be a whole number >= 1 (leave it out to train --epochs), got 0"], r.stderr[-800:]
+    assert not (tmp_path / "r").exists()  # refused before any step
 
 
 def test_non_finite_loss_stops_with_valid_json(corpus_txt, tmp_path, monkeypatch):
