@@ -24,10 +24,12 @@ def is_onnx_export(path: str | Path) -> bool:
 def torch_source(spec: str) -> str:
     """An ONNX export runs in PyTorch from the model folder it was exported from."""
     if is_onnx_export(spec) and not is_model_dir(spec):
-        source = json.loads((Path(spec) / ONNX_META).read_text()).get("source", "")
+        meta = json.loads((Path(spec) / ONNX_META).read_text())
+        # exports record a path to their source only relative to themselves, inside the repository
+        source = str(Path(spec) / meta["source_path"]) if meta.get("source_path") else ""
         if not is_model_dir(source):
-            raise FileNotFoundError(f"{spec} is an ONNX export whose source folder {source!r} is gone; "
-                                    "use the ONNX Runtime backend for it")
+            raise FileNotFoundError(f"{spec} is an ONNX export of {meta.get('source_name')!r} whose model folder is not "
+                                    "beside it; use the ONNX Runtime backend for it")
         return source
     return spec
 

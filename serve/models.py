@@ -149,7 +149,7 @@ def model_card(spec: str, meta: dict, engine=None) -> str:
         ("parameters", f"{meta['num_params']:,}" if isinstance(meta.get("num_params"), int) else "?"),
         ("dtype", onnx.get("dtype") or meta.get("dtype", "?")),
         ("quantization", quant),
-        ("weights from", shown_path(meta.get("source", "?"))),
+        ("weights from", shown_path(meta.get("source") or meta.get("source_name", "?"))),
     ]
     if meta.get("variant"):
         rows.append(("variant", f"{meta['variant']['name']}: {meta['variant']['why']}"))

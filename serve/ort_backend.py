@@ -20,9 +20,10 @@ import numpy as np
 import torch
 
 from export.graph import PAST, PRESENT, all_kv_names
-from export.onnx import EXPORTER_VERSION, META_FILE, META_VERSION, export_onnx, tokenizer_hash
+from export.onnx import EXPORTER_VERSION, META_FILE, META_VERSION, SOURCE_FIELDS, export_onnx, tokenizer_hash
 from model.checkpoint import read_meta
 from model.config import ModelConfig
+from model.hf import config_from_hf
 from model.model import StaticCache
 from model.tokenizer import load_tokenizer
 from model.weights import cache_root, resolve_model, source_key
@@ -80,9 +81,12 @@ def check_export(directory: str | Path) -> dict:
     if meta.get("format_version") != META_VERSION:
         raise ValueError(f"{d} was exported by another version of the exporter (format {meta.get('format_version')}, "
                          f"this code reads {META_VERSION}); re-export it with `python export/onnx.py --model "
-                         f"{meta.get('source', 'MODEL')} --out {d}`")
-    config = read_meta(d)
-    if config.get("model") != meta.get("model"):
+                         f"{meta.get('source_name', 'MODEL')} --out {d}`")
+    try:  # config.json is HF's (for optimum): it must describe the graph's model
+        config = config_from_hf(json.loads((d / "config.json").read_text())).to_dict()
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{d}: config.json cannot be read as a Llama config ({e}); re-export the model") from None
+    if config != meta.get("model"):
         raise ValueError(f"{d}: config.json describes another model than the one model.onnx was exported from "
                          f"(source sha256 {meta['source_sha256'][:12]}); re-export the model")
     if tokenizer_hash(d) != meta["tokenizer_sha256"]:
@@ -277,5 +281,6 @@ def load_ort_backend(spec: str | Path, device: str | None = None, dtype: str | N
         name = f"GGUF blocks, {'int8 activations' if backend.meta.get('accuracy_level') else 'fp32 arithmetic'}"
     else:
         name = f"{backend.meta['dtype']}{' ' + q if q else ''}"
-    meta = {**read_meta(d), "onnx": backend.meta, "variant": {"name": name, "why": why}}
+    meta = {**{k: backend.meta[k] for k in SOURCE_FIELDS if k in backend.meta}, "model": backend.meta["model"],
+            "onnx": backend.meta, "variant": {"name": name, "why": why}}
     return backend, tokenizer, meta

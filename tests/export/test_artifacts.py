@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from model.generate import GREEDY, TorchBackend, generate
+from serve.generate import TorchBackend, generate
+from serve.sampling import GREEDY
 from model.weights import DEFAULT_REPO, cache_root, default_gguf
 from tests.side_env import OPTIMUM_ENV, run_side, side_python
 
