@@ -111,15 +111,31 @@ def serving(src: Path, work: Path, device: str, prompt_tokens: int, batches: lis
     reference = list(generate(TorchBackend(net32), chat, SamplingConfig(temperature=0.0, max_new_tokens=greedy_tokens)))
     out = {"params": net32.num_params(), "vocab": vocab}
 
+    attempt(out, "torch", lambda: torch_serving(out, src, net32, device, prompt, chat, reference, batches, steps))
+    attempt(out, "onnx", lambda: onnx_serving(src, work, net32, device, prompt, chat, reference, batches, steps))
+    return out
+
+
+def attempt(out: dict, key: str, run) -> None:
+    """out[key] = run(), or the error that stopped it: one backend failing leaves the other's figures."""
+    try:
+        out[key] = run()
+    except Exception as e:  # noqa: BLE001 - recorded beside the other backend's figures
+        out[key] = {"error": f"{type(e).__name__}: {e}"}
+
+
+def torch_serving(out, src, net32, device, prompt, chat, reference, batches, steps) -> dict:
     torch_backend, _, _ = load_backend(str(src), "torch", device)
     dtype = "fp16" if torch_backend.param.dtype == torch.float16 else "fp32"
-    out["torch"] = {"dtype": dtype, "device": torch_backend.device, "parity": torch_parity(net32, torch_backend.model, dtype),
-                    "greedy_vs_fp32": greedy_match(torch_backend, reference, chat),
-                    **speed(torch_backend, prompt, batches, steps)}
-    plain = list(generate(torch_backend, chat, SamplingConfig(temperature=0.0, max_new_tokens=greedy_tokens)))
-    out["zerogpu_runner"] = zerogpu_check(torch_backend, chat, plain)
-    del torch_backend
+    result = {"dtype": dtype, "device": torch_backend.device, "parity": torch_parity(net32, torch_backend.model, dtype),
+              "greedy_vs_fp32": greedy_match(torch_backend, reference, chat),
+              **speed(torch_backend, prompt, batches, steps)}
+    plain = list(generate(torch_backend, chat, SamplingConfig(temperature=0.0, max_new_tokens=len(reference))))
+    attempt(out, "zerogpu_runner", lambda: zerogpu_check(torch_backend, chat, plain))
+    return result
 
+
+def onnx_serving(src, work, net32, device, prompt, chat, reference, batches, steps) -> dict:
     onnx_dir = work / f"onnx-fp16-{src.name}"
     start = time.perf_counter()
     export_onnx(src, onnx_dir, dtype="fp16", optimize=True, log=lambda m: None, force=True)  # the bench's own folder
@@ -127,10 +143,7 @@ def serving(src: Path, work: Path, device: str, prompt_tokens: int, batches: lis
     ort_backend = OrtBackend(onnx_dir, device="cuda" if device == "cuda" else "cpu")
     providers = tuple(ort_backend.session.get_providers())
     parity = measure_parity(net32, onnx_dir / "model.onnx", "fp16", providers=providers)
-    out["onnx"] = {"dtype": "fp16", "provider": ort_backend.device, "io_device": ort_backend.io_device,
-                   "export_s": export_s, "parity": {**parity, "bound": error_bound(parity["torch_fp32_error"],
-                                                                              parity["logit_scale"], "fp16"),
-                                                    "failure": parity_ok(parity, "fp16", None)},
-                   "greedy_vs_fp32": greedy_match(ort_backend, reference, chat),
-                   **speed(ort_backend, prompt, batches, steps)}
-    return out
+    bound = error_bound(parity["torch_fp32_error"], parity["logit_scale"], "fp16")
+    return {"dtype": "fp16", "provider": ort_backend.device, "io_device": ort_backend.io_device, "export_s": export_s,
+            "parity": {**parity, "bound": bound, "failure": parity_ok(parity, "fp16", None)},
+            "greedy_vs_fp32": greedy_match(ort_backend, reference, chat), **speed(ort_backend, prompt, batches, steps)}

@@ -74,7 +74,7 @@ def throughput(preset: str, precision: str, compile_model: bool, batch: int, seq
         results[name] = {"params": n, "step_ms": 1000 * sec, "tok_s": tok_s, "mfu": flops / (peak * 1e12),
                          "mfu_of_measured_matmul": flops / (H200_MEASURED_MATMUL_TFLOPS * 1e12) if device == "cuda" else None,
                          "peak_memory_gib": peak_memory_gib(device)}
-        del model, step
+        model = step = None  # both hold the weights and AdamW's state: free them before the next model
     results["ratio_ours_to_transformers"] = results["cogni-mamba"]["tok_s"] / results["transformers LlamaForCausalLM"]["tok_s"]
     results["setup"] = {"preset": preset, "precision": str(amp_dtype or "fp32"), "grad_scaler": use_scaler,
                         "compile": compile_model, "batch": batch, "seq": seq, "timed_steps": steps,
