@@ -14,6 +14,10 @@ The logic lives in webui/ (chat.respond, parity.parity_panel, models.MODELS, api
 file lays out the page, mounts it on a FastAPI app beside the API, and serves both with uvicorn.
 Every chat, from the page or the API, goes through the model's Engine (serve/engine.py), which
 decodes them together. Spaces run `python app.py` and set GRADIO_SERVER_NAME=0.0.0.0.
+
+The start-up backend follows the hardware (serve/zerogpu.py): ONNX Runtime on a CPU, ONNX Runtime's
+CUDA provider with the fp16 graph on a GPU, and on a ZeroGPU Space PyTorch fp16 inside @spaces.GPU
+calls, where the page is served alone (the GPU is attached only to the page's own requests).
 """
 from __future__ import annotations
 
@@ -30,6 +34,7 @@ from webui.chat import respond
 from serve.models import (BACKEND_CHOICES, BACKEND_LABELS, CACHE_BUDGET_MB, DEFAULT, MAX_BATCH, MODELS, list_models,
                           loaded_line, model_card)
 from webui.parity import parity_panel
+from serve.zerogpu import hardware, startup_backend
 
 EXAMPLES = ["What is the capital of France?", "Explain what a KV cache is, in two sentences.",
             "Write a haiku about the sea."]
@@ -137,7 +142,7 @@ def make_app(model: str = DEFAULT, backend: str = "onnx", note: str = "", host: 
     return gr.mount_gradio_app(app, demo, path="/")
 
 
-def main(host: str = "127.0.0.1", port: int = 7860, model: str = DEFAULT, backend: str = "onnx",
+def main(host: str = "127.0.0.1", port: int = 7860, model: str = DEFAULT, backend: str | None = None,
          share: bool = False, api_key: str | None = None, max_batch: int = MAX_BATCH,
          cache_budget_mb: float = CACHE_BUDGET_MB) -> int:
     if max_batch < 1 or not cache_budget_mb >= 0:
@@ -146,16 +151,23 @@ def main(host: str = "127.0.0.1", port: int = 7860, model: str = DEFAULT, backen
     MODELS.max_batch, MODELS.cache_budget_mb = max_batch, cache_budget_mb
     api_key = api_key or os.environ.get(API_KEY_ENV) or None
     start = time.perf_counter()
+    hw = hardware()
+    backend, why = startup_backend(hw, backend)
+    MODELS.zerogpu = hw == "zerogpu"
+    print(f"hardware: {hw}; backend: {backend} ({why})", file=sys.stderr, flush=True)
     print(f"Cogni-Mamba chat: loading {model} on {BACKEND_LABELS[backend]} (a first start converts and "
           "exports the model once; later starts read the cache) ...", file=sys.stderr, flush=True)
     install_default_model_on_spaces()
     backend, note = preload(model, backend)
-    if share:  # gradio.live tunnels gradio's own server: the page only
-        print("note: --share serves the page only; the API needs the app's own server", file=sys.stderr)
+    if share or hw == "zerogpu":  # gradio's own server: the page only
+        # gradio.live tunnels that server; ZeroGPU attaches its GPU only to the page's requests, and
+        # its `spaces` package starts up from Blocks.launch
+        print(f"note: {'--share' if share else 'ZeroGPU'} serves the page only; the API needs the app's own server "
+              "and the engine", file=sys.stderr)
         demo = build_demo(model, backend, note)
         print(f"ready in {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
         try:
-            demo.queue(default_concurrency_limit=max_batch).launch(server_name=host, server_port=port, share=True)
+            demo.queue(default_concurrency_limit=max_batch).launch(server_name=host, server_port=port, share=share)
         finally:
             MODELS.close()
         return 0
@@ -176,7 +188,8 @@ def parse_args(argv=None) -> dict:
     p.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"), help="address to bind (0.0.0.0 for all)")
     p.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)), help="port to serve on")
     p.add_argument("--model", default=DEFAULT, help="'default' (SmolLM2-135M-Instruct), a model folder, an ONNX export folder, a HF Llama folder or a .gguf file")
-    p.add_argument("--backend", default="onnx", choices=[v for _, v in BACKEND_CHOICES], help="start-up backend (falls back to torch if ONNX Runtime cannot load); switchable in the page")
+    p.add_argument("--backend", choices=[v for _, v in BACKEND_CHOICES], help="start-up backend (default: from the hardware, "
+                   "onnx on CPU and GPU, torch on ZeroGPU; onnx falls back to torch if ONNX Runtime cannot load); switchable in the page")
     p.add_argument("--share", action="store_true", help="also serve through a temporary public gradio.live link (page only, no API)")
     p.add_argument("--api-key", help=f"key the OpenAI-compatible API requires (or ${API_KEY_ENV}); without one the API "
                                      "serves only when bound to 127.0.0.1")

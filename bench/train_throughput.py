@@ -25,7 +25,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from model.config import ModelConfig  # noqa: E402
 from model.model import CogniMamba  # noqa: E402
-from train.train import TrainConfig, autocast, make_optimizer, pick_precision  # noqa: E402
+from train.train import TrainConfig, autocast, loss_fn, make_optimizer, pick_precision  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -51,22 +51,34 @@ def hf_twin(cfg: ModelConfig):
     return Twin()
 
 
-def make_step(model, device, amp_dtype, batch, seq, compile_model):
-    """One full optimizer step of `model` (forward, loss, backward, clip, AdamW), as a closure."""
+def make_step(model, device, precision="auto", compile_model=False, cfg: TrainConfig = TrainConfig()):
+    """One full optimizer step of `model` as train/train.py's loop takes it (autocast, loss_fn, a
+    GradScaler where fp16 needs one, clip, AdamW): (step(x, y, lr) -> the loss, unsynced; the scaler)."""
+    amp_dtype, use_scaler = pick_precision(precision, device)
     model.to(device).train()
-    opt = make_optimizer(model, TrainConfig(), device)
+    opt = make_optimizer(model, cfg, device)
+    scaler = torch.amp.GradScaler(device, enabled=use_scaler)
     run = torch.compile(model) if compile_model else model
-    x = torch.randint(0, 1000, (batch, seq + 1), device=device)
 
-    def step():
+    def step(x, y, lr=cfg.lr):
+        for group in opt.param_groups:
+            group["lr"] = lr
         with autocast(device, amp_dtype):
-            logits, _ = run(x[:, :-1])
-            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), x[:, 1:].reshape(-1))
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+            loss = loss_fn(run, x, y)
+        scaler.scale(loss).backward()
+        scaler.unscale_(opt)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        scaler.step(opt)  # skipped by the scaler when fp16 gradients overflowed
+        scaler.update()
         opt.zero_grad(set_to_none=True)
-    return step
+        return loss.detach()
+    return step, scaler
+
+
+def random_batch(batch: int, seq: int, device: str, vocab: int = 1000):
+    """(x, y): random tokens, speed does not depend on them; y is x shifted by one."""
+    data = torch.randint(0, vocab, (batch, seq + 1), device=device)
+    return data[:, :-1], data[:, 1:]
 
 
 def timed(step, device) -> float:
@@ -84,10 +96,11 @@ def main(preset="tiny", batch_size=4, seq_len=256, steps=5, precision="auto", co
     device = "cuda" if torch.cuda.is_available() else "cpu"
     amp_dtype, _ = pick_precision(precision, device)
     cfg = ModelConfig.from_name(preset)
+    x, y = random_batch(batch_size, seq_len, device)
     peak = peak_tflops or (790.0 if device == "cuda" else 0.19)
     if memory_only:
         model = CogniMamba(cfg)
-        make_step(model, device, amp_dtype, batch_size, seq_len, False)()
+        make_step(model, device, precision)[0](x, y)
         peak_gb = (torch.cuda.max_memory_allocated() if device == "cuda" else
                    resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**30
         n = model.num_params()
@@ -98,11 +111,11 @@ def main(preset="tiny", batch_size=4, seq_len=256, steps=5, precision="auto", co
     # Both models step in turn (A, B, A, B, ...) so that a noisy, shared machine slows both alike.
     torch.manual_seed(0)
     models = {"cogni-mamba": CogniMamba(cfg), "transformers LlamaForCausalLM": hf_twin(cfg)}
-    steps_of = {name: make_step(m, device, amp_dtype, batch_size, seq_len, compile) for name, m in models.items()}
+    steps_of = {name: make_step(m, device, precision, compile)[0] for name, m in models.items()}
     times = {name: [] for name in models}
     for i in range(steps + 2):  # two warm-up rounds (allocations, compilation)
         for name, step in steps_of.items():
-            t = timed(step, device)
+            t = timed(lambda: step(x, y), device)
             if i >= 2:
                 times[name].append(t)
     results = {}

@@ -133,15 +133,17 @@ def save_onnx(proto: onnx.ModelProto, path: Path) -> None:
 
 
 @torch.inference_mode()
-def measure_parity(model: CogniMamba, onnx_path: Path, dtype: str = "fp32", steps: int = 8, seed: int = 0) -> dict:
-    """Prefill 16 random tokens + `steps` decode steps (batch 1) on ORT CPU, and the same tokens
+def measure_parity(model: CogniMamba, onnx_path: Path, dtype: str = "fp32", steps: int = 8, seed: int = 0,
+                   providers: tuple[str, ...] = ("CPUExecutionProvider",)) -> dict:
+    """Prefill 16 random tokens + `steps` decode steps (batch 1) on ORT (`providers`: CPU unless the
+    caller measures another execution provider, as bench/gpu.py does CUDA's), and the same tokens
     uncached through the model in torch fp32 and in float64. float64 is the truth both runtimes are
     judged by: parity_ok compares ORT's error with PyTorch's own fp32 error on the same input."""
     import copy
 
     import onnxruntime as ort
 
-    sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    sess = ort.InferenceSession(str(onnx_path), providers=list(providers))
     cfg = model.cfg
     ids = torch.randint(0, cfg.vocab_size, (1, 16 + steps), generator=torch.Generator().manual_seed(seed))
     ref32, _ = model(ids)  # (1, 16+steps, vocab), uncached: also checks the graph's cache

@@ -17,6 +17,7 @@ from typing import AsyncIterator, Iterable, Iterator
 from serve.engine import Engine
 from serve.generate import Backend, Sequence, run_alone
 from serve.sampling import GREEDY, SamplingConfig
+from serve.zerogpu import ZeroGpuRunner
 
 # Refused before tokenizing: a 1,000,000-character message took 46.6 s of server time to encode and
 # trim. 100,000 characters (~25k tokens of English) is three times SmolLM2's whole context, so no
@@ -176,13 +177,13 @@ class ChatTurn:
         return self.text.finish()
 
 
-def chat(engine: Engine | Backend, tokenizer, messages: list[dict], cfg: SamplingConfig = GREEDY,
+def chat(engine: Engine | ZeroGpuRunner | Backend, tokenizer, messages: list[dict], cfg: SamplingConfig = GREEDY,
          stats: ChatStats | None = None, conversation: str | None = None, stop: Iterable[str] = ()) -> Iterator[str]:
     """Stream the assistant's reply to `messages` through an Engine (batched with other chats, its
     cache kept under `conversation`) or a bare Backend (alone, in this thread). `stop`: extra stop
     strings. stats.finish_reason says why it ended."""
     turn = ChatTurn(engine, tokenizer, messages, cfg, stats, conversation, stop)
-    tokens = engine.run(turn.seq) if isinstance(engine, Engine) else run_alone(engine, turn.seq)
+    tokens = engine.run(turn.seq) if isinstance(engine, (Engine, ZeroGpuRunner)) else run_alone(engine, turn.seq)
     try:
         for token in tokens:
             if piece := turn.accept(token):

@@ -70,6 +70,7 @@ class ModelCache:
                  max_batch: int = MAX_BATCH, cache_budget_mb: float = CACHE_BUDGET_MB):
         self.loader, self.log = loader, log
         self.max_batch, self.cache_budget_mb = max_batch, cache_budget_mb
+        self.zerogpu = False  # set by app.py on a ZeroGPU Space: PyTorch models then run as ZeroGpuRunners
         self.loaded: dict[tuple[str, str], tuple] = {}
         self.locks: dict[tuple[str, str], threading.Lock] = {}
         self.guard = threading.Lock()
@@ -86,8 +87,13 @@ class ModelCache:
                     raise RuntimeError(reason)
                 self.log(f"loading {spec} on {BACKEND_LABELS.get(backend, backend)} ...")
                 start = time.perf_counter()
-                net, tokenizer, meta = self.loader(spec, backend)
-                engine = Engine(net, self.max_batch, int(self.cache_budget_mb * 2**20))
+                if self.zerogpu and backend == "torch":  # each reply alone inside a @spaces.GPU call
+                    from serve.zerogpu import load_zerogpu
+
+                    engine, tokenizer, meta = load_zerogpu(spec)
+                else:
+                    net, tokenizer, meta = self.loader(spec, backend)
+                    engine = Engine(net, self.max_batch, int(self.cache_budget_mb * 2**20))
                 self.loaded[key] = (engine, tokenizer, meta)
                 self.log(f"loaded {meta.get('name', spec)} on {engine.name}/{engine.device} "
                          f"in {time.perf_counter() - start:.1f} s")

@@ -49,10 +49,16 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="session")
-def server(nano_dir, cache_dir, tmp_path_factory):
+def server_log(tmp_path_factory):
+    """Where the `server` fixture's app writes its output."""
+    return tmp_path_factory.mktemp("server") / "app.log"
+
+
+@pytest.fixture(scope="session")
+def server(nano_dir, cache_dir, server_log):
     """`python app.py --model NANO` on a free port (ONNX Runtime by default); yields its URL."""
     port = free_port()
-    log = tmp_path_factory.mktemp("server") / "app.log"
+    log = server_log
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "COGNI_MAMBA_CACHE": str(cache_dir), "PYTHONUNBUFFERED": "1",
            "GRADIO_ANALYTICS_ENABLED": "False"}
     with open(log, "w") as out:
