@@ -103,6 +103,15 @@ def test_bad_inputs(client, nano_dir):
         assert "tok/s" in titles(send(client, odd, str(nano_dir), max_new_tokens=4)[-1])[-1]
 
 
+def test_after_a_refused_message_the_next_one_is_answered(client, nano_dir):
+    """The page's own history (gr.ChatInterface's state) keeps the refused message: the next
+    message must be answered all the same."""
+    from serve.chat import MAX_MESSAGE_CHARS
+
+    assert titles(send(client, "z" * (MAX_MESSAGE_CHARS + 1), str(nano_dir))[-1]) == ["message refused"]
+    assert "tok/s" in titles(send(client, "hello", str(nano_dir), max_new_tokens=4)[-1])[-1]
+
+
 def test_a_stopped_answer_leaves_the_server_serving(client, nano_dir):
     job = client.submit("hello", "", "torch", str(nano_dir), 0.8, 50, 0.9, 1.1, 1024, 1, api_name="/chat")
     job.cancel()
