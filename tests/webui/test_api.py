@@ -2,6 +2,7 @@
 client as openai's HTTP client) for the cases, and once over real HTTP against `python app.py`."""
 import json
 import threading
+import time
 
 import pytest
 
@@ -394,3 +395,65 @@ def test_metrics_count_requests_tokens_and_latencies(models, nano_dir):
     assert samples[("cogni_mamba_time_to_first_token_seconds_count", ())] == 2
     assert samples[("cogni_mamba_cache_hits_total", ())] >= 1
     assert ("cogni_mamba_batch_rows", ()) in samples and ("cogni_mamba_time_per_output_token_seconds_count", ()) in samples
+
+
+@pytest.fixture(scope="module")
+def long_dir(tmp_path_factory):
+    """A random nano model with an 8,192-token context that never picks a stop token greedily:
+    its output rows for the stop ids are zero (logit 0, below the largest of the 500 others)."""
+    import torch
+
+    from model.checkpoint import save_model
+    from model.config import ModelConfig
+    from model.model import CogniMamba
+    from model.tokenizer import train_bpe
+
+    from .conftest import TEXTS
+
+    torch.manual_seed(0)
+    tok = train_bpe(TEXTS, 400)
+    model = CogniMamba(ModelConfig.from_name("nano", vocab_size=512, max_seq_len=8192, tie_embeddings=False))
+    with torch.no_grad():
+        model.output.weight[tok.stop_ids] = 0
+    return save_model(tmp_path_factory.mktemp("long") / "long", model, tok, source="random init (tests)")
+
+
+def test_a_client_that_hangs_up_frees_its_row_within_one_step(long_dir):
+    """A non-streamed 4,096-token reply whose client hangs up after a second: it used to run to
+    the end for nobody (curl --max-time 1 left a core busy for minutes)."""
+    import httpx
+    import uvicorn
+
+    from .conftest import free_port
+
+    models = ModelCache(log=lambda msg: None)
+    engine, _, _ = models.get(str(long_dir), "torch")
+    seqs, cancelled_at = [], []
+    submit, cancel = engine.submit, engine.cancel
+    engine.submit = lambda seq: (seqs.append(seq), submit(seq))[1]
+    engine.cancel = lambda seq: (cancelled_at.append((seq, len(seq.tokens))), cancel(seq))[1]
+    app = FastAPI()
+    app.include_router(make_router(models, str(long_dir), "torch"))
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        while not server.started:
+            thread.join(0.05)
+        url, body = f"http://127.0.0.1:{port}/v1/chat/completions", {"model": "long", "messages": HI, "temperature": 0}
+        assert httpx.post(url, json={**body, "max_tokens": 2}, timeout=60).status_code == 200  # imports done
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(url, json={**body, "max_tokens": 4096, "repetition_penalty": 1}, timeout=1.5)
+        seq = seqs[-1]
+        assert seq.cfg.max_new_tokens == 4096
+        deadline = time.time() + 10
+        while (seq.finish_reason is None or engine.active) and time.time() < deadline:
+            time.sleep(0.01)
+        assert seq.finish_reason == "cancelled" and not engine.active and 0 < len(seq.tokens) < 4096
+        at_cancel = next(n for s, n in cancelled_at if s is seq)
+        assert len(seq.tokens) - at_cancel <= 1  # at most the step under way when the cancel came
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        models.close()
