@@ -457,3 +457,45 @@ def test_a_client_that_hangs_up_frees_its_row_within_one_step(long_dir):
         server.should_exit = True
         thread.join(10)
         models.close()
+
+
+def guarded_client(models, nano_dir, bound="127.0.0.1", **rules):
+    from serve.access import Access
+
+    app = FastAPI()
+    app.include_router(make_router(models, str(nano_dir), "torch"))
+    app.add_middleware(Access, bound=bound, **rules)
+    return TestClient(app, base_url="http://127.0.0.1:7860")
+
+
+def test_hosts_and_origins_as_ollama_checks_them(models, nano_dir):
+    """Any page could make the loopback server generate (a text/plain POST needs no preflight) and,
+    by DNS rebinding, read its replies; a preflight said yes but the replies had no CORS headers."""
+    http = guarded_client(models, nano_dir)
+    body = {"model": "nano", "messages": HI, "max_tokens": 2}
+    for host in ("127.0.0.1:7860", "localhost:7860", "[::1]:7860", "app.localhost"):
+        assert http.get("/v1/models", headers={"host": host}).status_code == 200, host
+    r = http.get("/v1/models", headers={"host": "attacker.example:7860"})  # rebinding: their name, our address
+    assert r.status_code == 403 and r.json()["error"]["code"] == "host_not_allowed"
+    r = post(http, "/v1/chat/completions", body, origin="https://evil.example")
+    assert r.status_code == 403 and "--cors-origins" in r.json()["error"]["message"]
+    r = post(http, "/v1/chat/completions", body, origin="http://localhost:3000")
+    assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "http://localhost:3000"
+    assert "x-cogni-notice" in r.headers["access-control-expose-headers"].lower()
+    assert "access-control-allow-origin" not in post(http, "/v1/chat/completions", body).headers  # no Origin: curl, SDKs
+    preflight = http.options("/v1/chat/completions", headers={
+        "origin": "http://127.0.0.1:5173", "access-control-request-method": "POST",
+        "access-control-request-headers": "authorization, content-type"})
+    assert preflight.status_code == 204 and "POST" in preflight.headers["access-control-allow-methods"]
+    assert preflight.headers["access-control-allow-headers"] == "authorization, content-type"
+    # configured: that host and that origin too; an error answer carries the CORS headers as well
+    http = guarded_client(models, nano_dir, allowed_hosts=["llm.lan"], cors_origins=["https://chat.example"])
+    assert http.get("/v1/models", headers={"host": "llm.lan:7860"}).status_code == 200
+    r = post(http, "/v1/chat/completions", {**body, "n": 2}, origin="https://chat.example")
+    assert r.status_code == 400 and r.headers["access-control-allow-origin"] == "https://chat.example"
+    # bound to all addresses the server answers to any name (a Space's), Origins still checked
+    http = guarded_client(models, nano_dir, bound="0.0.0.0")
+    assert http.get("/v1/models", headers={"host": "me.hf.space"}).status_code == 200
+    assert post(http, "/v1/chat/completions", body, origin="https://evil.example").status_code == 403
+    assert post(http, "/v1/chat/completions", body, origin="https://me.hf.space",
+                host="me.hf.space").status_code == 200  # its own origin
