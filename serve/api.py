@@ -40,14 +40,15 @@ from starlette.concurrency import run_in_threadpool
 from starlette.routing import Match
 
 from model.config import generation_defaults
-from serve.chat import ChatStats, ChatTurn, achat, chat_too_large, too_long
+from serve.chat import MAX_CHAT_CHARS, ChatStats, ChatTurn, achat, chat_too_large, too_long
 from serve.engine import Engine
 from serve.metrics import Metrics
 from serve.models import display_name
 from serve.sampling import SamplingConfig
 
 API_KEY_ENV = "COGNI_MAMBA_API_KEY"
-MAX_BODY_BYTES = 8 * 100_000 * 4 + 65536  # several messages at the size limit, UTF-8, JSON-escaped
+# a chat at its size limit at 8 bytes a character (UTF-8 takes at most 4, a JSON \uXXXX escape 6), and the rest
+MAX_BODY_BYTES = 2 * MAX_CHAT_CHARS * 4 + 65536
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}  # developer: OpenAI's newer name
 # OpenAI fields that do not change the text (bookkeeping and routing): accepted and ignored.
 IGNORED = frozenset({"user", "metadata", "store", "service_tier", "prompt_cache_key", "safety_identifier",
