@@ -48,7 +48,7 @@ from serve.sampling import SamplingConfig
 
 API_KEY_ENV = "COGNI_MAMBA_API_KEY"
 # a chat at its size limit at 8 bytes a character (UTF-8 takes at most 4, a JSON \uXXXX escape 6), and the rest
-MAX_BODY_BYTES = 2 * MAX_CHAT_CHARS * 4 + 65536
+MAX_BODY_BYTES = 8 * MAX_CHAT_CHARS + 65536
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}  # developer: OpenAI's newer name
 # OpenAI fields that do not change the text (bookkeeping and routing): accepted and ignored.
 IGNORED = frozenset({"user", "metadata", "store", "service_tier", "prompt_cache_key", "safety_identifier",
@@ -118,8 +118,7 @@ class Fields:
     def unbuilt(self, *names: str) -> None:
         for name in names:
             value = self.get(name)
-            if value is not None and not any(value == v and type(value) is type(v) or
-                                             _is_number(value) and _is_number(v) and value == v for v in UNBUILT[name]):
+            if value is not None and not any(_same(value, v) for v in UNBUILT[name]):
                 allowed = " or ".join(json.dumps(v) for v in UNBUILT[name])
                 raise ApiError(400, f"{name} is not supported by this server (only {allowed})", param=name,
                                code="unsupported_parameter")
@@ -130,8 +129,11 @@ class Fields:
                                 "otherwise ignore)", param=unknown[0], code="unsupported_parameter")
 
 
-def _is_number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
+def _same(a, b) -> bool:
+    """Equal and of one kind: 0 and 0.0 are, 1 and true are not."""
+    number = (int, float)
+    return a == b and (type(a) is type(b) or isinstance(a, number) and isinstance(b, number)
+                       and not isinstance(a, bool) and not isinstance(b, bool))
 
 
 def _text(content, param: str) -> str:
