@@ -5,8 +5,9 @@ also the HuggingFace Spaces entry point.
     python app.py --model checkpoints/run/model --backend torch
     python app.py --host 0.0.0.0 --port 8080 --api-key KEY   # reachable from other machines, API with a key
     python app.py --share                          # a temporary public gradio.live link (page only)
+    python app.py --cors-origins https://chat.example.com   # a browser client on that origin may call the API
 
-    from openai import OpenAI                      # the API: /v1/chat/completions, /v1/models
+    from openai import OpenAI                      # the API: /v1/chat/completions, /v1/completions, /v1/models
     OpenAI(base_url="http://127.0.0.1:7860/v1", api_key="unused").chat.completions.create(
         model="SmolLM2-135M-Instruct", messages=[{"role": "user", "content": "Hi!"}])
 
@@ -29,6 +30,7 @@ import time
 import gradio as gr
 
 from model.config import GENERATION_DEFAULTS as DEFAULTS
+from serve.access import Access
 from serve.api import API_KEY_ENV, api_access, make_router
 from webui.chat import respond
 from serve.models import (BACKEND_CHOICES, BACKEND_LABELS, CACHE_BUDGET_MB, DEFAULT, MAX_BATCH, MODELS, list_models,
@@ -127,11 +129,14 @@ def build_demo(model: str = DEFAULT, backend: str = "onnx", note: str = "") -> g
 
 
 def make_app(model: str = DEFAULT, backend: str = "onnx", note: str = "", host: str = "127.0.0.1",
-             api_key: str | None = None, log=lambda msg: print(msg, file=sys.stderr, flush=True)):
-    """The FastAPI app: the API routes (when api_access allows them) and the Gradio page at /."""
+             api_key: str | None = None, allowed_hosts: list[str] = (), cors_origins: list[str] = (),
+             log=lambda msg: print(msg, file=sys.stderr, flush=True)):
+    """The FastAPI app: the API routes (when api_access allows them) and the Gradio page at /, behind
+    the Host, Origin and CORS rules (serve/access.py)."""
     from fastapi import FastAPI
 
     app = FastAPI(title="Cogni-Mamba", docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_middleware(Access, bound=host, allowed_hosts=allowed_hosts, cors_origins=cors_origins)
     serve_api, line = api_access(host, api_key)
     log(line)
     if serve_api:
@@ -144,7 +149,7 @@ def make_app(model: str = DEFAULT, backend: str = "onnx", note: str = "", host: 
 
 def main(host: str = "127.0.0.1", port: int = 7860, model: str = DEFAULT, backend: str | None = None,
          share: bool = False, api_key: str | None = None, max_batch: int = MAX_BATCH,
-         cache_budget_mb: float = CACHE_BUDGET_MB) -> int:
+         cache_budget_mb: float = CACHE_BUDGET_MB, allowed_hosts: list[str] = (), cors_origins: list[str] = ()) -> int:
     if max_batch < 1 or not cache_budget_mb >= 0:
         print("error: --max-batch must be >= 1 and --cache-budget-mb >= 0", file=sys.stderr)
         return 2
@@ -173,7 +178,7 @@ def main(host: str = "127.0.0.1", port: int = 7860, model: str = DEFAULT, backen
         return 0
     import uvicorn
 
-    app = make_app(model, backend, note, host, api_key)
+    app = make_app(model, backend, note, host, api_key, allowed_hosts, cors_origins)
     print(f"ready in {time.perf_counter() - start:.1f} s; serving on http://{host}:{port} "
           f"(up to {max_batch} chats decoded together)", file=sys.stderr, flush=True)
     try:
@@ -181,6 +186,11 @@ def main(host: str = "127.0.0.1", port: int = 7860, model: str = DEFAULT, backen
     finally:
         MODELS.close()
     return 0
+
+
+def names(text: str) -> list[str]:
+    """'a, b,' -> ['a', 'b']: a flag's comma-separated list."""
+    return [n.strip() for n in text.split(",") if n.strip()]
 
 
 def parse_args(argv=None) -> dict:
@@ -196,6 +206,12 @@ def parse_args(argv=None) -> dict:
     p.add_argument("--max-batch", type=int, default=MAX_BATCH, help="chats decoded together in one step (continuous batching)")
     p.add_argument("--cache-budget-mb", type=float, default=CACHE_BUDGET_MB,
                    help="memory for the caches chats keep between turns (least recently used evicted first)")
+    p.add_argument("--allowed-hosts", type=names, default=[], metavar="NAMES",
+                   help="comma-separated Host names to answer besides the loopback ones when bound to loopback, "
+                        "e.g. behind a reverse proxy ('*' for any); guards against DNS rebinding")
+    p.add_argument("--cors-origins", type=names, default=[], metavar="ORIGINS",
+                   help="comma-separated browser origins allowed to call the API besides the loopback ones, "
+                        "e.g. https://app.example.com ('*' for any)")
     return vars(p.parse_args(argv))
 
 

@@ -64,6 +64,32 @@ def config_from_hf(hf: dict) -> ModelConfig:
         norm_eps=hf.get("rms_norm_eps", 1e-5), tie_embeddings=bool(hf.get("tie_word_embeddings", False)))
 
 
+def generation_from_hf(directory: Path) -> dict:
+    """The sampling settings a folder's generation_config.json states, in GENERATION_DEFAULTS' names
+    (meta["generation"]: what a request leaves out takes these). do_sample false means greedy."""
+    path = directory / "generation_config.json"
+    try:
+        g = json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path} cannot be read ({e})") from None
+    if not isinstance(g, dict):
+        raise ValueError(f"{path} is not a JSON object")
+    own = {}
+    for name in ("temperature", "top_k", "top_p", "repetition_penalty", "max_new_tokens"):
+        value = g.get(name)
+        whole = name in ("top_k", "max_new_tokens")
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int if whole else (int, float)) or not value >= 0:
+            raise ValueError(f"{path}: {name} must be a {'whole ' if whole else ''}number >= 0, got {value!r}")
+        own[name] = value
+    if g.get("do_sample") is False:
+        own["temperature"] = 0.0
+    return own
+
+
 def load_hf(directory: str | Path):
     """-> (CogniMamba fp32, tokenizer, info) from a HF Llama folder (sharded safetensors allowed)."""
     from safetensors import SafetensorError
@@ -109,6 +135,8 @@ def load_hf(directory: str | Path):
         raise FileNotFoundError(f"{d} has no tokenizer.json (a fast tokenizer is needed)")
     info = {"name": hf.get("_name_or_path") or d.name, "source_format": "hf",
             "source_quantization": str(hf.get("torch_dtype") or hf.get("dtype") or "unknown"), "card": card_from_hf(d)}
+    if generation := generation_from_hf(d):
+        info["generation"] = generation
     return model, from_tokenizer_json(d / "tokenizer.json"), info
 
 

@@ -2,7 +2,8 @@
 
     TextStream / stream_text      token ids -> text pieces, never half a UTF-8 character or half a
                                   stop string
-    trim_messages                 a chat -> prompt ids that fit the context
+    too_long / chat_too_large     the size limits of one message and of a whole request
+    trim_messages                 a chat -> prompt ids that fit the context (linear in its size)
     ChatTurn                      messages -> trimmed prompt -> Sequence; each token -> text and stats
     chat(engine, tokenizer, messages)  ChatTurn driven in this thread: yields the reply's pieces
     achat(engine, turn)           the same ChatTurn read from an asyncio loop (the HTTP API)
@@ -32,6 +33,38 @@ def too_long(text: str) -> str | None:
         return None
     return (f"The message is {len(text):,} characters long; the limit is {limit:,}. "
             "Shorten it (the model could only read its end anyway).")
+
+
+# A whole request: 31 messages at the limit fit under the API's body limit and cost 136 s of
+# encoding when trimming was quadratic. 400,000 characters (~100k tokens) is still twelve times
+# SmolLM2's context; 2,048 messages of the template's ~5 tokens each are more than it holds.
+MAX_CHAT_CHARS = 4 * MAX_MESSAGE_CHARS
+MAX_MESSAGES = 2048
+
+
+def chat_too_large(messages: list[dict]) -> str | None:
+    """None if the chat is within MAX_MESSAGES and MAX_CHAT_CHARS, else the sentence that refuses it."""
+    if len(messages) > MAX_MESSAGES:
+        return f"The chat has {len(messages):,} messages; the limit is {MAX_MESSAGES:,}. Send fewer (older ones are dropped anyway)."
+    chars = sum(len(m["content"]) for m in messages)
+    if chars > MAX_CHAT_CHARS:
+        return (f"The chat is {chars:,} characters long; the limit is {MAX_CHAT_CHARS:,}. Send less history "
+                "(the model could only read its end anyway).")
+    return None
+
+
+def newest_within_limits(messages: list[dict]) -> list[dict]:
+    """The chat without its oldest turns beyond MAX_MESSAGES and MAX_CHAT_CHARS (a leading system
+    message and the newest one always stay): what the page does where the API refuses."""
+    system = messages[:1] if messages and messages[0]["role"] == "system" else []
+    turns, kept = messages[len(system):], []
+    chars = sum(len(m["content"]) for m in system)
+    for m in reversed(turns):
+        chars += len(m["content"])
+        if kept and (chars > MAX_CHAT_CHARS or len(system) + len(kept) >= MAX_MESSAGES):
+            break
+        kept.append(m)
+    return system + kept[::-1]
 
 
 class TextStream:
@@ -84,6 +117,31 @@ def stream_text(tokenizer, tokens: Iterable[int], stop_strings: Iterable[str] = 
     return None
 
 
+def _first_fitting(tokenizer, system: list[dict], turns: list[dict], max_prompt_tokens: int) -> int | None:
+    """The oldest turn a prompt of system + turns[start:] may begin with, or None if even the
+    newest turn alone does not fit. Each message's text is encoded once; the template's own tokens
+    are counted by rendering the kept turns with empty texts (tens of tokens, so the binary search
+    over where to start costs nothing beside the texts). Linear in the chat's size: re-encoding the
+    remaining chat once per dropped turn made 31 messages of 100,000 characters cost 136 s."""
+    texts = [len(tokenizer.encode(m["content"])) for m in system + turns]
+    after = [0] * (len(turns) + 1)  # after[i]: text tokens of turns[i:]
+    for i in range(len(turns) - 1, -1, -1):
+        after[i] = after[i + 1] + texts[len(system) + i]
+    fixed = sum(texts[:len(system)])
+
+    def estimate(start: int) -> int:
+        frame = tokenizer.encode_chat([{**m, "content": ""} for m in system + turns[start:]])
+        return len(frame) + fixed + after[start]
+
+    lo, hi = 0, len(turns) - 1
+    if estimate(hi) > max_prompt_tokens:
+        return None
+    while lo < hi:  # fewer turns, fewer tokens: the smallest start that fits
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if estimate(mid) <= max_prompt_tokens else (mid + 1, hi)
+    return lo
+
+
 def trim_messages(tokenizer, messages: list[dict], max_prompt_tokens: int) -> tuple[list[int], list[dict], str]:
     """Encode a chat to fit max_prompt_tokens: drop the oldest turns first, always keeping a leading
     system message and the newest message; cut the newest message itself (keeping its end, where
@@ -92,15 +150,20 @@ def trim_messages(tokenizer, messages: list[dict], max_prompt_tokens: int) -> tu
     turns = messages[len(system):]
     if not turns:
         raise ValueError("there is no message to answer")
-    notice = ""
-    for start_turn in range(len(turns)):
-        kept = system + turns[start_turn:]
-        ids = tokenizer.encode_chat(kept)
+    start = _first_fitting(tokenizer, system, turns, max_prompt_tokens)
+    while start is not None and start < len(turns):
+        kept = system + turns[start:]
+        ids = tokenizer.encode_chat(kept)  # the one encoding of the prompt, which also checks the estimate
         if len(ids) <= max_prompt_tokens:
-            if start_turn:
-                notice = f"dropped the {start_turn} oldest message(s) to fit the context window"
+            notice = f"dropped the {start} oldest message(s) to fit the context window" if start else ""
             return ids, kept, notice
-    last = dict(turns[-1])
+        start += 1  # text merged across a message's edge: the estimate was short by a token or two
+    return _cut_newest(tokenizer, system, turns[-1], max_prompt_tokens)
+
+
+def _cut_newest(tokenizer, system: list[dict], newest: dict, max_prompt_tokens: int) -> tuple[list[int], list[dict], str]:
+    """The newest message alone is too long: keep its end."""
+    last = dict(newest)
     overhead = len(tokenizer.encode_chat(system + [{**last, "content": ""}]))
     budget = max_prompt_tokens - overhead
     if budget <= 0:
@@ -148,13 +211,26 @@ class ChatTurn:
     `chat` (blocking, any thread) or `achat` (an asyncio loop), so both share this logic."""
 
     def __init__(self, engine: Engine | Backend, tokenizer, messages: list[dict], cfg: SamplingConfig = GREEDY,
-                 stats: ChatStats | None = None, conversation: str | None = None, stop: Iterable[str] = ()):
-        self.stats = stats = stats if stats is not None else ChatStats()
+                 stats: ChatStats | None = None, conversation: str | None = None, stop: Iterable[str] = (),
+                 reuse_cache: bool = True):
+        stats = stats if stats is not None else ChatStats()
         budget = engine.max_seq_len - min(cfg.max_new_tokens, engine.max_seq_len // 2)
         ids, _, stats.notice = trim_messages(tokenizer, messages, budget)
+        self._begin(engine, tokenizer, Sequence(ids, cfg, tokenizer.stop_ids, conversation, reuse_cache), stats, stop)
+
+    @classmethod
+    def from_ids(cls, engine: Engine | Backend, tokenizer, ids: list[int], cfg: SamplingConfig = GREEDY,
+                 stats: ChatStats | None = None, stop: Iterable[str] = (), reuse_cache: bool = True) -> "ChatTurn":
+        """A turn that continues `ids` as they are, no template and no trimming (a text completion)."""
+        turn = cls.__new__(cls)
+        turn._begin(engine, tokenizer, Sequence(ids, cfg, tokenizer.stop_ids, None, reuse_cache),
+                    stats if stats is not None else ChatStats(), stop)
+        return turn
+
+    def _begin(self, engine: Engine | Backend, tokenizer, seq: Sequence, stats: ChatStats, stop: Iterable[str]) -> None:
+        self.seq, self.stats = seq, stats
         stats.backend, stats.device = engine.name, engine.device
-        stats.prompt_tokens, stats.context_max, stats.new_tokens = len(ids), engine.max_seq_len, 0
-        self.seq = Sequence(ids, cfg, tokenizer.stop_ids, conversation)
+        stats.prompt_tokens, stats.context_max, stats.new_tokens = len(seq.prompt), engine.max_seq_len, 0
         self.text = TextStream(tokenizer, [tokenizer.decode([i]) for i in tokenizer.stop_ids] + [s for s in stop if s])
         self.began = time.perf_counter()
 

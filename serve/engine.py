@@ -182,7 +182,7 @@ class Engine:
     def _own_cache(self, seq: Sequence) -> Prefill:
         """`seq` with its own one-row cache, holding what a kept cache shares with its prompt."""
         cache = self.backend.new_cache(1, capacity_for(len(seq.prompt) + seq.cfg.max_new_tokens, self.max_seq_len))
-        reuse, saved = self._reusable(seq.prompt)
+        reuse, saved = self._reusable(seq.prompt) if seq.reuse_cache else (0, None)
         if saved is not None:
             cache.load_row(0, saved.tensors, reuse)
         seq.reused_tokens = reuse

@@ -33,11 +33,16 @@ class Sequence:
     _ids = itertools.count()
 
     def __init__(self, prompt: list[int], cfg: SamplingConfig = GREEDY, stop_ids: Iterable[int] = (),
-                 conversation: str | None = None):
+                 conversation: str | None = None, reuse_cache: bool = True):
         if not prompt:
             raise ValueError("the prompt is empty: give at least one token")
         self.prompt, self.cfg, self.stop_ids = list(prompt), cfg, frozenset(stop_ids)
         self.conversation = conversation if conversation is not None else f"seq-{next(self._ids)}"
+        # False: prefill the whole prompt even when a kept cache shares a prefix with it. A reused
+        # prefix's keys and values were computed in another turn's steps (other chunks, other
+        # batches), so they differ in the last bits, which can flip a greedy near-tie; without
+        # reuse a greedy reply repeats byte for byte (llama.cpp's cache_prompt: false).
+        self.reuse_cache = reuse_cache
         self.tokens: list[int] = []
         self.finish_reason: str | None = None  # "stop", "length", "cancelled" or "error"
         self.reused_tokens = 0  # prompt tokens whose cache came from an earlier turn

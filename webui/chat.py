@@ -3,7 +3,8 @@
 gr.ChatInterface calls it once per user message, each session with its own history; it is a plain
 generator, so tests drive it without a server. The generation runs in the model's Engine, batched
 with every other session's; closing this generator (stop button, closed tab) cancels it there: no
-tokens are computed for nobody. A message above serve.chat.MAX_MESSAGE_CHARS is refused before tokenizing.
+tokens are computed for nobody. A message above serve.chat.MAX_MESSAGE_CHARS is refused before
+tokenizing, and never sent to the model with a later one.
 
 The reply is yielded as a string while it grows; the last yield adds a status message under it
 (backend, tokens/s, time to first token, context used), marked with metadata so it is shown as a
@@ -13,7 +14,7 @@ from __future__ import annotations
 
 from gradio import ChatMessage, Warning as UIWarning
 
-from serve.chat import ChatStats, chat, too_long
+from serve.chat import ChatStats, chat, newest_within_limits, too_long
 from model.config import GENERATION_DEFAULTS as DEFAULTS
 from serve.sampling import SamplingConfig
 from serve.models import BACKEND_LABELS, MODELS, DEFAULT, onnx_unavailable_reason
@@ -36,18 +37,19 @@ def _text(content) -> str:
 
 
 def history_to_messages(history: list, system_prompt: str = "") -> list[dict]:
-    """Gradio's history -> role/content dicts for the chat template: our status lines, notices and
-    empty messages are left out."""
+    """Gradio's history -> role/content dicts for the chat template: our status lines, notices,
+    empty messages and messages above the size limit (refused when they were sent; a client of the
+    Gradio API may send any history) are left out, and the oldest beyond the request limits."""
     messages = [{"role": "system", "content": system_prompt}] if system_prompt and system_prompt.strip() else []
     for m in history or []:
         role = m.get("role") if isinstance(m, dict) else getattr(m, "role", None)
         content = m.get("content") if isinstance(m, dict) else getattr(m, "content", None)
         metadata = (m.get("metadata") if isinstance(m, dict) else getattr(m, "metadata", None)) or {}
         text = _text(content)
-        if role not in ("user", "assistant") or metadata.get("title") or not text.strip():
+        if role not in ("user", "assistant") or metadata.get("title") or not text.strip() or too_long(text):
             continue
         messages.append({"role": role, "content": text})
-    return messages
+    return newest_within_limits(messages)
 
 
 def respond(message: str, history: list, system_prompt: str = "", backend: str = "onnx", model: str = DEFAULT,
@@ -56,9 +58,9 @@ def respond(message: str, history: list, system_prompt: str = "", backend: str =
             max_new_tokens: int = DEFAULTS["max_new_tokens"], seed: int | float | None = -1, models=MODELS):
     """Yield the reply as it grows (a str), then [reply, status] (a list of chat messages)."""
     message = message if isinstance(message, str) else _text(message)
-    # the history too: a client of the Gradio API may send any history it likes
-    earlier = [_text(m.get("content") if isinstance(m, dict) else getattr(m, "content", "")) for m in history or []]
-    if refusal := next((r for r in map(too_long, [message, system_prompt or "", *earlier]) if r), None):
+    # The new message only: history_to_messages leaves out what was refused, so one refusal does
+    # not refuse every later message of the session (gr.ChatInterface keeps the refused message).
+    if refusal := too_long(message) or too_long(system_prompt or ""):
         UIWarning(refusal)
         yield [note("message refused", refusal)]
         return

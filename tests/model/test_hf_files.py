@@ -85,3 +85,26 @@ def test_transformers_4_reads_the_folder(hf_folder):
     assert got["version"].startswith("4.57")
     assert got["keys"] == ["attention_mask", "input_ids"] and got["max_len"] == model.cfg.max_seq_len
     assert got["shape"][0] == 2
+
+
+def test_an_imported_folder_brings_its_generation_config(hf_folder, tmp_path):
+    """A HF model's generation_config.json sampling settings become its meta["generation"], which
+    the API's defaults start from (generation_defaults)."""
+    import json
+    import shutil
+
+    from model.config import GENERATION_DEFAULTS, generation_defaults
+    from model.hf import load_hf
+
+    _, _, folder = hf_folder
+    copy = shutil.copytree(folder, tmp_path / "copy")
+    assert "generation" not in load_hf(copy)[2]  # ours states stop ids only: GENERATION_DEFAULTS apply
+    (copy / "generation_config.json").write_text(json.dumps({"do_sample": True, "temperature": 0.6, "top_p": 0.9,
+                                                             "eos_token_id": 2}))
+    meta = load_hf(copy)[2]
+    assert generation_defaults(meta) == {**GENERATION_DEFAULTS, "temperature": 0.6, "top_p": 0.9}
+    (copy / "generation_config.json").write_text(json.dumps({"do_sample": False, "top_k": 20}))
+    assert load_hf(copy)[2]["generation"] == {"temperature": 0.0, "top_k": 20}
+    (copy / "generation_config.json").write_text(json.dumps({"top_k": 2.5}))
+    with pytest.raises(ValueError, match="top_k must be a whole number"):
+        load_hf(copy)

@@ -178,6 +178,17 @@ def test_second_turn_with_reuse_equals_a_cold_prefill_torch(nano_model):
     second_turn_equals_cold(TorchBackend(nano_model))
 
 
+def test_a_sequence_that_refuses_reuse_prefills_its_whole_prompt(nano_model):
+    engine = Engine(TorchBackend(nano_model), max_batch=2)
+    prompt = list(range(1, 21))
+    list(engine.run(Sequence(prompt, greedy(4), conversation="a")))
+    warm, cold = Sequence(prompt + [5], greedy(2)), Sequence(prompt + [5], greedy(2), reuse_cache=False)
+    list(engine.run(cold))
+    list(engine.run(warm))
+    assert cold.reused_tokens == 0 and warm.reused_tokens == len(prompt)
+    engine.close()
+
+
 def test_kept_caches_are_evicted_least_recently_used_first(nano_model):
     backend = TorchBackend(nano_model)
     per_token = backend.new_cache(1, 1).bytes_per_token

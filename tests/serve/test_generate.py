@@ -134,6 +134,36 @@ def test_trim_keeps_system_and_newest(tokenizer):
     assert len(ids) <= 100 and kept[-1]["content"].endswith("what is the end?") and "only its last" in notice
 
 
+def test_trimming_encodes_each_message_once(tokenizer, monkeypatch):
+    """31 messages: trimming used to re-encode the whole remaining chat once per dropped message
+    (31 messages of 100,000 characters cost 136 s). Counted in characters handed to the encoder."""
+    msgs = [{"role": ("user", "assistant")[i % 2], "content": f"turn {i}: the little fox runs in the forest. " * 7}
+            for i in range(31)]
+    chars = sum(len(m["content"]) for m in msgs)
+    encoded = []
+    for name in ("encode", "encode_with_special"):
+        real = getattr(type(tokenizer), name)
+        monkeypatch.setattr(type(tokenizer), name, lambda self, text, real=real: encoded.append(len(text)) or real(self, text))
+    ids, kept, notice = trim_messages(tokenizer, msgs, 300)
+    monkeypatch.undo()
+    # each text once, the template's frame with empty texts a few times (~900 characters each),
+    # the kept prompt once: under 2x; re-encoding per dropped message was ~15x
+    assert sum(encoded) < 2 * chars, (sum(encoded), chars)
+    assert ids == tokenizer.encode_chat(kept) and len(ids) <= 300 and "dropped" in notice
+    assert len(tokenizer.encode_chat(msgs[-len(kept) - 1:])) > 300  # no message dropped that would have fit
+
+
+def test_a_chat_above_the_request_limits_is_refused_or_cut(tokenizer):
+    from serve.chat import MAX_CHAT_CHARS, MAX_MESSAGES, chat_too_large, newest_within_limits
+
+    big = [{"role": "user", "content": "x" * (MAX_CHAT_CHARS // 4)} for _ in range(5)]
+    assert "characters" in chat_too_large(big) and chat_too_large(big[:4]) is None
+    many = [{"role": "system", "content": "be brief"}] + [{"role": "user", "content": "hi"}] * MAX_MESSAGES
+    assert "messages" in chat_too_large(many)
+    assert newest_within_limits(big) == big[1:] and len(newest_within_limits(many)) == MAX_MESSAGES
+    assert newest_within_limits(many)[0]["role"] == "system"
+
+
 def test_chat_streams_with_stats(nano_model, tokenizer):
     from serve.chat import ChatStats
 

@@ -103,6 +103,15 @@ def test_bad_inputs(client, nano_dir):
         assert "tok/s" in titles(send(client, odd, str(nano_dir), max_new_tokens=4)[-1])[-1]
 
 
+def test_after_a_refused_message_the_next_one_is_answered(client, nano_dir):
+    """The page's own history (gr.ChatInterface's state) keeps the refused message: the next
+    message must be answered all the same."""
+    from serve.chat import MAX_MESSAGE_CHARS
+
+    assert titles(send(client, "z" * (MAX_MESSAGE_CHARS + 1), str(nano_dir))[-1]) == ["message refused"]
+    assert "tok/s" in titles(send(client, "hello", str(nano_dir), max_new_tokens=4)[-1])[-1]
+
+
 def test_a_stopped_answer_leaves_the_server_serving(client, nano_dir):
     job = client.submit("hello", "", "torch", str(nano_dir), 0.8, 50, 0.9, 1.1, 1024, 1, api_name="/chat")
     job.cancel()
@@ -144,3 +153,28 @@ def test_the_api_reads_like_an_api(client):
     assert types["top_k"] == types["max_new_tokens"] == types["seed"] == "int"
     assert types["temperature"] == "float"
     assert {p["parameter_name"]: p["python_type"]["type"] for p in api["/parity"]["parameters"]}["max_new_tokens"] == "int"
+
+
+def test_the_page_answers_on_loopback_names_and_refuses_others(server, nano_dir):
+    """The Host check covers the page's routes too (DNS rebinding reads the page's API as well);
+    the page keeps working from http://127.0.0.1:PORT and http://localhost:PORT."""
+    import urllib.error
+    import urllib.request
+    from urllib.parse import urlsplit
+
+    port = urlsplit(server).port
+    for host in (f"127.0.0.1:{port}", f"localhost:{port}"):
+        assert urllib.request.urlopen(urllib.request.Request(server, headers={"Host": host}), timeout=10).status == 200
+    with pytest.raises(urllib.error.HTTPError) as info:
+        urllib.request.urlopen(urllib.request.Request(server, headers={"Host": f"rebound.example:{port}"}), timeout=10)
+    assert info.value.code == 403
+    local = gradio_client.Client(f"http://localhost:{port}/", verbose=False)
+    assert "tok/s" in titles(send(local, "hello", str(nano_dir), max_new_tokens=4)[-1])[-1]
+
+
+def test_host_and_origin_flags():
+    import app
+
+    args = app.parse_args(["--allowed-hosts", "llm.lan, proxy.example,", "--cors-origins", "https://chat.example"])
+    assert args["allowed_hosts"] == ["llm.lan", "proxy.example"] and args["cors_origins"] == ["https://chat.example"]
+    assert app.parse_args([])["allowed_hosts"] == [] == app.parse_args([])["cors_origins"]

@@ -219,12 +219,27 @@ def test_a_message_above_the_limit_is_refused_before_tokenizing(torch_models, mo
     with pytest.warns(UserWarning, match="limit"):
         out = ask("x" * 1_000_000, Refuses())
     assert titles(out[-1]) == ["message refused"] and f"{MAX_MESSAGE_CHARS:,}" in out[-1][0].content
-    with pytest.warns(UserWarning, match="limit"):  # in the history too (a Gradio API client sends any)
-        out = ask("hi", Refuses(), history=[{"role": "user", "content": "y" * (MAX_MESSAGE_CHARS + 1)}])
-    assert titles(out[-1]) == ["message refused"]
     with pytest.raises(ValueError, match="limit"):
         compare("z" * (MAX_MESSAGE_CHARS + 1), models=Refuses())
     assert time.perf_counter() - start < 1.0
+
+
+def test_a_refused_message_never_reaches_the_model_nor_refuses_the_next(torch_models, monkeypatch):
+    """gr.ChatInterface keeps a refused message in the history it sends with the next one; that
+    one refusal used to refuse every later message of the session, quoting the first one's length."""
+    from serve.chat import MAX_MESSAGE_CHARS
+
+    huge = "y" * (MAX_MESSAGE_CHARS + 1)
+    with pytest.warns(UserWarning, match="limit"):
+        refused = ask(huge, Refuses())[-1]
+    history = [{"role": "user", "content": huge}] + [{"role": "assistant", "content": m.content, "metadata": m.metadata}
+                                                     for m in refused]
+    _, tokenizer, _ = torch_models.loaded
+    real = type(tokenizer).encode_chat
+    monkeypatch.setattr(type(tokenizer), "encode_chat", lambda self, msgs, *a: pytest.fail("the refused message reached the model")
+                        if any(len(m["content"]) > MAX_MESSAGE_CHARS for m in msgs) else real(self, msgs, *a))
+    final = ask("hi", torch_models, history=history, max_new_tokens=4)[-1]
+    assert "tok/s" in titles(final)[-1] and "message refused" not in titles(final)
 
 
 def test_model_card_shows_no_absolute_server_paths(torch_models, nano_dir):
