@@ -6,10 +6,8 @@ ModelArgs does, and every inconsistency is a ValueError that names the field.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
 
 def find_multiple(n: float, k: int) -> int:
@@ -76,10 +74,6 @@ class ModelConfig:
             raise ValueError(f"unknown model config keys: {sorted(unknown)}")
         return cls(**d)
 
-    @classmethod
-    def from_file(cls, path: str | Path) -> "ModelConfig":
-        return cls.from_dict(json.loads(Path(path).read_text()))
-
 
 # 64-dim heads throughout. small's 14 query heads cannot be split into 4 KV groups, so it keeps
 # 2 KV heads (7 queries per group): the nearest cache size to the others that divides evenly.
@@ -93,7 +87,6 @@ PRESETS: dict[str, dict] = {
     "smollm2-135m": dict(dim=576, n_layers=30, n_heads=9, n_kv_heads=3, hidden_dim=1536,
                          vocab_size=49152, max_seq_len=8192, rope_theta=100000.0),
 }
-DEFAULT_PRESET = "medium"
 
 
 # How a model generates when nobody says otherwise: the chat page, the terminal chat, the API and

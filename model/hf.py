@@ -38,11 +38,6 @@ def _name_map(n_layers: int) -> dict[str, str]:
     return per_layer_names(HF_TO_OURS, n_layers)
 
 
-def is_hf_dir(path: str | Path) -> bool:
-    p = Path(path)
-    return (p / "config.json").is_file() and any(p.glob("*.safetensors")) and "model_type" in (p / "config.json").read_text()
-
-
 def config_from_hf(hf: dict) -> ModelConfig:
     if hf.get("model_type") != "llama":
         raise ValueError(f"HF model_type {hf.get('model_type')!r} is not supported; only 'llama' folders can be imported")

@@ -177,7 +177,7 @@ def _cut_newest(tokenizer, system: list[dict], newest: dict, max_prompt_tokens: 
         last["content"] = tokenizer.decode(content_ids[-budget:]).lstrip("\ufffd")
         ids = tokenizer.encode_chat(kept)
     notice = (f"your message was {len(content_ids)} tokens; only its last {budget} fit the context window "
-              f"of {max_prompt_tokens + 0} prompt tokens")
+              f"of {max_prompt_tokens} prompt tokens")
     return ids, kept, notice
 
 
