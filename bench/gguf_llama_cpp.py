@@ -5,7 +5,7 @@
 
 Not a CI test: llama-cpp-python compiles llama.cpp for ~10 min on 2 cores, so it is optional. Each
 llama.cpp run happens in a subprocess (its interpreter may be another venv's, and a crash there must
-not end this check; PITFALLS: n_batch=1 on quantized files). Checks, for
+not end this check; quantized files run with n_batch=1, see bench/llama_cpp_peer.py). Checks, for
   - a nano model with a byte-level BPE trained here (tokenizer.ggml.pre 'gpt-2'), f32, random weights
   - SmolLM2-135M-Instruct exported at f32 (its dequantized weights) and at its own Q4_1 blocks:
 tokenization of a few texts (with digits, Unicode, code, spaces) and greedy tokens after a chat prompt.
@@ -27,7 +27,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python bench/gguf_llama_cpp.py` from anywhere
+if __name__ == "__main__":  # `python bench/gguf_llama_cpp.py` puts bench/ first on sys.path: the repository root is needed
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.llama_cpp_peer import run_peer  # noqa: E402
 

@@ -4,7 +4,7 @@ The benchmarks call `run_peer(python, job)`: it runs this file with `python` (an
 has llama-cpp-python, e.g. a separate venv: compiling it takes ~10 min on 2 cores, so it is not a
 requirement), sends `job` as JSON on stdin and reads one JSON line back. A crash of the peer
 therefore cannot end a benchmark, and when a run with n_batch > 1 crashes it is retried once with
-n_batch=1 (PITFALLS: llama-cpp-python 0.3.36 built on an AVX512/AMX Xeon segfaults on quantized
+n_batch=1 (llama-cpp-python 0.3.36 built on an AVX512/AMX Xeon segfaults on quantized
 GGUFs when more than one token is evaluated per batch); the result says which n_batch ran.
 
 This file imports nothing from the repository and nothing but llama_cpp and numpy when it is the

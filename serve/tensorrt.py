@@ -4,7 +4,7 @@
 
 TensorRT has no kernels for ORT's contrib ops (GroupQueryAttention, RotaryEmbedding,
 SkipSimplifiedLayerNormalization), so export the plain graph: `python export/onnx.py --model M
---out D --dtype fp16`. What this module guards against (docs/PITFALLS.md):
+--out D --dtype fp16`. What this module guards against, each a bug others shipped:
 - every dynamic input gets an explicit shape profile (min/opt/max): input_ids, attention_mask
   and each past_key_values tensor; the minimum past is 1, as profiles in the wild use, because
   TensorRT dislikes zero-size tensors: the first step therefore feeds one masked dummy past slot

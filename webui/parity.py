@@ -2,7 +2,7 @@
 
 compare() checks the two things a user of the export cares about: the prefill logits of the prompt
 (max |dlogit| over the vocabulary at the last prompt position) and the greedy tokens. Greedy-token
-equality is the check a user feels (see PITFALLS.md: llama2.c demands byte-exact text); the logit
+equality is the check a user feels (llama2.c demands the byte-exact text of both of its runtimes); the logit
 difference tells how close to flipping a token the two runtimes are.
 """
 from __future__ import annotations

@@ -203,7 +203,7 @@ def test_model_card_says_what_the_model_is(torch_models, nano_dir):
 @pytest.mark.skipif(ort_missing() is not None, reason=str(ort_missing()))
 def test_parity_torch_and_onnx_agree(nano_dir, cache_dir):
     r = compare("hello there", str(nano_dir), max_new_tokens=16, models=ModelCache(log=lambda msg: None))
-    # fp32 on both sides: optimum's decoder tests use atol 1e-4 (PITFALLS.md, Numerics)
+    # fp32 on both sides: optimum's decoder tests use atol 1e-4 for fp32 decoders
     assert r["max_abs_logit_diff"] < 1e-4 and r["tokens_agree"] and len(r["torch"]["tokens"]) == 16
     assert r["onnx"]["device"] == "CPUExecutionProvider"
 
