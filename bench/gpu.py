@@ -22,7 +22,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python bench/gpu.py` from anywhere
+if __name__ == "__main__":  # `python bench/gpu.py` puts bench/ first on sys.path: the repository root is needed
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import argparse  # noqa: E402
 import json  # noqa: E402

@@ -17,7 +17,8 @@ import threading
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python bench/prefill_pause.py` from anywhere
+if __name__ == "__main__":  # `python bench/prefill_pause.py` puts bench/ first on sys.path: the repository root is needed
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -28,7 +28,8 @@ import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # `python bench/serve_load.py` from anywhere
+if __name__ == "__main__":  # `python bench/serve_load.py` puts bench/ first on sys.path: the repository root is needed
+    sys.path.insert(0, str(ROOT))
 
 from bench import cpu_name  # noqa: E402
 

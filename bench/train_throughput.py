@@ -12,7 +12,8 @@ nanoGPT's estimate) against --peak-tflops (default: 790 on CUDA, the H200's dens
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if __name__ == "__main__":  # `python bench/train_throughput.py` puts bench/ first on sys.path: the repository root is needed
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import argparse  # noqa: E402
 import json  # noqa: E402
@@ -21,7 +22,6 @@ import statistics  # noqa: E402
 import time  # noqa: E402
 
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
 from model.config import ModelConfig  # noqa: E402
 from model.model import CogniMamba  # noqa: E402
