@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from export.folder import CHAT_TEMPLATE_FILE, GENAI_CONFIG_FILE, GRAPH_FILE
 from export.graph import PAST, PRESENT
 from model.config import GENERATION_DEFAULTS, ModelConfig
 
@@ -28,7 +29,7 @@ GRAPH_IO = {
 }
 
 
-def genai_config(cfg: ModelConfig, tokenizer, io: dict = GRAPH_IO, filename: str = "model.onnx",
+def genai_config(cfg: ModelConfig, tokenizer, io: dict = GRAPH_IO, filename: str = GRAPH_FILE,
                  provider: str | None = None, sampling: dict = GENERATION_DEFAULTS) -> dict:
     """genai_config.json for one graph; `io` is the graph's I/O description (GRAPH_IO's shape).
     Search defaults are greedy; a caller that sets do_sample gets `sampling` (the model's own)."""
@@ -71,6 +72,6 @@ def write_genai_files(folder: str | Path, cfg: ModelConfig, tokenizer, io: dict 
     if tokenizer.kind != "bpe":
         return False
     folder = Path(folder)
-    (folder / "genai_config.json").write_text(json.dumps(genai_config(cfg, tokenizer, io, provider=provider, sampling=sampling), indent=4))
-    (folder / "chat_template.jinja").write_text(tokenizer.chat_template)
+    (folder / GENAI_CONFIG_FILE).write_text(json.dumps(genai_config(cfg, tokenizer, io, provider=provider, sampling=sampling), indent=4))
+    (folder / CHAT_TEMPLATE_FILE).write_text(tokenizer.chat_template)
     return True

@@ -78,6 +78,7 @@ import numpy as np  # noqa: E402
 import onnx  # noqa: E402
 import torch  # noqa: E402
 
+from export.folder import EXPORTER_VERSION, GRAPH_FILE, META_FILE, META_VERSION  # noqa: E402
 from export.genai import write_genai_files  # noqa: E402
 from export.graph import ACCURACY_LEVELS, DTYPES, OPSET, PAST, PRESENT, all_kv_names, build_graph  # noqa: E402
 from model.checkpoint import atomic_dir, load_model, sha256_file  # noqa: E402
@@ -86,17 +87,10 @@ from model.weights import resolve_model  # noqa: E402
 from model.config import generation_defaults  # noqa: E402
 from model.model import CogniMamba  # noqa: E402
 
-META_FILE = "onnx_meta.json"
-# 3: config.json is HF's (for optimum); the source is recorded by name, hash and card, its model
-# folder's description (name, source_format, ...) is here, and no absolute path is
-META_VERSION = 3
 # What the source model folder's config.json says about the model that an export carries on (and a
 # card shows); its paths and file-level fields (the weights' own hash, dtype, format) stay behind.
 SOURCE_FIELDS = ("name", "num_params", "source_format", "source_quantization", "card")
 ROOT = Path(__file__).resolve().parents[1]
-# Bump when build_graph or the quantizers change what an export computes: exports cached by
-# serve/ort_backend.py are keyed by it, so a fixed exporter never serves a stale graph.
-EXPORTER_VERSION = 3
 EXTERNAL_DATA_BYTES = 1_800_000_000  # protobuf's hard limit is 2 GB
 QUANTIZATIONS = ("int8", "int4", "gguf")
 
@@ -241,7 +235,7 @@ def export_onnx(model: str | Path, out: str | Path, dtype: str = "fp32", quantiz
     with atomic_dir(out, "ONNX export", force, sources) as tmp:
         proto = build_graph(net, dtype, fused=optimize, blocks=blocks, accuracy_level=accuracy_level)
         t_build = time.perf_counter() - t0
-        save_onnx(proto, tmp / "model.onnx")
+        save_onnx(proto, tmp / GRAPH_FILE)
         del proto
         # optimum's ORTModelForCausalLM (and transformers' AutoConfig) open the folder by HF's
         # config.json: model_type llama, and generation_config.json's stop ids
@@ -266,7 +260,7 @@ def export_onnx(model: str | Path, out: str | Path, dtype: str = "fp32", quantiz
             "export_seconds": None, "parity": None,
         }
         if verify:
-            meta["parity"] = measure_parity(net, tmp / "model.onnx", dtype)
+            meta["parity"] = measure_parity(net, tmp / GRAPH_FILE, dtype)
             if failure := parity_ok(meta["parity"], dtype, quantize):
                 raise ValueError(f"--verify: {failure}; nothing was written to {out}")
         meta["export_seconds"] = round(time.perf_counter() - t0, 2)

@@ -11,20 +11,16 @@ from pathlib import Path
 
 import torch
 
+from export.folder import META_FILE, is_onnx_export
 from model.checkpoint import is_model_dir
 
 BACKENDS = ("onnx", "torch")
-ONNX_META = "onnx_meta.json"  # what export/onnx.py writes beside model.onnx (no onnx import needed here)
-
-
-def is_onnx_export(path: str | Path) -> bool:
-    return (Path(path) / ONNX_META).is_file() and (Path(path) / "model.onnx").is_file()
 
 
 def torch_source(spec: str) -> str:
     """An ONNX export runs in PyTorch from the model folder it was exported from."""
     if is_onnx_export(spec) and not is_model_dir(spec):
-        meta = json.loads((Path(spec) / ONNX_META).read_text())
+        meta = json.loads((Path(spec) / META_FILE).read_text())
         # exports record a path to their source only relative to themselves, inside the repository
         source = str(Path(spec) / meta["source_path"]) if meta.get("source_path") else ""
         if not is_model_dir(source):

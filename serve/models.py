@@ -18,7 +18,8 @@ from pathlib import Path
 
 from model.checkpoint import is_model_dir, recover_interrupted_swap
 from serve.engine import Engine
-from serve.load import ONNX_META, is_onnx_export, load_backend
+from export.folder import META_FILE, is_onnx_export
+from serve.load import load_backend
 
 ROOT = Path(__file__).resolve().parents[1]
 MAX_BATCH = 8  # sequences decoded together; a 2-core CPU still gains (weights are read once per step)
@@ -53,7 +54,7 @@ def list_models(root: str | Path = ".", extra: list[str] = ()) -> list[tuple[str
     for config in sorted((root / "checkpoints").glob("**/config.json")):
         if visible(config.parent) and is_model_dir(config.parent):
             found.append((str(config.parent.relative_to(root)), str(config.parent)))
-    for meta in sorted((root / "exports").glob("**/" + ONNX_META)):
+    for meta in sorted((root / "exports").glob("**/" + META_FILE)):
         if visible(meta.parent) and is_onnx_export(meta.parent):
             found.append((f"{meta.parent.relative_to(root)} (ONNX)", str(meta.parent)))
     for spec in extra:

@@ -20,7 +20,8 @@ import numpy as np
 import torch
 
 from export.graph import PAST, PRESENT, all_kv_names
-from export.onnx import EXPORTER_VERSION, META_FILE, META_VERSION, SOURCE_FIELDS, export_onnx, tokenizer_hash
+from export.folder import EXPORTER_VERSION, GRAPH_FILE, META_FILE, META_VERSION
+from export.onnx import SOURCE_FIELDS, export_onnx, tokenizer_hash
 from model.checkpoint import read_meta
 from model.config import ModelConfig
 from model.hf import config_from_hf
@@ -69,8 +70,8 @@ def check_export(directory: str | Path) -> dict:
     """Read onnx_meta.json and check that config.json and the tokenizer beside model.onnx are the
     ones it was exported with. Returns the meta; raises ValueError naming the mismatch."""
     d = Path(directory)
-    if not (d / META_FILE).is_file() or not (d / "model.onnx").is_file():
-        raise FileNotFoundError(f"{d} is not an ONNX export (needs model.onnx and {META_FILE}); make one with "
+    if not (d / META_FILE).is_file() or not (d / GRAPH_FILE).is_file():
+        raise FileNotFoundError(f"{d} is not an ONNX export (needs {GRAPH_FILE} and {META_FILE}); make one with "
                                 f"`python export/onnx.py --model MODEL --out {d}`")
     try:
         meta = json.loads((d / META_FILE).read_text())
@@ -126,7 +127,7 @@ class OrtBackend:
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         providers = self.providers(directory, device)
         try:
-            self.session = ort.InferenceSession(str(Path(directory) / "model.onnx"), so, providers=providers)
+            self.session = ort.InferenceSession(str(Path(directory) / GRAPH_FILE), so, providers=providers)
         except Exception as e:  # onnxruntime's own exception types: a truncated or foreign file
             raise ValueError(f"{Path(directory) / 'model.onnx'} cannot be loaded by ONNX Runtime "
                              f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); re-export the model") from None
