@@ -19,8 +19,10 @@ import shutil  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from model.checkpoint import save_model  # noqa: E402
 from model.config import ModelConfig  # noqa: E402
 from model.model import CogniMamba  # noqa: E402
+from model.tokenizer import CharTokenizer, train_bpe  # noqa: E402
 
 
 @pytest.fixture
@@ -28,6 +30,30 @@ def nano_model():
     """A random nano model (fp32, eval mode), seeded: a few million parameters, fast on CPU."""
     torch.manual_seed(0)
     return CogniMamba(ModelConfig.from_name("nano", vocab_size=512)).eval()
+
+
+@pytest.fixture(scope="session")
+def model_folder(tmp_path_factory):
+    """The one factory of random test model folders: model_folder(texts, bpe_vocab, **config) -> a
+    seeded nano model folder (vocab 512 unless config says otherwise), made once per session for
+    each set of arguments. bpe_vocab trains a byte-level BPE of that size on `texts`, else a
+    character tokenizer; silent_stops zeroes the head's rows of the stop tokens (untied), so a
+    random model never ends its reply early."""
+    made = {}
+
+    def make(texts=("The quick brown fox jumps over the lazy dog.",), bpe_vocab=None, silent_stops=False, **config):
+        key = (tuple(texts), bpe_vocab, silent_stops, tuple(sorted(config.items())))
+        if key not in made:
+            torch.manual_seed(0)
+            tok = train_bpe(list(texts), bpe_vocab) if bpe_vocab else CharTokenizer.train(list(texts))
+            model = CogniMamba(ModelConfig.from_name("nano", **{"vocab_size": 512, **config})).eval()
+            if silent_stops:
+                with torch.no_grad():
+                    model.output.weight[tok.stop_ids] = 0
+            made[key] = save_model(tmp_path_factory.mktemp("model") / "nano", model, tok, source="random init (tests)")
+        return made[key]
+
+    return make
 
 
 @pytest.fixture(scope="session")

@@ -3,10 +3,6 @@
 import pytest
 import torch
 
-from model.checkpoint import save_model
-from model.config import ModelConfig
-from model.model import CogniMamba
-from model.tokenizer import CharTokenizer
 
 
 def _exporter(tmp_path_factory, source):
@@ -27,12 +23,9 @@ def _exporter(tmp_path_factory, source):
 
 
 @pytest.fixture(scope="session")
-def nano_dir(tmp_path_factory):
-    """A random nano model folder (vocab 512, 4 layers, 2 KV heads), seeded."""
-    torch.manual_seed(0)
-    model = CogniMamba(ModelConfig.from_name("nano", vocab_size=512)).eval()
-    tok = CharTokenizer.train(["The quick brown fox jumps over the lazy dog."])
-    return save_model(tmp_path_factory.mktemp("nano") / "model", model, tok, source="random")
+def nano_dir(model_folder):
+    """A random nano model folder (vocab 512, 4 layers, 2 KV heads, a character tokenizer)."""
+    return model_folder()
 
 
 @pytest.fixture(scope="session")

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from export import graph, onnx as exporter
-from model.checkpoint import WRITER_MARKER, atomic_dir, load_model, save_model
+from model.checkpoint import WRITER_MARKER, load_model, save_model
 from model.config import ModelConfig
 from model.model import CogniMamba
 from model.tokenizer import CharTokenizer

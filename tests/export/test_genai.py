@@ -3,15 +3,12 @@ genai's greedy tokens and chat template are ours."""
 import json
 
 import pytest
-import torch
 
 from export.genai import GRAPH_IO, genai_config
 from serve.ort_backend import OrtBackend
-from model.checkpoint import save_model
-from model.config import ModelConfig
 from serve.generate import generate
 from serve.sampling import GREEDY, SamplingConfig
-from model.model import CogniMamba
+from model.config import ModelConfig
 from model.tokenizer import load_tokenizer, train_bpe
 
 og = pytest.importorskip("onnxruntime_genai")  # tests/requirements.txt installs it beside onnxruntime
@@ -37,11 +34,8 @@ def ours_greedy(folder, ids, n):
 
 
 @pytest.fixture(scope="module")
-def nano_bpe_dir(tmp_path_factory):
-    torch.manual_seed(0)
-    tok = train_bpe(["The quick brown fox jumps over the lazy dog. 12345"] * 50, 300)
-    model = CogniMamba(ModelConfig.from_name("nano", vocab_size=320)).eval()
-    return save_model(tmp_path_factory.mktemp("nano-bpe") / "model", model, tok, source="random")
+def nano_bpe_dir(model_folder):
+    return model_folder(["The quick brown fox jumps over the lazy dog. 12345"] * 50, bpe_vocab=300, vocab_size=320)
 
 
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "plain"])

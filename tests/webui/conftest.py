@@ -8,12 +8,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-import torch
 
-from model.checkpoint import save_model
-from model.config import ModelConfig
-from model.model import CogniMamba
-from model.tokenizer import train_bpe
 
 ROOT = Path(__file__).resolve().parents[2]
 TEXTS = ["hello there, how are you today?", "the quick brown fox jumps over the lazy dog",
@@ -27,11 +22,9 @@ def ort_missing() -> str | None:
 
 
 @pytest.fixture(scope="session")
-def nano_dir(tmp_path_factory):
+def nano_dir(model_folder):
     """A random nano model (256-token context, so a long message must be trimmed) with a small BPE."""
-    torch.manual_seed(0)
-    model = CogniMamba(ModelConfig.from_name("nano", vocab_size=512, max_seq_len=256))
-    return save_model(tmp_path_factory.mktemp("webui") / "nano", model, train_bpe(TEXTS, 400), source="random init (tests)")
+    return model_folder(TEXTS, bpe_vocab=400, max_seq_len=256)
 
 
 @pytest.fixture(scope="session")

@@ -398,24 +398,12 @@ def test_metrics_count_requests_tokens_and_latencies(models, nano_dir):
 
 
 @pytest.fixture(scope="module")
-def long_dir(tmp_path_factory):
+def long_dir(model_folder):
     """A random nano model with an 8,192-token context that never picks a stop token greedily:
     its output rows for the stop ids are zero (logit 0, below the largest of the 500 others)."""
-    import torch
-
-    from model.checkpoint import save_model
-    from model.config import ModelConfig
-    from model.model import CogniMamba
-    from model.tokenizer import train_bpe
-
     from .conftest import TEXTS
 
-    torch.manual_seed(0)
-    tok = train_bpe(TEXTS, 400)
-    model = CogniMamba(ModelConfig.from_name("nano", vocab_size=512, max_seq_len=8192, tie_embeddings=False))
-    with torch.no_grad():
-        model.output.weight[tok.stop_ids] = 0
-    return save_model(tmp_path_factory.mktemp("long") / "long", model, tok, source="random init (tests)")
+    return model_folder(TEXTS, bpe_vocab=400, silent_stops=True, max_seq_len=8192, tie_embeddings=False)
 
 
 def test_a_client_that_hangs_up_frees_its_row_within_one_step(long_dir):

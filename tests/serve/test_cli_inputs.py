@@ -7,21 +7,12 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
-from model.checkpoint import save_model
 from model.config import ModelConfig
 from model.model import CogniMamba
-from model.tokenizer import CharTokenizer, train_bpe
+from model.tokenizer import train_bpe
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="module")
-def nano_dir(tmp_path_factory):
-    torch.manual_seed(0)
-    model = CogniMamba(ModelConfig.from_name("nano", vocab_size=128, max_seq_len=64))
-    return save_model(tmp_path_factory.mktemp("cli") / "model", model, CharTokenizer.train(["hello there"]))
 
 
 def cli(*args, stdin=None, env=None):
@@ -40,25 +31,25 @@ def one_error_line(r, *words):
     (["--repetition-penalty", "nan"], "repetition_penalty"), (["--top-p", "nan"], "top_p"),
     (["--seed", "99999999999999999999999"], "seed"),
 ])
-def test_bad_settings_get_one_line(nano_dir, args, word):
+def test_bad_settings_get_one_line(cli_dir, args, word):
     # --greedy would override temperature; these go without it
-    r = subprocess.run([sys.executable, "-m", "serve.cli", "--model", str(nano_dir), *args, "--prompt", "hi"],
+    r = subprocess.run([sys.executable, "-m", "serve.cli", "--model", str(cli_dir), *args, "--prompt", "hi"],
                        capture_output=True, timeout=120, cwd=ROOT)
     assert one_error_line(r, word), r.stderr[-800:]
 
 
-def test_bytes_that_are_not_utf8_are_answered(nano_dir):
-    r = cli("--model", str(nano_dir), "--prompt", os.fsdecode(b"caf\xff \xed\xa0\x80 ok"))  # invalid, lone surrogate
+def test_bytes_that_are_not_utf8_are_answered(cli_dir):
+    r = cli("--model", str(cli_dir), "--prompt", os.fsdecode(b"caf\xff \xed\xa0\x80 ok"))  # invalid, lone surrogate
     assert r.returncode == 0, r.stderr[-800:]
-    r = cli("--model", str(nano_dir), stdin=b"caf\xff\n/quit\n")
+    r = cli("--model", str(cli_dir), stdin=b"caf\xff\n/quit\n")
     assert r.returncode == 0 and b"bot> " in r.stdout, r.stderr[-800:]
 
 
-def test_damaged_model_folders_get_one_line(nano_dir, tmp_path):
+def test_damaged_model_folders_get_one_line(cli_dir, tmp_path):
     import shutil
 
     not_object = tmp_path / "list"
-    shutil.copytree(nano_dir, not_object)
+    shutil.copytree(cli_dir, not_object)
     (not_object / "config.json").write_text(json.dumps([1, 2, 3]))
     assert one_error_line(cli("--model", str(not_object), "--prompt", "hi"))
     exported = subprocess.run([sys.executable, "export/onnx.py", "--model", str(not_object), "--out", str(tmp_path / "x")],
@@ -66,13 +57,13 @@ def test_damaged_model_folders_get_one_line(nano_dir, tmp_path):
     assert one_error_line(exported)
 
     bad_types = tmp_path / "types"
-    shutil.copytree(nano_dir, bad_types)
+    shutil.copytree(cli_dir, bad_types)
     meta = json.loads((bad_types / "config.json").read_text())
     (bad_types / "config.json").write_text(json.dumps({**meta, "model": {**meta["model"], "dim": "big"}}))
     assert one_error_line(cli("--model", str(bad_types), "--prompt", "hi"), "dim")
 
     corrupt = tmp_path / "corrupt"
-    shutil.copytree(nano_dir, corrupt)
+    shutil.copytree(cli_dir, corrupt)
     weights = corrupt / "model.safetensors"
     data = bytearray(weights.read_bytes())
     data[-(1 << 20):] = os.urandom(1 << 20)  # 1 MiB of random bytes in the data part; the header is intact
