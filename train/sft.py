@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from train.data import load_source
+
 IGNORE = -100
 
 
@@ -31,8 +33,6 @@ def encode_conversation(tokenizer, messages: list[dict], max_len: int) -> tuple[
 
 
 def load_conversations(name: str) -> list[list[dict]]:
-    from train.data import load_source
-
     rows = load_source(name)
     if "messages" not in rows.column_names:
         raise ValueError(f"{name}: chat data needs a 'messages' column of role/content lists; got {rows.column_names}")

@@ -24,7 +24,6 @@ import dataclasses  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 import os  # noqa: E402
-import random  # noqa: E402
 import shutil  # noqa: E402
 import time  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
@@ -32,10 +31,16 @@ from dataclasses import dataclass  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from torch.utils.checkpoint import checkpoint  # noqa: E402
 
 from model.checkpoint import atomic_file, check_output_dir, folder_writer, is_model_dir, save_model, WRITER_MARKER  # noqa: E402
 from model.config import ModelConfig, find_multiple  # noqa: E402
 from model.model import CogniMamba  # noqa: E402
+from model.tokenizer import CharTokenizer, from_tokenizer_json, gpt2_tokenizer, load_tokenizer, train_bpe  # noqa: E402
+from model.weights import cache_root, load_any  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+from train.data import TokenWindows, build_token_files, load_source, parse_data_spec, to_text  # noqa: E402
+from train.sft import ChatBatches, load_conversations  # noqa: E402
 
 
 @dataclass
@@ -176,23 +181,14 @@ def atomic_save(obj: dict, path: Path) -> None:
 
 
 def rng_state(batch_gen: torch.Generator) -> dict:
-    return {"torch": torch.get_rng_state(), "batches": batch_gen.get_state(),
-            "numpy": torch.from_numpy(np.frombuffer(json.dumps(_np_state()).encode(), dtype=np.uint8).copy()),
-            "python": torch.from_numpy(np.frombuffer(json.dumps(random.getstate()).encode(), dtype=np.uint8).copy())}
-
-
-def _np_state():
-    s = np.random.get_state()
-    return [s[0], s[1].tolist(), s[2], s[3], s[4]]
+    """Training draws from torch alone (dropout-free model, batches from batch_gen): its states
+    are what an exact resume needs."""
+    return {"torch": torch.get_rng_state(), "batches": batch_gen.get_state()}
 
 
 def set_rng_state(state: dict, batch_gen: torch.Generator) -> None:
     torch.set_rng_state(state["torch"])
     batch_gen.set_state(state["batches"])
-    s = json.loads(bytes(state["numpy"].numpy()).decode())
-    np.random.set_state((s[0], np.array(s[1], dtype=np.uint32), s[2], s[3], s[4]))
-    p = json.loads(bytes(state["python"].numpy()).decode())
-    random.setstate((p[0], tuple(p[1]), p[2]))
 
 
 def load_checkpoint(out: Path) -> dict:
@@ -211,13 +207,9 @@ def load_checkpoint(out: Path) -> dict:
 
 
 def get_tokenizer(cfg: TrainConfig, sample_texts):
-    from model.tokenizer import CharTokenizer, from_tokenizer_json, gpt2_tokenizer, train_bpe
-
     if cfg.tokenizer == "gpt2":
         return gpt2_tokenizer()
     if cfg.tokenizer == "smollm2":
-        from model.weights import load_any
-
         return load_any("default")[1]
     if cfg.tokenizer == "bpe":
         return train_bpe(sample_texts(), cfg.vocab_size)
@@ -230,8 +222,6 @@ def get_tokenizer(cfg: TrainConfig, sample_texts):
 
 def corpus_sample(cfg: TrainConfig, limit_chars: int = 20_000_000):
     """Texts for training a BPE/char tokenizer: the sources' rows, up to limit_chars in all."""
-    from train.data import load_source, parse_data_spec, to_text
-
     def texts():
         total = 0
         for src in parse_data_spec(cfg.data):
@@ -269,10 +259,47 @@ def plot_losses(metrics_path: Path, png: Path) -> None:
 
 # -------------------------------------------------------------------------------------------------
 
-def main(**kwargs) -> dict:
+@dataclass
+class Run:
+    """Where and how this process trains: resolved once from the flags (and a resumed run)."""
+    cfg: TrainConfig
+    out: Path
+    device: str
+    rank: int
+    world: int
+    amp_dtype: torch.dtype | None
+    use_scaler: bool
+    resume_ckpt: dict | None
+
+    @property
+    def ddp(self) -> bool:
+        return self.world > 1
+
+    @property
+    def master(self) -> bool:
+        return self.rank == 0
+
+    def log(self, *args, **kwargs) -> None:
+        if self.master:
+            print(*args, **kwargs)
+
+
+@dataclass
+class State:
+    """What a step changes, and what a checkpoint saves."""
+    raw_model: CogniMamba
+    model: torch.nn.Module  # raw_model, compiled and/or wrapped for DDP
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    batch_gen: torch.Generator
+    step: int = 0
+    best_val: float = float("inf")
+
+
+def setup_run(kwargs: dict) -> Run:
+    """The flags -> a Run: DDP under torchrun (one process per device, each with its slice of every
+    global batch), the precision, and for --resume the checkpoint and the run's own settings."""
     cfg = TrainConfig(**kwargs)
-    out = Path(cfg.out).expanduser()
-    # DDP under torchrun: one process per device, each with its slice of every global batch.
     ddp = int(os.environ.get("WORLD_SIZE", 1)) > 1
     rank, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if ddp else (0, 1)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -280,46 +307,45 @@ def main(**kwargs) -> dict:
         torch.distributed.init_process_group("nccl" if device == "cuda" else "gloo")
         if device == "cuda":
             torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-    master = rank == 0
-    log = print if master else (lambda *a, **k: None)
     torch.manual_seed(cfg.seed)
     amp_dtype, use_scaler = pick_precision(cfg.precision, device)
-
-    resume_ckpt = None
+    run = Run(cfg, Path(cfg.out).expanduser(), device, rank, world, amp_dtype, use_scaler, None)
     if cfg.resume:
-        resume_ckpt = load_checkpoint(out)
-        saved = {**resume_ckpt["train_config"], "out": cfg.out, "resume": True, "force": False}
-        given = {k: v for k, v in kwargs.items() if k not in ("out", "resume")}
-        taken = {k: v for k, v in given.items() if k in RESUME_OVERRIDES and v != saved.get(k)}
-        ignored = sorted(k for k, v in given.items() if k not in RESUME_OVERRIDES and v != saved.get(k))
-        if ignored:
-            log(f"note: --resume keeps the run's own {', '.join('--' + k.replace('_', '-') for k in ignored)} "
+        run.resume_ckpt = load_checkpoint(run.out)
+        run.cfg = resumed_config(run, kwargs)
+    elif run.master:
+        prepare_out(run.out, cfg)
+    return run
+
+
+def resumed_config(run: Run, kwargs: dict) -> TrainConfig:
+    """The resumed run's own settings, with the few that may change mid-run taken from the flags."""
+    ckpt = run.resume_ckpt
+    saved = {**ckpt["train_config"], "out": run.cfg.out, "resume": True, "force": False}
+    given = {k: v for k, v in kwargs.items() if k not in ("out", "resume")}
+    taken = {k: v for k, v in given.items() if k in RESUME_OVERRIDES and v != saved.get(k)}
+    ignored = sorted(k for k, v in given.items() if k not in RESUME_OVERRIDES and v != saved.get(k))
+    if ignored:
+        run.log(f"note: --resume keeps the run's own {', '.join('--' + k.replace('_', '-') for k in ignored)} "
                 f"(only {', '.join('--' + k.replace('_', '-') for k in RESUME_OVERRIDES)} can change mid-run)")
-        if "lr" in taken:
-            log(f"note: peak learning rate {saved['lr']} -> {taken['lr']}: the warmup + cosine schedule continues "
-                f"from step {resume_ckpt['step']} with the new peak")
-        if "max_steps" in taken:
-            log(f"note: max steps {saved['max_steps']} -> {taken['max_steps']}: the cosine decay now ends at step "
+    if "lr" in taken:
+        run.log(f"note: peak learning rate {saved['lr']} -> {taken['lr']}: the warmup + cosine schedule continues "
+                f"from step {ckpt['step']} with the new peak")
+    if "max_steps" in taken:
+        run.log(f"note: max steps {saved['max_steps']} -> {taken['max_steps']}: the cosine decay now ends at step "
                 f"{taken['max_steps']}")
-        cfg = TrainConfig(**{**saved, **taken})
-        if resume_ckpt["step"] >= cfg.max_steps:
-            log(f"{out} finished at step {resume_ckpt['step']} of {cfg.max_steps}: nothing to do. "
-                f"Give --max-steps larger than {resume_ckpt['step']} to train further.")
-            return {"out": str(out), "steps": resume_ckpt["step"], "best_val_loss": resume_ckpt["best_val"]}
-    elif master:
-        prepare_out(out, cfg)
+    return TrainConfig(**{**saved, **taken})
 
-    # --- tokenizer and model ---
+
+def build_model(run: Run) -> tuple[CogniMamba, object]:
+    """(model, tokenizer): resumed, fine-tuned from --init-from, or new for the preset."""
+    cfg = run.cfg
     if cfg.resume:
-        from model.tokenizer import load_tokenizer
-
-        tokenizer = load_tokenizer(out / "tokenizer")
-        model = CogniMamba(ModelConfig.from_dict(resume_ckpt["model_config"]))
+        tokenizer = load_tokenizer(run.out / "tokenizer")
+        model = CogniMamba(ModelConfig.from_dict(run.resume_ckpt["model_config"]))
     elif cfg.init_from:
-        from model.weights import load_any
-
         model, tokenizer, _ = load_any(cfg.init_from)
-        log(f"fine-tuning {cfg.init_from} ({model.num_params():,} parameters); its tokenizer is used")
+        run.log(f"fine-tuning {cfg.init_from} ({model.num_params():,} parameters); its tokenizer is used")
     else:
         tokenizer = get_tokenizer(cfg, corpus_sample(cfg))
         model_cfg = ModelConfig.from_name(cfg.preset, vocab_size=find_multiple(tokenizer.vocab_size, 64))
@@ -329,136 +355,143 @@ def main(**kwargs) -> dict:
         raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only {model.cfg.vocab_size}")
     if cfg.seq_len > model.cfg.max_seq_len:
         raise ValueError(f"--seq-len {cfg.seq_len} is beyond the model's context of {model.cfg.max_seq_len}")
-    if master:
-        out.mkdir(parents=True, exist_ok=True)
-        tokenizer.save(out / "tokenizer")
+    if run.master:
+        run.out.mkdir(parents=True, exist_ok=True)
+        tokenizer.save(run.out / "tokenizer")
+    return model, tokenizer
 
-    # --- data ---
+
+def build_data(run: Run, tokenizer):
+    """(train, val): conversations for --sft, else token windows over files tokenized once (by the
+    master process; the others receive where they are)."""
+    cfg = run.cfg
     if cfg.sft:
-        from train.sft import ChatBatches, load_conversations
-
         convs = load_conversations(cfg.data)
         n_val = max(1, int(len(convs) * cfg.val_fraction))
         if len(convs) < 2:
             raise ValueError(f"{cfg.data}: need at least 2 conversations (one is held out for validation)")
-        train_data = ChatBatches(tokenizer, convs[n_val:], cfg.seq_len)
-        val_data = ChatBatches(tokenizer, convs[:n_val], cfg.seq_len)
-    else:
-        from train.data import TokenWindows, build_token_files, parse_data_spec
+        return ChatBatches(tokenizer, convs[n_val:], cfg.seq_len), ChatBatches(tokenizer, convs[:n_val], cfg.seq_len)
+    sources = None
+    if run.master:
+        sources = build_token_files(parse_data_spec(cfg.data), tokenizer, cache_root() / "tokens",
+                                    cfg.val_fraction, cfg.num_proc or None, run.log)
+    if run.ddp:
+        box = [sources]
+        torch.distributed.broadcast_object_list(box, src=0)
+        sources = box[0]
+    return TokenWindows(sources, "train", cfg.seq_len), TokenWindows(sources, "val", cfg.seq_len)
 
-        if master:
-            from model.weights import cache_root
 
-            sources = build_token_files(parse_data_spec(cfg.data), tokenizer, cache_root() / "tokens",
-                                        cfg.val_fraction, cfg.num_proc or None, log)
-        if ddp:
-            box = [sources if master else None]
-            torch.distributed.broadcast_object_list(box, src=0)
-            sources = box[0]
-        train_data, val_data = TokenWindows(sources, "train", cfg.seq_len), TokenWindows(sources, "val", cfg.seq_len)
-
-    global_batch = cfg.batch_size * world
-    tokens_per_step = global_batch * cfg.grad_accum * cfg.seq_len
-    steps_per_epoch = max(1, train_data.tokens // tokens_per_step)
-    max_steps = cfg.max_steps or max(1, int(cfg.epochs * steps_per_epoch))  # None: from --epochs
-    cfg = dataclasses.replace(cfg, max_steps=max_steps)
-
-    # --- optimizer, state ---
-    model.to(device).train()
+def make_state(run: Run, model: CogniMamba) -> State:
+    """Optimizer, scaler and the batch generator, restored from a resumed checkpoint; the model
+    compiled and wrapped for DDP as asked."""
+    cfg = run.cfg
+    model.to(run.device).train()
     if cfg.activation_checkpointing:
         _checkpoint_blocks(model)
-    optimizer = make_optimizer(model, cfg, device)
-    scaler = torch.amp.GradScaler(device, enabled=use_scaler)
-    batch_gen = torch.Generator().manual_seed(cfg.seed)
-    step, best_val = 0, float("inf")
-    if resume_ckpt is not None:
-        model.load_state_dict(resume_ckpt["model"])
-        optimizer.load_state_dict(resume_ckpt["optimizer"])
-        scaler.load_state_dict(resume_ckpt["scaler"])
-        set_rng_state(resume_ckpt["rng"], batch_gen)
-        step, best_val = resume_ckpt["step"], resume_ckpt["best_val"]
-    raw_model = model
+    state = State(model, model, make_optimizer(model, cfg, run.device),
+                  torch.amp.GradScaler(run.device, enabled=run.use_scaler), torch.Generator().manual_seed(cfg.seed))
+    if (ckpt := run.resume_ckpt) is not None:
+        model.load_state_dict(ckpt["model"])
+        state.optimizer.load_state_dict(ckpt["optimizer"])
+        state.scaler.load_state_dict(ckpt["scaler"])
+        set_rng_state(ckpt["rng"], state.batch_gen)
+        state.step, state.best_val = ckpt["step"], ckpt["best_val"]
     if cfg.compile:
-        model = torch.compile(model)
-    if ddp:
-        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[int(os.environ["LOCAL_RANK"])] if device == "cuda" else None)
+        state.model = torch.compile(state.model)
+    if run.ddp:
+        ids = [int(os.environ["LOCAL_RANK"])] if run.device == "cuda" else None
+        state.model = torch.nn.parallel.DistributedDataParallel(state.model, device_ids=ids)
+    return state
 
-    def checkpoint(name: str):
-        state = {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                 "rng": rng_state(batch_gen), "step": step, "best_val": best_val,
-                 "model_config": raw_model.cfg.to_dict(), "train_config": dataclasses.asdict(cfg)}
-        try:
-            atomic_save(state, out / name)
-        except OSError as e:  # e.g. a full disk: the previous checkpoint is intact; keep training
-            print(f"warning: could not write {out / name} ({e}); the previous checkpoint is intact", file=sys.stderr)
 
-    metrics = out / "metrics.jsonl"
-    log(f"training {raw_model.num_params():,} parameters on {device} x{world} ({cfg.precision}: {amp_dtype or 'fp32'}), "
-        f"{tokens_per_step:,} tokens/step, {max_steps} steps ({steps_per_epoch} per epoch); writing to {out}")
-    from tqdm import tqdm
-
-    bar = tqdm(total=max_steps, initial=step, disable=not master, desc="train", dynamic_ncols=True)
-    t_last, tokens_since = time.perf_counter(), 0
+def save_checkpoint(run: Run, state: State, name: str) -> None:
+    ckpt = {"model": state.raw_model.state_dict(), "optimizer": state.optimizer.state_dict(),
+            "scaler": state.scaler.state_dict(), "rng": rng_state(state.batch_gen), "step": state.step,
+            "best_val": state.best_val, "model_config": state.raw_model.cfg.to_dict(),
+            "train_config": dataclasses.asdict(run.cfg)}
     try:
-        def eval_and_save():
-            nonlocal best_val
-            val_loss = evaluate(raw_model, val_data, cfg, device, amp_dtype)
-            _append(metrics, {"step": step, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 20))})
-            if not math.isfinite(val_loss):
-                raise NonFiniteLoss(f"the validation loss is {val_loss} at step {step}")
-            if val_loss < best_val:
-                best_val = val_loss
-                checkpoint("best_model.pt")
-                save_model(out / "model", raw_model, tokenizer, source=f"trained: {out}",
-                           extra={"step": step, "val_loss": val_loss}, force=True)  # our own run's folder
-            checkpoint("latest.pt")
-            bar.set_postfix_str(f"val {val_loss:.3f}")
+        atomic_save(ckpt, run.out / name)
+    except OSError as e:  # e.g. a full disk: the previous checkpoint is intact; keep training
+        print(f"warning: could not write {run.out / name} ({e}); the previous checkpoint is intact", file=sys.stderr)
 
-        while step < max_steps:
-            if step % cfg.eval_interval == 0 and master:
-                eval_and_save()
-            lr = get_lr(step, cfg, max_steps)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            loss_sum = 0.0
-            for micro in range(cfg.grad_accum):
-                x, y = train_data.batch(global_batch, batch_gen, rank, world)
-                x, y = x.to(device), y.to(device)
-                sync = contextlib.nullcontext() if not ddp or micro == cfg.grad_accum - 1 else model.no_sync()
-                with sync, autocast(device, amp_dtype):
-                    loss = loss_fn(model, x, y) / cfg.grad_accum
-                scaler.scale(loss).backward()
-                loss_sum += loss.item()
-            if ddp:  # log the global batch's loss, not this rank's share of it
-                total = torch.tensor(loss_sum, device=device)
-                torch.distributed.all_reduce(total)
-                loss_sum = total.item() / world
-            if not math.isfinite(loss_sum):  # before the step: the weights stay as the last good step left them
-                if master:
-                    _append(metrics, {"step": step, "loss": loss_sum, "lr": lr})
-                raise NonFiniteLoss(f"the training loss is {loss_sum} at step {step} (learning rate {lr:.2e})")
-            scaler.unscale_(optimizer)
-            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            tokens_since += tokens_per_step
-            if master:
+
+def eval_and_save(run: Run, state: State, tokenizer, val_data) -> float:
+    """Validation loss; the best weights so far as best_model.pt and the model folder; latest.pt."""
+    val_loss = evaluate(state.raw_model, val_data, run.cfg, run.device, run.amp_dtype)
+    _append(run.out / "metrics.jsonl", {"step": state.step, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 20))})
+    if not math.isfinite(val_loss):
+        raise NonFiniteLoss(f"the validation loss is {val_loss} at step {state.step}")
+    if val_loss < state.best_val:
+        state.best_val = val_loss
+        save_checkpoint(run, state, "best_model.pt")
+        save_model(run.out / "model", state.raw_model, tokenizer, source=f"trained: {run.out}",
+                   extra={"step": state.step, "val_loss": val_loss}, force=True)  # our own run's folder
+    save_checkpoint(run, state, "latest.pt")
+    return val_loss
+
+
+def train_step(run: Run, state: State, train_data, lr: float) -> tuple[float, float]:
+    """One optimizer step over grad_accum micro-batches of the global batch -> (loss, grad norm).
+    A non-finite loss stops before the step: the weights stay as the last good step left them."""
+    cfg, model = run.cfg, state.model
+    for group in state.optimizer.param_groups:
+        group["lr"] = lr
+    loss_sum = 0.0
+    for micro in range(cfg.grad_accum):
+        x, y = train_data.batch(cfg.batch_size * run.world, state.batch_gen, run.rank, run.world)
+        x, y = x.to(run.device), y.to(run.device)
+        sync = contextlib.nullcontext() if not run.ddp or micro == cfg.grad_accum - 1 else model.no_sync()
+        with sync, autocast(run.device, run.amp_dtype):
+            loss = loss_fn(model, x, y) / cfg.grad_accum
+        state.scaler.scale(loss).backward()
+        loss_sum += loss.item()
+    if run.ddp:  # log the global batch's loss, not this rank's share of it
+        total = torch.tensor(loss_sum, device=run.device)
+        torch.distributed.all_reduce(total)
+        loss_sum = total.item() / run.world
+    if not math.isfinite(loss_sum):
+        if run.master:
+            _append(run.out / "metrics.jsonl", {"step": state.step, "loss": loss_sum, "lr": lr})
+        raise NonFiniteLoss(f"the training loss is {loss_sum} at step {state.step} (learning rate {lr:.2e})")
+    state.scaler.unscale_(state.optimizer)
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    state.scaler.step(state.optimizer)
+    state.scaler.update()
+    state.optimizer.zero_grad(set_to_none=True)
+    state.step += 1
+    return loss_sum, float(norm)
+
+
+def fit(run: Run, state: State, tokenizer, train_data, val_data, max_steps: int, steps_per_epoch: int) -> None:
+    """The loop: eval and checkpoint every eval_interval steps, a step, a log line; after the last
+    step the state is evaluated and saved, resumable with a larger --max-steps."""
+    cfg, metrics = run.cfg, run.out / "metrics.jsonl"
+    tokens_per_step = cfg.batch_size * run.world * cfg.grad_accum * cfg.seq_len
+    bar = tqdm(total=max_steps, initial=state.step, disable=not run.master, desc="train", dynamic_ncols=True)
+    t_last = time.perf_counter()
+    try:
+        while state.step < max_steps:
+            if state.step % cfg.eval_interval == 0 and run.master:
+                bar.set_postfix_str(f"val {eval_and_save(run, state, tokenizer, val_data):.3f}")
+            lr = get_lr(state.step, cfg, max_steps)
+            loss, norm = train_step(run, state, train_data, lr)
+            if run.master:
                 now = time.perf_counter()
-                tok_s = tokens_since / max(now - t_last, 1e-9)
-                _append(metrics, {"step": step - 1, "loss": loss_sum, "lr": lr, "grad_norm": float(norm), "tok_s": tok_s})
-                bar.set_postfix(loss=f"{loss_sum:.3f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}")
+                tok_s = tokens_per_step / max(now - t_last, 1e-9)
+                _append(metrics, {"step": state.step - 1, "loss": loss, "lr": lr, "grad_norm": norm, "tok_s": tok_s})
+                bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}")
                 bar.update(1)
-                t_last, tokens_since = now, 0
-                if step % steps_per_epoch == 0:
-                    checkpoint(f"checkpoint_epoch_{step // steps_per_epoch}.pt")
-        if master:  # the state after the last step: evaluated, saved, resumable with a larger --max-steps
-            eval_and_save()
+                t_last = now
+                if state.step % steps_per_epoch == 0:
+                    save_checkpoint(run, state, f"checkpoint_epoch_{state.step // steps_per_epoch}.pt")
+        if run.master:
+            eval_and_save(run, state, tokenizer, val_data)
     except KeyboardInterrupt:
-        if master:
-            checkpoint("latest.pt")
-            print(f"\ninterrupted at step {step}: saved {out / 'latest.pt'}; continue with --resume", file=sys.stderr)
+        if run.master:
+            save_checkpoint(run, state, "latest.pt")
+            print(f"\ninterrupted at step {state.step}: saved {run.out / 'latest.pt'}; continue with --resume",
+                  file=sys.stderr)
         raise SystemExit(130)
     except torch.cuda.OutOfMemoryError:
         raise SystemExit(f"out of GPU memory at batch {cfg.batch_size} x seq {cfg.seq_len}: try a smaller --batch-size "
@@ -466,17 +499,43 @@ def main(**kwargs) -> dict:
                          "--activation-checkpointing") from None
     finally:
         bar.close()
-        if ddp:
+
+
+def main(**kwargs) -> dict:
+    run = setup_run(kwargs)
+    out, ckpt = run.out, run.resume_ckpt
+    if ckpt is not None and ckpt["step"] >= (run.cfg.max_steps or 0):
+        run.log(f"{out} finished at step {ckpt['step']} of {run.cfg.max_steps}: nothing to do. "
+                f"Give --max-steps larger than {ckpt['step']} to train further.")
+        return {"out": str(out), "steps": ckpt["step"], "best_val_loss": ckpt["best_val"]}
+    model, tokenizer = build_model(run)
+    train_data, val_data = build_data(run, tokenizer)
+    tokens_per_step = run.cfg.batch_size * run.world * run.cfg.grad_accum * run.cfg.seq_len
+    steps_per_epoch = max(1, train_data.tokens // tokens_per_step)
+    max_steps = run.cfg.max_steps or max(1, int(run.cfg.epochs * steps_per_epoch))  # None: from --epochs
+    run.cfg = dataclasses.replace(run.cfg, max_steps=max_steps)
+    state = make_state(run, model)
+    run.log(f"training {model.num_params():,} parameters on {run.device} x{run.world} ({run.cfg.precision}: "
+            f"{run.amp_dtype or 'fp32'}), {tokens_per_step:,} tokens/step, {max_steps} steps ({steps_per_epoch} "
+            f"per epoch); writing to {out}")
+    try:
+        fit(run, state, tokenizer, train_data, val_data, max_steps, steps_per_epoch)
+    finally:
+        if run.ddp:
             torch.distributed.destroy_process_group()
-    result = {"out": str(out), "steps": step, "best_val_loss": best_val}
-    if master:
-        if not is_model_dir(out / "model"):
-            raise RuntimeError(f"training ended without writing {out / 'model'}; see {metrics}")
-        plot_losses(metrics, out / "loss_curve.png")
-        log(f"done: best validation loss {best_val:.4f}\n  model folder  {out / 'model'}  (chat: python -m serve.cli "
-            f"--model {out})\n  checkpoints   {out}/best_model.pt, latest.pt\n  metrics       {metrics}\n"
+    if run.master:
+        report(run, state)
+    return {"out": str(out), "steps": state.step, "best_val_loss": state.best_val}
+
+
+def report(run: Run, state: State) -> None:
+    out, metrics = run.out, run.out / "metrics.jsonl"
+    if not is_model_dir(out / "model"):
+        raise RuntimeError(f"training ended without writing {out / 'model'}; see {metrics}")
+    plot_losses(metrics, out / "loss_curve.png")
+    run.log(f"done: best validation loss {state.best_val:.4f}\n  model folder  {out / 'model'}  (chat: python -m "
+            f"serve.cli --model {out})\n  checkpoints   {out}/best_model.pt, latest.pt\n  metrics       {metrics}\n"
             f"  loss curve    {out / 'loss_curve.png'}")
-    return result
 
 
 def _append(path: Path, row: dict) -> None:
@@ -503,8 +562,6 @@ def prepare_out(out: Path, cfg: TrainConfig) -> None:
 
 def _checkpoint_blocks(model: CogniMamba) -> None:
     """Recompute each block's activations in the backward pass: memory for ~30% more compute."""
-    from torch.utils.checkpoint import checkpoint
-
     for block in model.layers:
         forward = block.forward
         block.forward = lambda *a, _f=forward: checkpoint(_f, *a, use_reentrant=False)
