@@ -27,8 +27,13 @@ Sources of blocks:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
+import torch
+
+from model.checkpoint import read_meta
+from model.gguf import config_from_gguf, gguf_tensors, open_gguf, unpermute_rope
 
 GGUF_SUPPORTED = ("Q4_0", "Q4_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K")
 GGUF_UNQUANTIZED = ("F32", "F16", "BF16")
@@ -162,7 +167,7 @@ def _decode(kind: str, b: np.ndarray):
 def from_gguf(tensor) -> BlockMatrix | None:
     """A gguf.GGUFReader tensor's blocks as a BlockMatrix (N, K); None for an unquantized tensor
     (F32/F16/BF16), which is written as a plain MatMul. Other block types: a ValueError."""
-    from gguf import GGML_QUANT_SIZES
+    from gguf import GGML_QUANT_SIZES  # gguf only where GGUF blocks are exported (not on every runtime)
 
     kind = tensor.tensor_type.name
     if kind in GGUF_UNQUANTIZED:
@@ -186,12 +191,6 @@ def gguf_blocks(model_dir, state: dict) -> dict[str, BlockMatrix | None]:
     the file), under our state-dict names and with attn_q/attn_k rows in our rotate-half order.
     Each must dequantize to exactly the folder's fp32 weights: a model changed since its import
     (fine-tuned, or its GGUF replaced) is refused rather than silently served with other weights."""
-    from pathlib import Path
-
-    from model.checkpoint import read_meta
-    from model.config import per_layer_names
-    from model.gguf import GGUF_TO_OURS, _open, config_from_gguf, unpermute_rope
-
     meta = read_meta(model_dir)
     source = meta.get("source")
     if meta.get("source_format") != "gguf" or not source:
@@ -199,18 +198,12 @@ def gguf_blocks(model_dir, state: dict) -> dict[str, BlockMatrix | None]:
                          "GGUF; use --quantize int4 or int8")
     if not Path(source).is_file():
         raise FileNotFoundError(f"{model_dir} was imported from {source}, which is gone; restore it or use --quantize int4")
-    reader = _open(source)
-    cfg = config_from_gguf(reader)
-    lookup = per_layer_names(GGUF_TO_OURS, cfg.n_layers)
+    reader = open_gguf(source)
     blocks = {}
-    for t in reader.tensors:
-        if t.name not in lookup:
-            continue
+    for name, t, rope_heads in gguf_tensors(reader, config_from_gguf(reader)):
         m = from_gguf(t)
-        name = lookup[t.name]
-        if m is not None and t.name.endswith(("attn_q.weight", "attn_k.weight")):
-            heads = cfg.n_heads if t.name.endswith("attn_q.weight") else cfg.n_kv_heads
-            m = m.take_rows(unpermute_rope(np.arange(m.shape[0])[:, None], heads)[:, 0])
+        if m is not None and rope_heads is not None:  # the blocks' rows, in the order the fp32 import has them
+            m = m.take_rows(unpermute_rope(np.arange(m.shape[0])[:, None], rope_heads)[:, 0])
         if m is not None and (name not in state or not np.array_equal(m.dequantize(), state[name])):
             raise ValueError(f"{model_dir}'s weights differ from its source {source} ({t.name}): the model changed "
                              "after its import; use --quantize int4 or int8")
@@ -230,8 +223,6 @@ def quantize(w: np.ndarray, bits: int, block: int = 32, clip_grid: tuple = CLIP_
     the CLIP_GRID factor with the least squared error. Weights already on a Q4_1 grid (SmolLM2's,
     dequantized) come back as they are at factor 1; an integer zero point alone cannot align
     with that grid and re-rounds every weight (measured: +35% perplexity, as ORT's symmetric int4)."""
-    import torch
-
     N, K = w.shape
     x = torch.from_numpy(np.ascontiguousarray(w, np.float32)).reshape(N, K // block, block)
     if bits == 8:

@@ -13,12 +13,14 @@ package's GGUFWriter, as convert_hf_to_gguf.py does.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
-from model.checkpoint import atomic_file
+from model.checkpoint import atomic_file, build_model, check_weights
 from model.config import ModelConfig, per_layer_names
 from model.tokenizer import BPETokenizer
 
@@ -46,7 +48,8 @@ GGUF_CARD_KEYS = {"general.license": "license", "general.languages": "language",
 HF_URL = "https://huggingface.co/"
 
 
-def _open(path: str | Path):
+def open_gguf(path: str | Path):
+    """A GGUFReader over `path`, or one clear error for a missing, foreign or damaged file."""
     import gguf
 
     path = Path(path)
@@ -102,17 +105,27 @@ def config_from_gguf(reader) -> ModelConfig:
     )
 
 
-def state_dict_from_gguf(reader, cfg: ModelConfig) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """Dequantized fp32 weights under our names, and the set of source quantization types."""
-    from gguf.quants import dequantize
-
+def gguf_tensors(reader, cfg: ModelConfig) -> Iterator[tuple[str, object, int | None]]:
+    """The one walk over a GGUF's tensors (import and block export): (our name, the reader's
+    tensor, rope_heads). rope_heads is the head count whose rows llama.cpp's converter permuted for
+    interleaved RoPE (attn_q, attn_k): a reader of ours unpermutes them (unpermute_rope) for our
+    rotate-half layout; None for every other tensor. A tensor we do not know is refused."""
     lookup = per_layer_names(GGUF_TO_OURS, cfg.n_layers)
-    state, qtypes = {}, set()
     unknown = [t.name for t in reader.tensors if t.name not in lookup]
     if unknown:  # e.g. Llama-3.1's rope_freqs (RoPE scaling): skipping it would load wrong logits
         raise ValueError(f"GGUF tensor {unknown[0]} ({len(unknown)} unknown in all) is not implemented by this model; "
                          "refusing rather than loading a model that computes something else")
     for t in reader.tensors:
+        heads = cfg.n_heads if t.name.endswith("attn_q.weight") else cfg.n_kv_heads if t.name.endswith("attn_k.weight") else None
+        yield lookup[t.name], t, heads
+
+
+def state_dict_from_gguf(reader, cfg: ModelConfig) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Dequantized fp32 weights under our names, and the set of source quantization types."""
+    from gguf.quants import dequantize
+
+    state, qtypes = {}, set()
+    for name, t, rope_heads in gguf_tensors(reader, cfg):
         try:
             w = dequantize(t.data, t.tensor_type)
         except NotImplementedError:
@@ -120,13 +133,11 @@ def state_dict_from_gguf(reader, cfg: ModelConfig) -> tuple[dict[str, torch.Tens
         except (ValueError, IndexError) as e:
             raise ValueError(f"GGUF tensor {t.name} is truncated or corrupt ({e})") from None
         w = np.array(w, dtype=np.float32).reshape(tuple(reversed([int(n) for n in t.shape])))  # a writable copy; GGUF lists dims fastest-first
-        if t.name.endswith("attn_q.weight"):
-            w = unpermute_rope(w, cfg.n_heads)
-        elif t.name.endswith("attn_k.weight"):
-            w = unpermute_rope(w, cfg.n_kv_heads)
-        state[lookup[t.name]] = torch.from_numpy(np.ascontiguousarray(w))
+        if rope_heads is not None:
+            w = unpermute_rope(w, rope_heads)
+        state[name] = torch.from_numpy(np.ascontiguousarray(w))
         qtypes.add(t.tensor_type.name)
-    missing = set(lookup.values()) - set(state) - ({"output.weight"} if cfg.tie_embeddings else set())
+    missing = set(per_layer_names(GGUF_TO_OURS, cfg.n_layers).values()) - set(state) - ({"output.weight"} if cfg.tie_embeddings else set())
     if missing:
         raise ValueError(f"GGUF file lacks {len(missing)} tensors, e.g. {sorted(missing)[0]}")
     return state, sorted(qtypes)
@@ -134,8 +145,6 @@ def state_dict_from_gguf(reader, cfg: ModelConfig) -> tuple[dict[str, torch.Tens
 
 def tokenizer_from_gguf(reader) -> BPETokenizer:
     """Rebuild the HF tokenizer from tokenizer.ggml.*: byte-level BPE ('gpt2' model)."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
-
     kind = _field(reader, "tokenizer.ggml.model")
     if kind != "gpt2":
         raise ValueError(f"GGUF tokenizer model {kind!r} is not supported; only byte-level BPE ('gpt2')")
@@ -184,9 +193,7 @@ def card_from_gguf(reader) -> dict:
 
 def load_gguf(path: str | Path):
     """-> (CogniMamba fp32, tokenizer, info dict) from a GGUF file."""
-    from model.checkpoint import build_model, check_weights
-
-    reader = _open(path)
+    reader = open_gguf(path)
     cfg = config_from_gguf(reader)
     # Before dequantizing, the llama.* keys must describe the tensors; names are mapped for the blocks
     # the file holds, not for its block_count, which may be absurd. GGUF lists dims fastest-first.
