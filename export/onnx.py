@@ -69,6 +69,7 @@ if __name__ == "__main__":
     sys.path.insert(0, str(_HERE.parent))
 
 import argparse  # noqa: E402
+import copy  # noqa: E402
 import json  # noqa: E402
 import hashlib  # noqa: E402
 import os  # noqa: E402
@@ -78,10 +79,11 @@ import numpy as np  # noqa: E402
 import onnx  # noqa: E402
 import torch  # noqa: E402
 
+from export.blocks import gguf_blocks, quantized_state  # noqa: E402
 from export.folder import EXPORTER_VERSION, GRAPH_FILE, META_FILE, META_VERSION  # noqa: E402
 from export.genai import write_genai_files  # noqa: E402
 from export.graph import ACCURACY_LEVELS, DTYPES, OPSET, PAST, PRESENT, all_kv_names, build_graph  # noqa: E402
-from model.checkpoint import atomic_dir, load_model, sha256_file  # noqa: E402
+from model.checkpoint import atomic_dir, check_output_dir, load_model, sha256_file  # noqa: E402
 from model.hf import write_hf_configs  # noqa: E402
 from model.weights import resolve_model  # noqa: E402
 from model.config import generation_defaults  # noqa: E402
@@ -133,9 +135,7 @@ def measure_parity(model: CogniMamba, onnx_path: Path, dtype: str = "fp32", step
     caller measures another execution provider, as bench/gpu.py does CUDA's), and the same tokens
     uncached through the model in torch fp32 and in float64. float64 is the truth both runtimes are
     judged by: parity_ok compares ORT's error with PyTorch's own fp32 error on the same input."""
-    import copy
-
-    import onnxruntime as ort
+    import onnxruntime as ort  # only a --verify export runs the graph
 
     sess = ort.InferenceSession(str(onnx_path), providers=list(providers))
     cfg = model.cfg
@@ -221,15 +221,11 @@ def export_onnx(model: str | Path, out: str | Path, dtype: str = "fp32", quantiz
     src = resolve_model(model)
     sources = [src] + ([Path(model)] if Path(model).exists() else [])  # a .gguf or HF folder, too
     out = Path(out)
-    from model.checkpoint import check_output_dir
-
     check_output_dir(out, "ONNX export", force, sources)  # before the minutes of work, not after
     net, tokenizer, src_meta = load_model(src)
     net = net.float()
     blocks = None
     if quantize:
-        from export.blocks import gguf_blocks, quantized_state
-
         state = {k: v.numpy() for k, v in net.state_dict().items()}
         blocks = gguf_blocks(src, state) if quantize == "gguf" else quantized_state(state, 8 if quantize == "int8" else 4)
     with atomic_dir(out, "ONNX export", force, sources) as tmp:

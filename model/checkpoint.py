@@ -17,6 +17,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
 
 from model.config import ModelConfig
 from model.model import CogniMamba
@@ -175,8 +177,6 @@ def atomic_file(path: Path):
 
 def header_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
     """Tensor name -> shape from a safetensors file's header alone (its data is not read)."""
-    from safetensors import SafetensorError, safe_open
-
     try:
         with safe_open(str(path), framework="pt") as f:
             return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
@@ -232,8 +232,6 @@ def save_model(directory: str | Path, model: CogniMamba, tokenizer: Tokenizer, s
     """Write the folder next to its final place, then rename: a crash leaves the old one intact.
     Replaces only a model folder written here before (or anything, with force)."""
     directory = Path(directory)
-    from safetensors.torch import save_file
-
     with atomic_dir(directory, "model folder", force) as tmp:
         # Tied weights: tok_embeddings.weight is the only copy (there is no separate output matrix).
         state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
@@ -275,9 +273,6 @@ def read_meta(directory: str | Path) -> dict:
 def load_model(directory: str | Path, device: str | torch.device = "cpu",
                dtype: torch.dtype | None = None) -> tuple[CogniMamba, Tokenizer, dict]:
     """Rebuild model and tokenizer from a folder written by save_model. Returns (model, tokenizer, meta)."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     directory = Path(directory)
     meta = read_meta(directory)
     cfg = ModelConfig.from_dict(meta["model"])

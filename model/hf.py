@@ -13,6 +13,8 @@ import json
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 
 from model.checkpoint import atomic_dir, build_model, check_weights, header_shapes
 from model.config import ModelConfig, per_layer_names
@@ -87,9 +89,6 @@ def generation_from_hf(directory: Path) -> dict:
 
 def load_hf(directory: str | Path):
     """-> (CogniMamba fp32, tokenizer, info) from a HF Llama folder (sharded safetensors allowed)."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     d = Path(directory)
     try:
         hf = json.loads((d / "config.json").read_text())
@@ -224,8 +223,6 @@ def export_hf(model, tokenizer: Tokenizer, directory: str | Path, dtype: torch.d
     """Write a HF Llama folder (atomically: temp folder, then rename). `source` is the model
     folder's meta (name, source_format, source_quantization) for the model card. Replaces only a
     folder this exporter wrote (or anything but `sources`, with force)."""
-    from safetensors.torch import save_file
-
     if tokenizer.kind != "bpe":
         raise ValueError("HF export needs a BPE tokenizer (tokenizer.json); the char tokenizer has no HF equivalent")
     cfg: ModelConfig = model.cfg

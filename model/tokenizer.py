@@ -22,6 +22,8 @@ import string
 from pathlib import Path
 from typing import Iterable
 
+from tokenizers import AddedToken, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
+
 IM_START, IM_END, ENDOFTEXT = "<|im_start|>", "<|im_end|>", "<|endoftext|>"
 SPECIAL_TOKENS = [ENDOFTEXT, IM_START, IM_END]
 
@@ -107,10 +109,8 @@ class BPETokenizer(_ChatMixin):
 
     def __init__(self, backend, chat_template: str | None = None, eos_token: str = ENDOFTEXT,
                  bos_token: str | None = None, stop_tokens: Iterable[str] = (IM_END, ENDOFTEXT)):
-        from tokenizers import Tokenizer
-
         self.backend = backend  # matches special tokens in the text: template text only
-        self._plain = Tokenizer.from_str(backend.to_str())
+        self._plain = HFTokenizer.from_str(backend.to_str())
         self._plain.encode_special_tokens = True  # user text: "<|im_end|>" stays characters
         self.chat_template = chat_template or CHATML_TEMPLATE
         self.eos_token, self.bos_token = eos_token, bos_token
@@ -231,8 +231,6 @@ def load_tokenizer(directory: str | Path) -> Tokenizer:
 
 def from_tokenizer_json(path: str | Path) -> BPETokenizer:
     """A tokenizer.json (ours, or from any HF model folder) plus tokenizer_config.json beside it."""
-    from tokenizers import Tokenizer as HFTokenizer
-
     path = Path(path)
     try:
         backend = HFTokenizer.from_file(str(path))
@@ -256,8 +254,6 @@ def from_tokenizer_json(path: str | Path) -> BPETokenizer:
 
 def with_chat_tokens(backend):
     """Add ChatML's control tokens to a tokenizer that lacks them (GPT-2 has only <|endoftext|>)."""
-    from tokenizers import AddedToken
-
     missing = [t for t in SPECIAL_TOKENS if backend.token_to_id(t) is None]
     if missing:
         backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in missing])
@@ -281,8 +277,6 @@ def gpt2_tokenizer() -> BPETokenizer:
 def train_bpe(texts: Iterable[str], vocab_size: int) -> BPETokenizer:
     """A byte-level BPE (GPT-2 style) trained on the corpus. Small vocabularies make small models
     learn much faster (llama2.c's custom tokenizer experiments)."""
-    from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
-
     backend = HFTokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()

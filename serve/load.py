@@ -13,6 +13,8 @@ import torch
 
 from export.folder import META_FILE, is_onnx_export
 from model.checkpoint import is_model_dir
+from model.weights import load_any
+from serve.generate import TorchBackend
 
 BACKENDS = ("onnx", "torch")
 
@@ -37,15 +39,12 @@ def pick_device() -> str:
 def load_backend(model: str = "default", backend: str = "torch", device: str | None = None):
     """Returns (backend, tokenizer, meta)."""
     if backend == "torch":
-        from serve.generate import TorchBackend
-        from model.weights import load_any
-
         device = device or pick_device()
         # fp16 halves memory traffic on a GPU; on CPU fp32 is both faster and exact.
         net, tokenizer, meta = load_any(torch_source(model), device=device, dtype=torch.float16 if device == "cuda" else None)
         return TorchBackend(net), tokenizer, meta
     if backend == "onnx":
-        from serve.ort_backend import load_ort_backend
+        from serve.ort_backend import load_ort_backend  # onnx and onnxruntime only for this backend
 
         return load_ort_backend(model, device=device)
     raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")

@@ -17,8 +17,10 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import onnxruntime as ort
 import torch
 
+from export.blocks import GGUF_SUPPORTED, GGUF_UNQUANTIZED
 from export.graph import PAST, PRESENT, all_kv_names
 from export.folder import EXPORTER_VERSION, GRAPH_FILE, META_FILE, META_VERSION
 from export.onnx import SOURCE_FIELDS, export_onnx, tokenizer_hash
@@ -43,8 +45,6 @@ def physical_cores() -> int:
 
 def pick_providers(device: str | None = None) -> list[str]:
     """device None = the best available; "cpu", "cuda" or "tensorrt" ask for one (CPU stays as fallback)."""
-    import onnxruntime as ort
-
     available = ort.get_available_providers()
     wanted = {None: PROVIDER_ORDER, "cpu": PROVIDER_ORDER[2:], "cuda": PROVIDER_ORDER[1:],
               "tensorrt": PROVIDER_ORDER}.get(device)
@@ -61,8 +61,6 @@ def pick_providers(device: str | None = None) -> list[str]:
 def bind_keep(binding, keep: int) -> None:
     """num_logits_to_keep has a default in the graph (an initializer of the same name, so runtimes
     that never feed it run the graph); ORT binds such an input only as an OrtValue."""
-    import onnxruntime as ort
-
     binding.bind_ortvalue_input("num_logits_to_keep", ort.OrtValue.ortvalue_from_numpy(np.array(keep, np.int64)))
 
 
@@ -109,8 +107,6 @@ class OrtBackend:
     name = "onnx"
 
     def __init__(self, directory: str | Path, device: str | None = None, threads: int | None = None):
-        import onnxruntime as ort
-
         self.meta = check_export(directory)
         self.cfg = ModelConfig.from_dict(self.meta["model"])
         self.max_seq_len = self.cfg.max_seq_len
@@ -207,8 +203,6 @@ class OrtBackend:
     # ---- the graph as it is, for parity tests and perplexity (concatenating, OrtValues)
     def empty_past(self, batch_size: int = 1) -> list:
         """Zeros of shape (B, n_kv_heads, 0, head_dim): never np.empty (transformers #13175)."""
-        import onnxruntime as ort
-
         z = ort.OrtValue.ortvalue_from_numpy(
             np.zeros((batch_size, self.cfg.n_kv_heads, 0, self.cfg.head_dim), self.kv_dtype), self.io_device, 0)
         return [z] * len(self.past_names)
@@ -242,8 +236,6 @@ def pick_variant(src: Path, provider: str, dtype: str | None, quantize: str | No
         return dtype or "fp32", quantize, "as asked"
     if provider != "CPUExecutionProvider":
         return "fp16", None, "fp16 on the GPU: ORT's GroupQueryAttention has no fp32 CUDA kernel"
-    from export.blocks import GGUF_SUPPORTED, GGUF_UNQUANTIZED
-
     meta = read_meta(src)
     types = set((meta.get("source_quantization") or "").split(",")) - {""}
     if meta.get("source_format") == "gguf" and types - set(GGUF_UNQUANTIZED) and types <= set(GGUF_SUPPORTED + GGUF_UNQUANTIZED) \

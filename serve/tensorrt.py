@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import onnxruntime as ort
 import torch
 
 from export.graph import PAST, all_kv_names
@@ -44,8 +45,6 @@ class TrtBackend(OrtBackend):
     """OrtBackend on the TensorRT EP (CUDA EP and CPU as fallbacks for anything TensorRT rejects)."""
 
     def __init__(self, directory: str | Path, max_len: int | None = None, fp16: bool = True):
-        import onnxruntime as ort
-
         if "TensorrtExecutionProvider" not in ort.get_available_providers():
             raise RuntimeError("onnxruntime has no TensorrtExecutionProvider here: install onnxruntime-gpu with "
                                "TensorRT libraries on a CUDA machine, or use the CPU/CUDA OrtBackend")
