@@ -7,24 +7,14 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Iterable, Iterator
-
-import torch
 
 from model.model import StaticCache
 from serve.generate import (PREFILL_CHUNK, Backend, Sequence, capacity_for, decode_step, prefill,
                             start)
+from serve.prefix_cache import PrefixCache
 from serve.sampling import GREEDY, SamplingConfig, sample
-
-
-def common_prefix(a: list[int], b: list[int]) -> int:
-    n = min(len(a), len(b))
-    if n == 0:
-        return 0
-    diff = (torch.tensor(a[:n]) != torch.tensor(b[:n])).nonzero()
-    return int(diff[0, 0]) if len(diff) else n
 
 
 @dataclass
@@ -34,13 +24,6 @@ class Prefill:
     seq: Sequence
     cache: StaticCache
     done: int  # prompt tokens whose keys/values the cache holds
-
-
-@dataclass
-class SavedCache:
-    tokens: list[int]  # the tokens whose keys/values `tensors` hold
-    tensors: list[torch.Tensor]  # (n_kv_heads, len(tokens), head_dim) per layer, keys then values
-    nbytes: int
 
 
 class Engine:
@@ -61,8 +44,9 @@ class Engine:
     finished or cancelled rows leave: the last row moves into the freed one, so the active rows
     stay a contiguous view (one row copied per departure, nothing per step). Chunks fall where
     `prefill` puts them, so a sequence's numbers do not depend on what runs beside it. A departing
-    row's tokens and cache are kept (LRU, under `cache_budget_bytes`), so a chat's next turn
-    prefills only what follows the common prefix.
+    row's tokens and cache are kept (serve/prefix_cache.py: LRU under `cache_budget_bytes`, shared
+    by every request without being taken from its owner), so a chat's next turn prefills only what
+    follows its history, and a new chat only what follows a system prompt another chat began with.
     """
 
     def __init__(self, backend: Backend, max_batch: int = 8, cache_budget_bytes: int = 2 << 30):
@@ -77,8 +61,7 @@ class Engine:
         self.active: list[Sequence] = []
         self.prefilling: list[Prefill] = []  # admitted, prompt being fed; oldest first
         self.waiting: list[Sequence] = []
-        self.saved: OrderedDict[str, SavedCache] = OrderedDict()
-        self.saved_bytes = 0
+        self.kept = PrefixCache(cache_budget_bytes)
         self.steps = 0  # decode steps taken (network calls for decoding): tests count batching by it
         self.queued = 0  # sequences waiting for a row, as of the last iteration (read by anyone)
         self.closed = False
@@ -182,9 +165,9 @@ class Engine:
     def _own_cache(self, seq: Sequence) -> Prefill:
         """`seq` with its own one-row cache, holding what a kept cache shares with its prompt."""
         cache = self.backend.new_cache(1, capacity_for(len(seq.prompt) + seq.cfg.max_new_tokens, self.max_seq_len))
-        reuse, saved = self._reusable(seq.prompt)
+        reuse, saved = self.kept.match(seq.prompt)
         if saved is not None:
-            cache.load_row(0, saved.tensors, reuse)
+            cache.load_row(0, saved.tensors, reuse)  # a copy: the kept cache stays its owner's
         seq.reused_tokens = reuse
         return Prefill(seq, cache, reuse)
 
@@ -259,21 +242,6 @@ class Engine:
         self._end(seq)
 
     # ---- kept caches (cross-turn reuse)
-    def _reusable(self, prompt: list[int]) -> tuple[int, SavedCache | None]:
-        """The kept cache sharing the longest prefix with `prompt`, taken out of the store (its
-        conversation saves it again when this turn ends). At least one prompt token is left to
-        prefill: its logits choose the first new token."""
-        best, best_key = 0, None
-        for key, saved in self.saved.items():
-            n = min(common_prefix(saved.tokens, prompt), len(prompt) - 1)
-            if n > best:
-                best, best_key = n, key
-        if best_key is None:
-            return 0, None
-        saved = self.saved.pop(best_key)
-        self.saved_bytes -= saved.nbytes
-        return best, saved
-
     def _keep(self, seq: Sequence, length: int, row: int) -> bool:
         """Keep a departing row's tokens and cache for the conversation's next turn. The last
         sequence of a one-row cache hands the buffers over as they are (views, no copy: a long chat
@@ -281,15 +249,8 @@ class Engine:
         tokens = (seq.prompt + seq.tokens)[:length]  # the last sampled token was never fed
         hand_over = self.cache.num_rows == 1 and len(self.active) == 1
         nbytes = (self.cache.capacity if hand_over else length) * self.cache.bytes_per_token  # memory held
-        if seq.finish_reason == "error" or length == 0 or nbytes > self.cache_budget_bytes:
+        if seq.finish_reason == "error" or length == 0:
             return False
-        old = self.saved.pop(seq.conversation, None)
-        if old is not None:
-            self.saved_bytes -= old.nbytes
-        while self.saved and self.saved_bytes + nbytes > self.cache_budget_bytes:
-            _, evicted = self.saved.popitem(last=False)  # least recently used first
-            self.saved_bytes -= evicted.nbytes
-        tensors = self.cache.row_views(row, length) if hand_over else self.cache.save_row(row, length)
-        self.saved[seq.conversation] = SavedCache(tokens, tensors, nbytes)
-        self.saved_bytes += nbytes
-        return hand_over
+        # (n_kv_heads, length, head_dim) per layer, keys then values: views of a handed-over buffer
+        tensors = (lambda: self.cache.row_views(row, length)) if hand_over else (lambda: self.cache.save_row(row, length))
+        return self.kept.keep(seq.conversation, tokens, nbytes, tensors) and hand_over

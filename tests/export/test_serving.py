@@ -10,7 +10,9 @@ import torch
 from export.onnx import error_bound
 from serve.ort_backend import OrtBackend
 from model.checkpoint import load_model
-from tests.serve.test_engine import check_batched_equals_alone, second_turn_equals_cold
+from serve.engine import Engine
+from tests.serve.test_engine import (check_batched_equals_alone, interleaved_chats_reuse_their_own_history,
+                                     second_turn_equals_cold)
 
 
 def ort_vs_ort_bound(model, ids) -> float:
@@ -70,3 +72,8 @@ def test_batched_decoding_equals_alone_onnx(nano_export, fused):
 
 def test_second_turn_with_reuse_equals_a_cold_prefill_onnx(nano_export):
     second_turn_equals_cold(OrtBackend(nano_export("fp32", None, True)))
+
+
+def test_interleaved_chats_each_reuse_their_whole_history_onnx(nano_export):
+    backend = OrtBackend(nano_export("fp32", None, True))
+    interleaved_chats_reuse_their_own_history(backend, Engine(backend, max_batch=2))
