@@ -10,11 +10,19 @@ import threading
 from dataclasses import dataclass
 from typing import Iterable, Iterator
 
+import torch
+
 from model.model import StaticCache
 from serve.generate import (PREFILL_CHUNK, Backend, Sequence, capacity_for, decode_step, prefill,
                             start)
 from serve.prefix_cache import PrefixCache
 from serve.sampling import GREEDY, SamplingConfig, sample
+from serve.speculate import DRAFT_MAX, NgramDrafter
+
+# Speculation is off once more rows than this decode together: a verify is a call of its row alone
+# after the batch's step, so it delays every other row, and a batch already reads the weights once
+# for several tokens.
+SPECULATE_ROWS = 2
 
 
 @dataclass
@@ -49,10 +57,12 @@ class Engine:
     follows its history, and a new chat only what follows a system prompt another chat began with.
     """
 
-    def __init__(self, backend: Backend, max_batch: int = 8, cache_budget_bytes: int = 2 << 30):
+    def __init__(self, backend: Backend, max_batch: int = 8, cache_budget_bytes: int = 2 << 30,
+                 speculate: bool = True, speculate_rows: int = SPECULATE_ROWS):
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         self.backend, self.max_batch, self.cache_budget_bytes = backend, max_batch, cache_budget_bytes
+        self.speculate, self.speculate_rows = speculate, speculate_rows
         self.name, self.device = backend.name, backend.device
         self.max_seq_len, self.vocab_size = backend.max_seq_len, backend.vocab_size
         self.inbox: queue.Queue = queue.Queue()  # ("submit" | "cancel", seq) or ("close", None)
@@ -169,6 +179,7 @@ class Engine:
         if saved is not None:
             cache.load_row(0, saved.tensors, reuse)  # a copy: the kept cache stays its owner's
         seq.reused_tokens = reuse
+        seq.drafter = NgramDrafter(seq.prompt) if self.speculate and seq.speculate else None
         return Prefill(seq, cache, reuse)
 
     def _feed(self) -> None:
@@ -209,27 +220,91 @@ class Engine:
         return row
 
     def _step(self) -> None:
+        """One decode step for every active row. Rows with a draft (speculation) get their drafted
+        tokens verified: a row alone feeds its last token and the draft in one call (T = 1 + k);
+        in a batch, every row feeds its last token in the batch's call, and a row whose first
+        drafted token the target agrees with feeds the rest in a call of its own (one-row calls
+        with T > 1 are what both backends take: ORT's GroupQueryAttention refuses several new
+        tokens per row beside other rows, and padding every row to T would cost them all)."""
+        drafts = self._drafts()
+        bases = self.cache.lengths[:len(self.active)]  # each row's length before its last token
         try:
-            logits = decode_step(self.backend, self.cache, self.active)
+            if len(self.active) == 1 and drafts:
+                logits = self._forward_row(0, [self.active[0].tokens[-1]] + drafts[0])[None]  # (1, 1+k, vocab)
+            else:
+                logits = decode_step(self.backend, self.cache, self.active)[:, None]  # (B, 1, vocab)
             self.steps += 1
         except Exception as e:  # the network call failed: every row in it ends with the error
             for seq in self.active:
                 self._end(seq, "error", e)
             self.active, self.cache = [], None
             return
-        for row, token in reversed(list(enumerate(sample(logits, [s.sampling for s in self.active])))):
-            self._emit(row, token)
+        firsts = sample(logits[:, 0], [s.sampling for s in self.active])
+        for row in reversed(range(len(self.active))):
+            self._verify(row, bases[row], firsts[row], logits[row, 1:], drafts.get(row, []))
 
-    def _emit(self, row: int, token: int) -> None:
-        """Accept a row's token, pass it on, and let the row leave if it is done. Rows are visited
-        from the last so that a departure (the last row moving into the freed one) skips no row."""
+    def _drafts(self) -> dict[int, list[int]]:
+        """{row: drafted tokens} for the rows that speculate this step (none in a busy batch)."""
+        if not self.speculate or len(self.active) > self.speculate_rows:
+            return {}
+        drafts = {}
+        for row, seq in enumerate(self.active):
+            # the draft and the token after it must fit the row's budget and the cache
+            room = min(seq.cfg.max_new_tokens - len(seq.tokens), self.cache.capacity - self.cache.lengths[row]) - 1
+            if seq.drafter is not None and room > 0 and (draft := seq.drafter.propose(seq.tokens, min(DRAFT_MAX, room))):
+                drafts[row] = draft
+        return drafts
+
+    def _forward_row(self, row: int, tokens: list[int]) -> torch.Tensor:
+        """Feed `tokens` after what row `row` holds, alone; (T, vocab) logits. Lengths unchanged."""
+        return self.backend.forward(torch.tensor([tokens]), self.cache.rows(row, row + 1), last_only=False)[0]
+
+    def _verify(self, row: int, base: int, token: int, later: torch.Tensor, draft: list[int]) -> None:
+        """Emit a row's token, then, while it equals the drafted one, the token the row samples
+        at the next drafted position: later (m, vocab) holds the logits after each drafted token
+        (m = 0 when the batch's call fed only the last one: the draft is then fed here, once its
+        first token is confirmed). Each emitted token is sampled exactly as without speculation
+        (the row's own generator, one draw per token), so the output is the same. The cache of a
+        rejected tail is rolled back by the row's length alone: its keys lie beyond it, unread,
+        and are overwritten by the next step."""
+        seq, accepted = self.active[row], 0
+        for j in range(len(draft) + 1):
+            if j > 0:
+                if len(later) == 0:
+                    try:
+                        later = self._forward_row(row, draft)  # (k, vocab)
+                        self.steps += 1
+                    except Exception as e:  # this row fails; the others go on
+                        self._leave(row, e)
+                        return
+                token = sample(later[j - 1][None], [seq.sampling])[0]
+            self.cache.lengths[row] = base + j + 1  # its last token and the j drafted ones agreed
+            agreed = j < len(draft) and token == draft[j]
+            if not self._emit(row, token) or not agreed:
+                break
+            accepted += 1
+        if draft:
+            seq.drafter.record(len(draft), accepted)
+
+    def _emit(self, row: int, token: int) -> bool:
+        """Accept a row's token, pass it on, and let the row leave if it is done; True if it stays.
+        Rows are visited from the last so that a departure (the last row moving into the freed
+        one) skips no row."""
         seq = self.active[row]
         if seq.cancel_requested:
             seq.finish_reason = "cancelled"
         elif seq.accept(token, self.max_seq_len):
             seq.out.put(token)
         if seq.finish_reason is None:
-            return
+            return True
+        self._leave(row)
+        return False
+
+    def _leave(self, row: int, error: BaseException | None = None) -> None:
+        """Take a finished row (or one that failed with `error`) out of the batch, keeping its cache."""
+        seq = self.active[row]
+        if error is not None:
+            seq.finish_reason = "error"
         handed_over = self._keep(seq, self.cache.lengths[row], row)
         last = len(self.active) - 1
         if row != last:
@@ -239,7 +314,7 @@ class Engine:
         self.cache.lengths[last] = 0
         if handed_over:
             self.cache = None  # its memory now belongs to the kept cache; a new sequence gets a new one
-        self._end(seq)
+        self._end(seq, None, error)
 
     # ---- kept caches (cross-turn reuse)
     def _keep(self, seq: Sequence, length: int, row: int) -> bool:
