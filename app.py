@@ -139,11 +139,11 @@ def make_app(model: str = DEFAULT, backend: str = "onnx", note: str = "", host: 
 
 def main(host: str = "127.0.0.1", port: int = 7860, model: str = DEFAULT, backend: str = "onnx",
          share: bool = False, api_key: str | None = None, max_batch: int = MAX_BATCH,
-         cache_budget_mb: float = CACHE_BUDGET_MB) -> int:
+         cache_budget_mb: float = CACHE_BUDGET_MB, speculate: bool = True) -> int:
     if max_batch < 1 or not cache_budget_mb >= 0:
         print("error: --max-batch must be >= 1 and --cache-budget-mb >= 0", file=sys.stderr)
         return 2
-    MODELS.max_batch, MODELS.cache_budget_mb = max_batch, cache_budget_mb
+    MODELS.max_batch, MODELS.cache_budget_mb, MODELS.speculate = max_batch, cache_budget_mb, speculate
     api_key = api_key or os.environ.get(API_KEY_ENV) or None
     start = time.perf_counter()
     print(f"Cogni-Mamba chat: loading {model} on {BACKEND_LABELS[backend]} (a first start converts and "
@@ -183,6 +183,9 @@ def parse_args(argv=None) -> dict:
     p.add_argument("--max-batch", type=int, default=MAX_BATCH, help="chats decoded together in one step (continuous batching)")
     p.add_argument("--cache-budget-mb", type=float, default=CACHE_BUDGET_MB,
                    help="memory for the caches chats keep between turns (least recently used evicted first)")
+    p.add_argument("--speculate", action=argparse.BooleanOptionalAction, default=True,
+                   help="speculative decoding by prompt lookup while few chats run (the same output, faster "
+                        "where a reply repeats its context); --no-speculate turns it off")
     return vars(p.parse_args(argv))
 
 

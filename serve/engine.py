@@ -48,7 +48,9 @@ class Engine:
     PREFILL_CHUNK tokens until about PREFILL_CHUNK tokens have gone in (so eight short prompts join
     together, while a long one is fed a chunk per iteration and the others keep decoding between
     its chunks, as vLLM's chunked prefill does), moves each fully fed prompt into a new row of the
-    batch, then takes one decode step for every active row with one network call, and lets
+    batch, then takes one decode step for every active row with one network call (with
+    speculation, while the batch has at most `speculate_rows` rows, a row whose context proposes
+    a draft has it verified in the same step: serve/speculate.py, `_step`), and lets
     finished or cancelled rows leave: the last row moves into the freed one, so the active rows
     stay a contiguous view (one row copied per departure, nothing per step). Chunks fall where
     `prefill` puts them, so a sequence's numbers do not depend on what runs beside it. A departing
