@@ -19,10 +19,11 @@ from serve.prefix_cache import PrefixCache
 from serve.sampling import GREEDY, SamplingConfig, sample
 from serve.speculate import DRAFT_MAX, NgramDrafter
 
-# Speculation is off once more rows than this decode together: a verify is a call of its row alone
-# after the batch's step, so it delays every other row, and a batch already reads the weights once
-# for several tokens.
-SPECULATE_ROWS = 2
+# Speculation is off once more rows than this decode together. A row alone verifies its draft in
+# its one call; in a batch a verify is a call of its row alone after the batch's step, which delays
+# every other row and pays only when most of the draft is accepted, so by default only a row alone
+# speculates (Engine(speculate_rows=...) allows more).
+SPECULATE_ROWS = 1
 
 
 @dataclass

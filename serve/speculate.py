@@ -3,7 +3,8 @@
     drafter = NgramDrafter(seq.prompt)
     draft = drafter.propose(seq.tokens, k)   # what followed the last occurrence of the context's
                                              # final n-gram (prompt lookup decoding), or []
-    drafter.record(len(draft), accepted)     # how many the target agreed with: cooldown after misses
+    drafter.record(len(draft), accepted)     # how many the target agreed with: the next draft's
+                                             # length, and a cooldown after misses
 
 Prompt lookup decoding (Saxena 2023; transformers' prompt_lookup_num_tokens, vLLM's and
 onnxruntime-genai's n-gram speculators): a chat that quotes, rewrites or summarises its prompt
@@ -30,6 +31,7 @@ class NgramDrafter:
         # with a whole draft after it (in a run "a a a a" the latest "a a a" has one token after it)
         self.index: dict[int, dict[tuple[int, ...], int]] = {n: {} for n in NGRAM_SIZES}
         self._extend(prompt)
+        self.length = DRAFT_MAX  # the next draft's: 1 after a miss, doubled after a whole acceptance
         self.misses = 0  # verifies in a row whose first drafted token was wrong
         self.cooldown = 0  # steps left without drafting
         self.outcomes: list[tuple[int, int]] = []  # (drafted, accepted) per verify
@@ -43,8 +45,8 @@ class NgramDrafter:
                     grams[tuple(self.context[at - n:at])] = at
 
     def propose(self, reply: list[int], k: int) -> list[int]:
-        """Up to k tokens to follow prompt + reply (the row's tokens so far), or [] when cooling
-        down or when the final n-gram never occurred before."""
+        """At most k tokens (fewer after misses: self.length) to follow prompt + reply (the row's
+        tokens so far), or [] when cooling down or when the final n-gram never occurred before."""
         self._extend(reply[len(self.context) - self.prompt_len:])
         if self.cooldown > 0:
             self.cooldown -= 1
@@ -52,7 +54,7 @@ class NgramDrafter:
         ctx = self.context
         for n, grams in self.index.items():
             if len(ctx) >= n and (at := grams.get(tuple(ctx[-n:]))) is not None:
-                return ctx[at:at + k]
+                return ctx[at:at + min(k, self.length)]
         return []
 
     @property
@@ -64,7 +66,11 @@ class NgramDrafter:
         return sum(a for _, a in self.outcomes)
 
     def record(self, drafted: int, accepted: int) -> None:
-        """A verify's outcome: after a miss, wait 1, 2, 4, ... steps before drafting again."""
+        """A verify's outcome. After a miss, wait 1, 2, 4, ... steps before drafting again, and then
+        draft one token: a miss then costs an M = 2 step instead of an M = 5 one (so a chat that never
+        repeats its context stays near its speed without speculation); a whole acceptance doubles
+        the length, up to DRAFT_MAX."""
         self.outcomes.append((drafted, accepted))
+        self.length = min(2 * self.length, DRAFT_MAX) if accepted == drafted else max(accepted, 1)
         self.misses = 0 if accepted else self.misses + 1
         self.cooldown = min(2 ** (self.misses - 1), COOLDOWN_MAX) if self.misses else 0

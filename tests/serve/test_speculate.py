@@ -27,8 +27,11 @@ def test_the_drafter_proposes_what_followed_the_last_ngram():
         cooling.record(len(draft), 0)
         misses.append(waited)
     assert misses == [0, 1, 2, 4, 8, COOLDOWN_MAX]
-    cooling.record(4, 2)  # an accepted draft ends the pause
-    assert cooling.propose([], 4)
+    while not (draft := cooling.propose([], 4)):
+        pass
+    assert len(draft) == 1  # after a miss, a draft of one token
+    cooling.record(1, 1)  # accepted whole: the pause ends and the next draft is twice as long
+    assert len(cooling.propose([], 4)) == 2
 
 
 def speculating_prompts(backend):
