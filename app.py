@@ -148,11 +148,12 @@ def make_app(model: str = DEFAULT, backend: str = "onnx", note: str = "", host: 
 
 def main(host: str = "127.0.0.1", port: int = 7860, model: str = DEFAULT, backend: str | None = None,
          share: bool = False, api_key: str | None = None, max_batch: int = MAX_BATCH,
-         cache_budget_mb: float = CACHE_BUDGET_MB, allowed_hosts: list[str] = (), cors_origins: list[str] = ()) -> int:
+         cache_budget_mb: float = CACHE_BUDGET_MB, allowed_hosts: list[str] = (), cors_origins: list[str] = (),
+         speculate: bool = True) -> int:
     if max_batch < 1 or not cache_budget_mb >= 0:
         print("error: --max-batch must be >= 1 and --cache-budget-mb >= 0", file=sys.stderr)
         return 2
-    MODELS.max_batch, MODELS.cache_budget_mb = max_batch, cache_budget_mb
+    MODELS.max_batch, MODELS.cache_budget_mb, MODELS.speculate = max_batch, cache_budget_mb, speculate
     api_key = api_key or os.environ.get(API_KEY_ENV) or None
     start = time.perf_counter()
     hw = hardware()
@@ -209,6 +210,9 @@ def parse_args(argv=None) -> dict:
     p.add_argument("--cors-origins", type=names, default=[], metavar="ORIGINS",
                    help="comma-separated browser origins allowed to call the API besides the loopback ones, "
                         "e.g. https://app.example.com ('*' for any)")
+    p.add_argument("--speculate", action=argparse.BooleanOptionalAction, default=True,
+                   help="speculative decoding by prompt lookup while few chats run (the same output, faster "
+                        "where a reply repeats its context); --no-speculate turns it off")
     return vars(p.parse_args(argv))
 
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Iterable, Iterator
 
@@ -16,15 +15,15 @@ import torch
 from model.model import StaticCache
 from serve.generate import (PREFILL_CHUNK, Backend, Sequence, capacity_for, decode_step, prefill,
                             start)
+from serve.prefix_cache import PrefixCache
 from serve.sampling import GREEDY, SamplingConfig, sample
+from serve.speculate import DRAFT_MAX, NgramDrafter
 
-
-def common_prefix(a: list[int], b: list[int]) -> int:
-    n = min(len(a), len(b))
-    if n == 0:
-        return 0
-    diff = (torch.tensor(a[:n]) != torch.tensor(b[:n])).nonzero()
-    return int(diff[0, 0]) if len(diff) else n
+# Speculation is off once more rows than this decode together. A row alone verifies its draft in
+# its one call; in a batch a verify is a call of its row alone after the batch's step, which delays
+# every other row and pays only when most of the draft is accepted, so by default only a row alone
+# speculates (Engine(speculate_rows=...) allows more).
+SPECULATE_ROWS = 1
 
 
 @dataclass
@@ -34,13 +33,6 @@ class Prefill:
     seq: Sequence
     cache: StaticCache
     done: int  # prompt tokens whose keys/values the cache holds
-
-
-@dataclass
-class SavedCache:
-    tokens: list[int]  # the tokens whose keys/values `tensors` hold
-    tensors: list[torch.Tensor]  # (n_kv_heads, len(tokens), head_dim) per layer, keys then values
-    nbytes: int
 
 
 class Engine:
@@ -57,18 +49,23 @@ class Engine:
     PREFILL_CHUNK tokens until about PREFILL_CHUNK tokens have gone in (so eight short prompts join
     together, while a long one is fed a chunk per iteration and the others keep decoding between
     its chunks, as vLLM's chunked prefill does), moves each fully fed prompt into a new row of the
-    batch, then takes one decode step for every active row with one network call, and lets
+    batch, then takes one decode step for every active row with one network call (with
+    speculation, while the batch has at most `speculate_rows` rows, a row whose context proposes
+    a draft has it verified in the same step: serve/speculate.py, `_step`), and lets
     finished or cancelled rows leave: the last row moves into the freed one, so the active rows
     stay a contiguous view (one row copied per departure, nothing per step). Chunks fall where
     `prefill` puts them, so a sequence's numbers do not depend on what runs beside it. A departing
-    row's tokens and cache are kept (LRU, under `cache_budget_bytes`), so a chat's next turn
-    prefills only what follows the common prefix.
+    row's tokens and cache are kept (serve/prefix_cache.py: LRU under `cache_budget_bytes`, shared
+    by every request without being taken from its owner), so a chat's next turn prefills only what
+    follows its history, and a new chat only what follows a system prompt another chat began with.
     """
 
-    def __init__(self, backend: Backend, max_batch: int = 8, cache_budget_bytes: int = 2 << 30):
+    def __init__(self, backend: Backend, max_batch: int = 8, cache_budget_bytes: int = 2 << 30,
+                 speculate: bool = True, speculate_rows: int = SPECULATE_ROWS):
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         self.backend, self.max_batch, self.cache_budget_bytes = backend, max_batch, cache_budget_bytes
+        self.speculate, self.speculate_rows = speculate, speculate_rows
         self.name, self.device = backend.name, backend.device
         self.max_seq_len, self.vocab_size = backend.max_seq_len, backend.vocab_size
         self.inbox: queue.Queue = queue.Queue()  # ("submit" | "cancel", seq) or ("close", None)
@@ -77,8 +74,7 @@ class Engine:
         self.active: list[Sequence] = []
         self.prefilling: list[Prefill] = []  # admitted, prompt being fed; oldest first
         self.waiting: list[Sequence] = []
-        self.saved: OrderedDict[str, SavedCache] = OrderedDict()
-        self.saved_bytes = 0
+        self.kept = PrefixCache(cache_budget_bytes)
         self.steps = 0  # decode steps taken (network calls for decoding): tests count batching by it
         self.queued = 0  # sequences waiting for a row, as of the last iteration (read by anyone)
         self.closed = False
@@ -182,10 +178,11 @@ class Engine:
     def _own_cache(self, seq: Sequence) -> Prefill:
         """`seq` with its own one-row cache, holding what a kept cache shares with its prompt."""
         cache = self.backend.new_cache(1, capacity_for(len(seq.prompt) + seq.cfg.max_new_tokens, self.max_seq_len))
-        reuse, saved = self._reusable(seq.prompt) if seq.reuse_cache else (0, None)
+        reuse, saved = self.kept.match(seq.prompt) if seq.reuse_cache else (0, None)
         if saved is not None:
-            cache.load_row(0, saved.tensors, reuse)
+            cache.load_row(0, saved.tensors, reuse)  # a copy: the kept cache stays its owner's
         seq.reused_tokens = reuse
+        seq.drafter = NgramDrafter(seq.prompt) if self.speculate and seq.speculate else None
         return Prefill(seq, cache, reuse)
 
     def _feed(self) -> None:
@@ -226,27 +223,91 @@ class Engine:
         return row
 
     def _step(self) -> None:
+        """One decode step for every active row. Rows with a draft (speculation) get their drafted
+        tokens verified: a row alone feeds its last token and the draft in one call (T = 1 + k);
+        in a batch, every row feeds its last token in the batch's call, and a row whose first
+        drafted token the target agrees with feeds the rest in a call of its own (one-row calls
+        with T > 1 are what both backends take: ORT's GroupQueryAttention refuses several new
+        tokens per row beside other rows, and padding every row to T would cost them all)."""
+        drafts = self._drafts()
+        bases = self.cache.lengths[:len(self.active)]  # each row's length before its last token
         try:
-            logits = decode_step(self.backend, self.cache, self.active)
+            if len(self.active) == 1 and drafts:
+                logits = self._forward_row(0, [self.active[0].tokens[-1]] + drafts[0])[None]  # (1, 1+k, vocab)
+            else:
+                logits = decode_step(self.backend, self.cache, self.active)[:, None]  # (B, 1, vocab)
             self.steps += 1
         except Exception as e:  # the network call failed: every row in it ends with the error
             for seq in self.active:
                 self._end(seq, "error", e)
             self.active, self.cache = [], None
             return
-        for row, token in reversed(list(enumerate(sample(logits, [s.sampling for s in self.active])))):
-            self._emit(row, token)
+        firsts = sample(logits[:, 0], [s.sampling for s in self.active])
+        for row in reversed(range(len(self.active))):
+            self._verify(row, bases[row], firsts[row], logits[row, 1:], drafts.get(row, []))
 
-    def _emit(self, row: int, token: int) -> None:
-        """Accept a row's token, pass it on, and let the row leave if it is done. Rows are visited
-        from the last so that a departure (the last row moving into the freed one) skips no row."""
+    def _drafts(self) -> dict[int, list[int]]:
+        """{row: drafted tokens} for the rows that speculate this step (none in a busy batch)."""
+        if not self.speculate or len(self.active) > self.speculate_rows:
+            return {}
+        drafts = {}
+        for row, seq in enumerate(self.active):
+            # the draft and the token after it must fit the row's budget and the cache
+            room = min(seq.cfg.max_new_tokens - len(seq.tokens), self.cache.capacity - self.cache.lengths[row]) - 1
+            if seq.drafter is not None and room > 0 and (draft := seq.drafter.propose(seq.tokens, min(DRAFT_MAX, room))):
+                drafts[row] = draft
+        return drafts
+
+    def _forward_row(self, row: int, tokens: list[int]) -> torch.Tensor:
+        """Feed `tokens` after what row `row` holds, alone; (T, vocab) logits. Lengths unchanged."""
+        return self.backend.forward(torch.tensor([tokens]), self.cache.rows(row, row + 1), last_only=False)[0]
+
+    def _verify(self, row: int, base: int, token: int, later: torch.Tensor, draft: list[int]) -> None:
+        """Emit a row's token, then, while it equals the drafted one, the token the row samples
+        at the next drafted position: later (m, vocab) holds the logits after each drafted token
+        (m = 0 when the batch's call fed only the last one: the draft is then fed here, once its
+        first token is confirmed). Each emitted token is sampled exactly as without speculation
+        (the row's own generator, one draw per token), so the output is the same. The cache of a
+        rejected tail is rolled back by the row's length alone: its keys lie beyond it, unread,
+        and are overwritten by the next step."""
+        seq, accepted = self.active[row], 0
+        for j in range(len(draft) + 1):
+            if j > 0:
+                if len(later) == 0:
+                    try:
+                        later = self._forward_row(row, draft)  # (k, vocab)
+                        self.steps += 1
+                    except Exception as e:  # this row fails; the others go on
+                        self._leave(row, e)
+                        return
+                token = sample(later[j - 1][None], [seq.sampling])[0]
+            self.cache.lengths[row] = base + j + 1  # its last token and the j drafted ones agreed
+            agreed = j < len(draft) and token == draft[j]
+            if not self._emit(row, token) or not agreed:
+                break
+            accepted += 1
+        if draft:
+            seq.drafter.record(len(draft), accepted)
+
+    def _emit(self, row: int, token: int) -> bool:
+        """Accept a row's token, pass it on, and let the row leave if it is done; True if it stays.
+        Rows are visited from the last so that a departure (the last row moving into the freed
+        one) skips no row."""
         seq = self.active[row]
         if seq.cancel_requested:
             seq.finish_reason = "cancelled"
         elif seq.accept(token, self.max_seq_len):
             seq.out.put(token)
         if seq.finish_reason is None:
-            return
+            return True
+        self._leave(row)
+        return False
+
+    def _leave(self, row: int, error: BaseException | None = None) -> None:
+        """Take a finished row (or one that failed with `error`) out of the batch, keeping its cache."""
+        seq = self.active[row]
+        if error is not None:
+            seq.finish_reason = "error"
         handed_over = self._keep(seq, self.cache.lengths[row], row)
         last = len(self.active) - 1
         if row != last:
@@ -256,24 +317,9 @@ class Engine:
         self.cache.lengths[last] = 0
         if handed_over:
             self.cache = None  # its memory now belongs to the kept cache; a new sequence gets a new one
-        self._end(seq)
+        self._end(seq, None, error)
 
     # ---- kept caches (cross-turn reuse)
-    def _reusable(self, prompt: list[int]) -> tuple[int, SavedCache | None]:
-        """The kept cache sharing the longest prefix with `prompt`, taken out of the store (its
-        conversation saves it again when this turn ends). At least one prompt token is left to
-        prefill: its logits choose the first new token."""
-        best, best_key = 0, None
-        for key, saved in self.saved.items():
-            n = min(common_prefix(saved.tokens, prompt), len(prompt) - 1)
-            if n > best:
-                best, best_key = n, key
-        if best_key is None:
-            return 0, None
-        saved = self.saved.pop(best_key)
-        self.saved_bytes -= saved.nbytes
-        return best, saved
-
     def _keep(self, seq: Sequence, length: int, row: int) -> bool:
         """Keep a departing row's tokens and cache for the conversation's next turn. The last
         sequence of a one-row cache hands the buffers over as they are (views, no copy: a long chat
@@ -281,15 +327,8 @@ class Engine:
         tokens = (seq.prompt + seq.tokens)[:length]  # the last sampled token was never fed
         hand_over = self.cache.num_rows == 1 and len(self.active) == 1
         nbytes = (self.cache.capacity if hand_over else length) * self.cache.bytes_per_token  # memory held
-        if seq.finish_reason == "error" or length == 0 or nbytes > self.cache_budget_bytes:
+        if seq.finish_reason == "error" or length == 0:
             return False
-        old = self.saved.pop(seq.conversation, None)
-        if old is not None:
-            self.saved_bytes -= old.nbytes
-        while self.saved and self.saved_bytes + nbytes > self.cache_budget_bytes:
-            _, evicted = self.saved.popitem(last=False)  # least recently used first
-            self.saved_bytes -= evicted.nbytes
-        tensors = self.cache.row_views(row, length) if hand_over else self.cache.save_row(row, length)
-        self.saved[seq.conversation] = SavedCache(tokens, tensors, nbytes)
-        self.saved_bytes += nbytes
-        return hand_over
+        # (n_kv_heads, length, head_dim) per layer, keys then values: views of a handed-over buffer
+        tensors = (lambda: self.cache.row_views(row, length)) if hand_over else (lambda: self.cache.save_row(row, length))
+        return self.kept.keep(seq.conversation, tokens, nbytes, tensors) and hand_over

@@ -33,7 +33,7 @@ class Sequence:
     _ids = itertools.count()
 
     def __init__(self, prompt: list[int], cfg: SamplingConfig = GREEDY, stop_ids: Iterable[int] = (),
-                 conversation: str | None = None, reuse_cache: bool = True):
+                 conversation: str | None = None, reuse_cache: bool = True, speculate: bool = True):
         if not prompt:
             raise ValueError("the prompt is empty: give at least one token")
         self.prompt, self.cfg, self.stop_ids = list(prompt), cfg, frozenset(stop_ids)
@@ -48,6 +48,8 @@ class Sequence:
         self.reused_tokens = 0  # prompt tokens whose cache came from an earlier turn
         self.sampling = SamplingRow(cfg)  # what the sampler sees of this sequence
         self.cancel_requested = False  # set by the engine's thread when a cancel reaches it
+        self.speculate = speculate  # False: never drafted for, whatever the engine's setting
+        self.drafter = None  # serve/speculate.py's NgramDrafter, when the engine speculates for it
         # The one route out: the engine puts token ids, then None (done) or the exception that
         # ended the sequence. Any object with put() will do: an asyncio consumer passes its own.
         self.out = queue.Queue()
@@ -83,7 +85,7 @@ class TorchBackend:
     name = "torch"
 
     def __init__(self, model: CogniMamba):
-        self.model = model.eval()
+        self.model, self.cfg = model.eval(), model.cfg
         self.param = next(model.parameters())
         self.device = str(self.param.device)
         self.max_seq_len = model.cfg.max_seq_len

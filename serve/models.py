@@ -68,9 +68,9 @@ class ModelCache:
     asking for the same model wait for the first load instead of starting its own."""
 
     def __init__(self, loader=load_backend, log=lambda msg: print(msg, file=sys.stderr, flush=True),
-                 max_batch: int = MAX_BATCH, cache_budget_mb: float = CACHE_BUDGET_MB):
+                 max_batch: int = MAX_BATCH, cache_budget_mb: float = CACHE_BUDGET_MB, speculate: bool = True):
         self.loader, self.log = loader, log
-        self.max_batch, self.cache_budget_mb = max_batch, cache_budget_mb
+        self.max_batch, self.cache_budget_mb, self.speculate = max_batch, cache_budget_mb, speculate
         self.zerogpu = False  # set by app.py on a ZeroGPU Space: PyTorch models then run as ZeroGpuRunners
         self.loaded: dict[tuple[str, str], tuple] = {}
         self.locks: dict[tuple[str, str], threading.Lock] = {}
@@ -94,7 +94,7 @@ class ModelCache:
                     engine, tokenizer, meta = load_zerogpu(spec)
                 else:
                     net, tokenizer, meta = self.loader(spec, backend)
-                    engine = Engine(net, self.max_batch, int(self.cache_budget_mb * 2**20))
+                    engine = Engine(net, self.max_batch, int(self.cache_budget_mb * 2**20), self.speculate)
                 self.loaded[key] = (engine, tokenizer, meta)
                 self.log(f"loaded {meta.get('name', spec)} on {engine.name}/{engine.device} "
                          f"in {time.perf_counter() - start:.1f} s")

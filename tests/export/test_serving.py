@@ -1,6 +1,7 @@
 """The serving engine on ONNX Runtime (nano exports): the fused graph's shared past/present buffer
 written in place equals the concatenating graph call, batched decoding gives each sequence what it
-gets alone, and a second turn with its cache reused equals a cold prefill."""
+gets alone, a second turn with its cache reused equals a cold prefill, and speculative decoding
+(one-row multi-token calls on a cached row) keeps greedy's tokens."""
 import copy
 
 import numpy as np
@@ -10,7 +11,10 @@ import torch
 from export.onnx import error_bound
 from serve.ort_backend import OrtBackend
 from model.checkpoint import load_model
-from tests.serve.test_engine import check_batched_equals_alone, second_turn_equals_cold
+from serve.engine import Engine
+from tests.serve.test_engine import (check_batched_equals_alone, interleaved_chats_reuse_their_own_history,
+                                     second_turn_equals_cold)
+from tests.serve.test_speculate import check_speculation_keeps_greedy_tokens
 
 
 def ort_vs_ort_bound(model, ids) -> float:
@@ -70,3 +74,13 @@ def test_batched_decoding_equals_alone_onnx(nano_export, fused):
 
 def test_second_turn_with_reuse_equals_a_cold_prefill_onnx(nano_export):
     second_turn_equals_cold(OrtBackend(nano_export("fp32", None, True)))
+
+
+def test_interleaved_chats_each_reuse_their_whole_history_onnx(nano_export):
+    backend = OrtBackend(nano_export("fp32", None, True))
+    interleaved_chats_reuse_their_own_history(backend, Engine(backend, max_batch=2))
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["shared-buffer", "plain-concat"])
+def test_speculation_keeps_greedy_tokens_onnx(nano_export, fused):
+    check_speculation_keeps_greedy_tokens(OrtBackend(nano_export("fp32", None, fused)))

@@ -198,9 +198,61 @@ def test_kept_caches_are_evicted_least_recently_used_first(nano_model):
     chats = {name: [i] * 20 for i, name in enumerate(("a", "b", "c"), start=1)}
     for name, prompt in chats.items():
         list(engine.run(Sequence(prompt, greedy(5), conversation=name)))
-    assert list(engine.saved) == ["b", "c"] and engine.saved_bytes <= budget
+    assert list(engine.kept.entries) == ["b", "c"] and engine.kept.nbytes <= budget
     again = Sequence(chats["a"] + [7], greedy(2), conversation="a")  # evicted: prefills again, same answer
     assert list(engine.run(again)) == list(generate(backend, chats["a"] + [7], greedy(2))) and again.reused_tokens == 0
+
+
+def interleaved_chats_reuse_their_own_history(backend, engine):
+    """Three chats with one system prompt take turns; each turn reuses its own chat's whole history
+    (the last reply token was never fed), a new chat reuses the system prompt, and every reply is
+    what a cold prefill gives. Returns the chats' prompts of their next turns."""
+    v = backend.vocab_size
+    g = torch.Generator().manual_seed(9)
+    system = torch.randint(0, v, (24,), generator=g).tolist()
+    history = {name: [] for name in "abc"}
+    for turn in range(3):
+        for name in "abc":
+            prompt = (history[name] or system) + torch.randint(0, v, (5,), generator=g).tolist()
+            seq = Sequence(prompt, greedy(6), conversation=name)
+            reply = list(engine.run(seq))
+            if history[name]:
+                expected = len(history[name]) - 1  # its own history, whole
+            else:  # a chat's first turn: the system prompt another chat computed (the first: nothing)
+                expected = 0 if name == "a" else len(system)
+            assert seq.reused_tokens == expected, (turn, name)
+            assert reply == list(generate(backend, prompt, greedy(6))), (turn, name)
+            history[name] = prompt + reply
+    return system, history
+
+
+def test_interleaved_chats_each_reuse_their_whole_history(nano_model):
+    backend = TorchBackend(nano_model)
+    engine = Engine(backend, max_batch=2)
+    system, history = interleaved_chats_reuse_their_own_history(backend, engine)
+    # a request sharing only the system prompt reuses it and takes no chat's kept history away
+    stranger = Sequence(system + [1, 2, 3], greedy(4))
+    list(engine.run(stranger))
+    assert stranger.reused_tokens == len(system)
+    assert {"a", "b", "c"} <= set(engine.kept.entries)
+    for name in "abc":
+        assert engine.kept.entries[name].tokens == history[name][:-1]
+        again = Sequence(history[name] + [4, 5], greedy(3), conversation=name)
+        list(engine.run(again))
+        assert again.reused_tokens == len(history[name]) - 1
+
+
+def test_a_kept_cache_another_one_extends_is_dropped(nano_model):
+    """An API chat has no conversation key: each turn is kept under its own key, and the newer
+    turn's cache serves everything the older one did, so the older is dropped, not kept twice."""
+    backend = TorchBackend(nano_model)
+    engine = Engine(backend, max_batch=1)
+    first = Sequence([5] * 20, greedy(4))
+    reply = list(engine.run(first))
+    second = Sequence([5] * 20 + reply + [6, 7], greedy(4))
+    list(engine.run(second))
+    assert second.reused_tokens == 20 + len(reply) - 1
+    assert list(engine.kept.entries) == [second.conversation]
 
 
 def test_a_failing_backend_fails_its_requests_and_the_engine_goes_on(nano_model):
