@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[2]
 # A save killed (SIGKILL: no except or finally runs) while the weights are being written.
 KILLED_SAVE = """
 import os, signal, sys
-import safetensors.torch
+import model.checkpoint
 from model.config import ModelConfig
 from model.model import CogniMamba
 from model.checkpoint import save_model
@@ -25,7 +25,7 @@ from model.tokenizer import CharTokenizer
 def killed(*a, **k):
     os.kill(os.getpid(), signal.SIGKILL)
 
-safetensors.torch.save_file = killed
+model.checkpoint.save_file = killed  # the weights' write, in the middle of the save
 save_model(sys.argv[1], CogniMamba(ModelConfig.from_name("nano", vocab_size=128)), CharTokenizer.train(["a"]))
 """
 

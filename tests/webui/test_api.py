@@ -403,7 +403,7 @@ def long_dir(model_folder):
     its output rows for the stop ids are zero (logit 0, below the largest of the 500 others)."""
     from .conftest import TEXTS
 
-    return model_folder(TEXTS, bpe_vocab=400, silent_stops=True, max_seq_len=8192, tie_embeddings=False)
+    return model_folder(TEXTS, bpe_vocab=400, silent_stops=True, name="long", max_seq_len=8192, tie_embeddings=False)
 
 
 def test_a_client_that_hangs_up_frees_its_row_within_one_step(long_dir):
@@ -414,7 +414,8 @@ def test_a_client_that_hangs_up_frees_its_row_within_one_step(long_dir):
 
     from .conftest import free_port
 
-    models = ModelCache(log=lambda msg: None)
+    # one token per step (no speculation, which may accept several), so tokens count the steps
+    models = ModelCache(log=lambda msg: None, speculate=False)
     engine, _, _ = models.get(str(long_dir), "torch")
     seqs, cancelled_at = [], []
     submit, cancel = engine.submit, engine.cancel
