@@ -1,6 +1,9 @@
 """An OpenAI-compatible HTTP API, served by app.py on the page's own port.
 
-    POST /v1/chat/completions   messages, max_tokens, temperature, top_p, seed, stop, stream
+    POST /v1/chat/completions   messages, max_tokens, temperature, top_p, seed, stop, stream,
+                                response_format, tools, tool_choice, parallel_tool_calls, logprobs,
+                                top_logprobs, presence_penalty, frequency_penalty, logit_bias, and
+                                as extra fields top_k, min_p, repetition_penalty
     GET  /v1/models             the model this server runs
 
     curl http://127.0.0.1:7860/v1/chat/completions -H 'Content-Type: application/json' \
@@ -28,12 +31,15 @@ from starlette.concurrency import run_in_threadpool
 from serve.chat import MAX_MESSAGE_CHARS, ChatStats, ChatTurn, achat, too_long
 from serve.engine import Engine
 from serve.models import display_name
-from serve.sampling import SamplingConfig
+from serve.grammar import GrammarError
+from serve.logprobs import chat_logprobs
+from serve.sampling import MAX_TOP_LOGPROBS, SamplingConfig
+from serve.tools import FieldError, Output, ToolCallStream, parse_output, tool_message
 
 API_KEY_ENV = "COGNI_MAMBA_API_KEY"
 MAX_BODY_BYTES = 8 * MAX_MESSAGE_CHARS * 4 + 65536  # several messages at the limit, UTF-8, JSON-escaped
 DEFAULT_MAX_TOKENS = 256
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
 
 
 class ApiError(Exception):
@@ -78,11 +84,17 @@ def parse_messages(messages) -> list[dict]:
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or m.get("role") not in ROLES:
             raise ApiError(400, f"messages[{i}] needs a role: one of {', '.join(ROLES)}", param=f"messages[{i}].role")
+        if m["role"] == "tool" or (m["role"] == "assistant" and m.get("tool_calls")):
+            try:
+                out.append(tool_message(m, i))
+            except FieldError as e:
+                raise ApiError(400, str(e), param=e.param) from None
+            continue
         text = _text(m.get("content", ""), f"messages[{i}].content")
         if refusal := too_long(text):  # before anything is tokenized
             raise ApiError(413, refusal, param=f"messages[{i}].content", code="message_too_long")
         out.append({"role": m["role"], "content": text})
-    if out[-1]["role"] == "assistant" or all(m["role"] == "system" for m in out):
+    if (out[-1]["role"] == "assistant" and not out[-1].get("tool_calls")) or all(m["role"] == "system" for m in out):
         raise ApiError(400, "the last message must be the user's (there is nothing to answer)", param="messages")
     return out
 
@@ -127,11 +139,54 @@ def parse_request(body, served: set[str], max_seq_len: int) -> tuple[list[dict],
     top_p = _number(body, "top_p", 1.0, 0.0, 1.0)
     seed = _number(body, "seed", None, 0, 2**63 - 1, int)
     try:
-        cfg = SamplingConfig(temperature=temperature, top_k=0, top_p=top_p if top_p > 0 else 1e-9,
-                             repetition_penalty=1.0, max_new_tokens=max_tokens, seed=seed)
+        cfg = SamplingConfig(temperature=temperature, top_p=top_p if top_p > 0 else 1e-9, max_new_tokens=max_tokens,
+                             seed=seed, **sampling_extras(body))
     except ValueError as e:
         raise ApiError(400, str(e)) from None
     return messages, cfg, stop, bool(body.get("stream", False)), notice
+
+
+def sampling_extras(body: dict) -> dict:
+    """SamplingConfig's fields for OpenAI's penalties, logit_bias and logprobs, and the extra fields
+    llama.cpp and vLLM accept (top_k, min_p, repetition_penalty); ApiError naming a bad one."""
+    bias = body.get("logit_bias") or {}
+    if not isinstance(bias, dict):
+        raise ApiError(400, "logit_bias must map token ids to numbers in [-100, 100]", param="logit_bias")
+    pairs = []
+    for key in bias:
+        if not str(key).isdigit():
+            raise ApiError(400, f"logit_bias keys must be token ids, got {key!r}", param="logit_bias")
+        pairs.append((int(key), _number(bias, key, 0.0, -100.0, 100.0)))
+    want = body.get("logprobs", False)
+    if not isinstance(want, bool):
+        raise ApiError(400, "logprobs must be true or false", param="logprobs")
+    top = _number(body, "top_logprobs", None, 0, MAX_TOP_LOGPROBS, int)
+    if top is not None and not want:
+        raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+    top_k = _number(body, "top_k", 0, -1, 2**31, int)
+    return {"presence_penalty": _number(body, "presence_penalty", 0.0, -2.0, 2.0),
+            "frequency_penalty": _number(body, "frequency_penalty", 0.0, -2.0, 2.0),
+            "logit_bias": tuple(pairs), "logprobs": (top or 0) if want else None,
+            "top_k": max(top_k, 0),  # vLLM's -1 and our 0 both mean off
+            "min_p": _number(body, "min_p", 0.0, 0.0, 1.0),
+            "repetition_penalty": _number(body, "repetition_penalty", 1.0, 0.01, 10.0)}
+
+
+def parse_output_fields(body: dict, tokenizer, vocab_size: int) -> Output:
+    """response_format, tools and tool_choice, their grammar compiled (cached) so a bad schema is a
+    400 here rather than an error mid-reply."""
+    try:
+        output = parse_output(body)
+        if (grammar := output.grammar()) is not None:
+            from serve.grammar import new_matcher
+
+            new_matcher(tokenizer, vocab_size, grammar)
+    except FieldError as e:
+        raise ApiError(400, str(e), param=e.param) from None
+    except GrammarError as e:
+        param = "tools" if output.calls else "response_format"
+        raise ApiError(400, f"{param} cannot be used: {e}".splitlines()[0], param=param) from None
+    return output
 
 
 async def read_json(request: Request) -> object:
@@ -161,11 +216,27 @@ class ChatReply:
     """One chat completion being answered: the engine's text pieces, and the two ways to send them
     (one JSON reply, or server-sent events) over the same stats."""
 
-    def __init__(self, engine: Engine, turn: ChatTurn, name: str, notice: str, include_usage: bool):
+    def __init__(self, engine: Engine, turn: ChatTurn, name: str, notice: str, include_usage: bool,
+                 output: Output | None = None, tokenizer=None):
         self.pieces, self.stats, self.name = achat(engine, turn), turn.stats, name
         self.ident, self.created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         self.notice, self.include_usage = notice, include_usage
         self.headers = {"X-Cogni-Notice": notice} if notice else {}
+        self.turn, self.tokenizer, self.vocab_size = turn, tokenizer, engine.vocab_size
+        self.calls = ToolCallStream((output or Output()).calls)  # the text pieces -> content or tool calls
+        self.logprobs_sent = 0  # tokens whose logprobs have gone out
+
+    def finish_reason(self) -> str:
+        reason = self.stats.finish_reason
+        return "tool_calls" if self.calls.calls and reason == "stop" else reason
+
+    def new_logprobs(self) -> dict | None:
+        """OpenAI's logprobs of the reply's tokens not yet sent, or None when not asked for."""
+        if self.turn.seq.cfg.logprobs is None:
+            return None
+        entries = self.turn.seq.sampling.logprobs[self.logprobs_sent:self.stats.new_tokens]  # no stop token
+        self.logprobs_sent += len(entries)
+        return {"content": chat_logprobs(self.tokenizer, self.vocab_size, entries)}
 
     def usage(self) -> dict:
         s = self.stats
@@ -178,14 +249,18 @@ class ChatReply:
 
     async def full(self) -> JSONResponse:
         try:
-            text = "".join([piece async for piece in self.pieces])
+            deltas = [d async for piece in self.pieces for d in self.calls.push(piece)]
         except Exception as e:
             return ApiError(500, f"generation failed: {type(e).__name__}: {e}", "server_error").response()
         finally:
             await self.pieces.aclose()
+        text = "".join(d.get("content", "") for d in deltas + self.calls.finish())
+        message = {"role": "assistant", "content": text if text or not self.calls.calls else None}
+        if self.calls.calls:
+            message["tool_calls"] = self.calls.calls
         reply = {"id": self.ident, "object": "chat.completion", "created": self.created, "model": self.name,
-                 "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                              "finish_reason": self.stats.finish_reason, "logprobs": None}],
+                 "choices": [{"index": 0, "message": message, "finish_reason": self.finish_reason(),
+                              "logprobs": self.new_logprobs()}],
                  "usage": self.usage(), **self.notices()}
         return JSONResponse(reply, headers=self.headers)
 
@@ -193,15 +268,18 @@ class ChatReply:
         return "data: " + json.dumps({"id": self.ident, "object": "chat.completion.chunk", "created": self.created,
                                       "model": self.name, "choices": choices, **extra}) + "\n\n"
 
-    def _delta(self, delta: dict, finish=None, **extra) -> str:
-        return self._event([{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}], **extra)
+    def _delta(self, delta: dict, finish=None, logprobs=None, **extra) -> str:
+        return self._event([{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": logprobs}], **extra)
 
     async def events(self) -> AsyncIterator[str]:
         try:
             yield self._delta({"role": "assistant", "content": ""})
             async for piece in self.pieces:
-                yield self._delta({"content": piece})
-            yield self._delta({}, self.stats.finish_reason, **self.notices())
+                for delta in self.calls.push(piece):  # tokens held back lend their logprobs to the next delta
+                    yield self._delta(delta, logprobs=self.new_logprobs())
+            for delta in self.calls.finish():
+                yield self._delta(delta, logprobs=self.new_logprobs())
+            yield self._delta({}, self.finish_reason(), self.new_logprobs(), **self.notices())
             if self.include_usage:
                 yield self._event([], usage=self.usage())
         except Exception as e:  # mid-stream: the status is sent already; report in the stream
@@ -237,13 +315,18 @@ class Api:
         body = await read_json(request)
         engine, tokenizer, name = await self.load()
         messages, cfg, stop, stream, notice = parse_request(body, {name, self.spec}, engine.max_seq_len)
+        if any(token >= engine.vocab_size for token, _ in cfg.logit_bias):
+            raise ApiError(400, f"logit_bias names a token id beyond the vocabulary ({engine.vocab_size})",
+                           param="logit_bias")
+        output = await run_in_threadpool(parse_output_fields, body, tokenizer, engine.vocab_size)
         if (waiting := engine.waiting_count()) >= self.max_waiting:
             raise ApiError(429, f"{waiting} requests are already waiting; try again shortly",
                            "rate_limit_error", code="too_many_requests")
         # the template and the tokenizer, off the event loop
-        turn = await run_in_threadpool(ChatTurn, engine, tokenizer, messages, cfg, ChatStats(), None, stop)
+        turn = await run_in_threadpool(ChatTurn, engine, tokenizer, messages, cfg, ChatStats(), None, stop, output)
         options = body.get("stream_options")
-        reply = ChatReply(engine, turn, name, notice, isinstance(options, dict) and bool(options.get("include_usage")))
+        reply = ChatReply(engine, turn, name, notice, isinstance(options, dict) and bool(options.get("include_usage")),
+                          output, tokenizer)
         return reply.stream() if stream else await reply.full()
 
 

@@ -16,7 +16,9 @@ from typing import AsyncIterator, Iterable, Iterator
 
 from serve.engine import Engine
 from serve.generate import Backend, Sequence, run_alone
+from serve.grammar import new_matcher
 from serve.sampling import GREEDY, SamplingConfig
+from serve.tools import Output, prompt_messages
 
 # Refused before tokenizing: a 1,000,000-character message took 46.6 s of server time to encode and
 # trim. 100,000 characters (~25k tokens of English) is three times SmolLM2's whole context, so no
@@ -83,10 +85,12 @@ def stream_text(tokenizer, tokens: Iterable[int], stop_strings: Iterable[str] = 
     return None
 
 
-def trim_messages(tokenizer, messages: list[dict], max_prompt_tokens: int) -> tuple[list[int], list[dict], str]:
+def trim_messages(tokenizer, messages: list[dict], max_prompt_tokens: int,
+                  tools: list[dict] | None = None) -> tuple[list[int], list[dict], str]:
     """Encode a chat to fit max_prompt_tokens: drop the oldest turns first, always keeping a leading
     system message and the newest message; cut the newest message itself (keeping its end, where
-    the question usually is) only if it alone is too long. Returns (ids, messages used, notice)."""
+    the question usually is) only if it alone is too long. Returns (ids, messages used, notice).
+    `tools`: for a template that renders them itself."""
     system = messages[:1] if messages and messages[0]["role"] == "system" else []
     turns = messages[len(system):]
     if not turns:
@@ -94,24 +98,24 @@ def trim_messages(tokenizer, messages: list[dict], max_prompt_tokens: int) -> tu
     notice = ""
     for start_turn in range(len(turns)):
         kept = system + turns[start_turn:]
-        ids = tokenizer.encode_chat(kept)
+        ids = tokenizer.encode_chat(kept, tools=tools)
         if len(ids) <= max_prompt_tokens:
             if start_turn:
                 notice = f"dropped the {start_turn} oldest message(s) to fit the context window"
             return ids, kept, notice
     last = dict(turns[-1])
-    overhead = len(tokenizer.encode_chat(system + [{**last, "content": ""}]))
+    overhead = len(tokenizer.encode_chat(system + [{**last, "content": ""}], tools=tools))
     budget = max_prompt_tokens - overhead
     if budget <= 0:
         raise ValueError("the system prompt alone fills the context window; shorten it")
     content_ids = tokenizer.encode(last["content"])
     last["content"] = tokenizer.decode(content_ids[-budget:]).lstrip("\ufffd")
     kept = system + [last]
-    ids = tokenizer.encode_chat(kept)
+    ids = tokenizer.encode_chat(kept, tools=tools)
     while len(ids) > max_prompt_tokens:  # re-encoding the cut text can merge differently
         budget -= len(ids) - max_prompt_tokens
         last["content"] = tokenizer.decode(content_ids[-budget:]).lstrip("\ufffd")
-        ids = tokenizer.encode_chat(kept)
+        ids = tokenizer.encode_chat(kept, tools=tools)
     notice = (f"your message was {len(content_ids)} tokens; only its last {budget} fit the context window "
               f"of {max_prompt_tokens + 0} prompt tokens")
     return ids, kept, notice
@@ -144,16 +148,22 @@ class ChatStats:
 class ChatTurn:
     """One reply to `messages` (role/content dicts, oldest first): the prompt trimmed to fit, its
     Sequence, and what each token becomes (text pieces, stats, the stop strings). Driven by
-    `chat` (blocking, any thread) or `achat` (an asyncio loop), so both share this logic."""
+    `chat` (blocking, any thread) or `achat` (an asyncio loop), so both share this logic.
+    `output` (serve/tools.py): tools to render and the grammar the reply must follow."""
 
     def __init__(self, engine: Engine | Backend, tokenizer, messages: list[dict], cfg: SamplingConfig = GREEDY,
-                 stats: ChatStats | None = None, conversation: str | None = None, stop: Iterable[str] = ()):
+                 stats: ChatStats | None = None, conversation: str | None = None, stop: Iterable[str] = (),
+                 output: Output | None = None):
         self.stats = stats = stats if stats is not None else ChatStats()
+        output = output or Output()
+        messages, tools = prompt_messages(tokenizer, messages, output)
         budget = engine.max_seq_len - min(cfg.max_new_tokens, engine.max_seq_len // 2)
-        ids, _, stats.notice = trim_messages(tokenizer, messages, budget)
+        ids, _, stats.notice = trim_messages(tokenizer, messages, budget, tools)
         stats.backend, stats.device = engine.name, engine.device
         stats.prompt_tokens, stats.context_max, stats.new_tokens = len(ids), engine.max_seq_len, 0
-        self.seq = Sequence(ids, cfg, tokenizer.stop_ids, conversation)
+        grammar = output.grammar()
+        matcher = new_matcher(tokenizer, engine.vocab_size, grammar) if grammar is not None else None
+        self.seq = Sequence(ids, cfg, tokenizer.stop_ids, conversation, matcher)
         self.text = TextStream(tokenizer, [tokenizer.decode([i]) for i in tokenizer.stop_ids] + [s for s in stop if s])
         self.began = time.perf_counter()
 
