@@ -153,10 +153,12 @@ def sampling_extras(body: dict) -> dict:
     if not isinstance(bias, dict):
         raise ApiError(400, "logit_bias must map token ids to numbers in [-100, 100]", param="logit_bias")
     pairs = []
-    for key in bias:
-        if not str(key).isdigit():
-            raise ApiError(400, f"logit_bias keys must be token ids, got {key!r}", param="logit_bias")
-        pairs.append((int(key), _number(bias, key, 0.0, -100.0, 100.0)))
+    for key, value in bias.items():
+        if not str(key).isdigit() or isinstance(value, bool) or not isinstance(value, (int, float)) \
+                or not -100 <= value <= 100:
+            raise ApiError(400, f"logit_bias must map token ids to numbers in [-100, 100], got {key!r}: {value!r}",
+                           param="logit_bias")
+        pairs.append((int(key), float(value)))
     want = body.get("logprobs", False)
     if not isinstance(want, bool):
         raise ApiError(400, "logprobs must be true or false", param="logprobs")

@@ -1,7 +1,8 @@
 """Constrained decoding: each row may carry a grammar whose token mask is applied to its logits at
 every step, so its text parses whatever the model would have preferred.
 
-    json_schema_grammar(schema)        a JSON schema (None: any JSON object) -> grammar text
+    json_schema_grammar(schema)        a JSON schema (None: any JSON object) -> grammar text; objects
+                                       that list their properties allow no others (closed())
     lark_grammar(lark)                 a Lark grammar (llguidance's dialect, %json allowed) -> grammar text
     new_matcher(tok, vocab, grammar)   one row's matcher, forked from a compiled grammar cached by its text
     grammar_masks(logits, matchers)    the batched mask: rows with a matcher lose every token it forbids
@@ -31,6 +32,32 @@ JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separ
 _SHIFTS = torch.arange(32, dtype=torch.int32)
 
 
+_MAPS = ("properties", "$defs", "definitions", "patternProperties")  # keywords whose values are name -> schema
+_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
+_ONE = ("items", "not", "additionalProperties", "contains")
+
+
+def closed(schema):
+    """The schema with additionalProperties false wherever an object lists its properties and says
+    nothing: OpenAI's strict mode and xgrammar's default. Otherwise a model may invent keys of any
+    length after the ones asked for (LangChain's pydantic schemas leave it unsaid)."""
+    if not isinstance(schema, dict):
+        return schema
+    out = dict(schema)
+    if "properties" in out and "additionalProperties" not in out:
+        out["additionalProperties"] = False
+    for key in _MAPS:
+        if isinstance(out.get(key), dict):
+            out[key] = {name: closed(sub) for name, sub in out[key].items()}
+    for key in _LISTS:
+        if isinstance(out.get(key), list):
+            out[key] = [closed(sub) for sub in out[key]]
+    for key in _ONE:
+        if isinstance(out.get(key), dict):
+            out[key] = closed(out[key])
+    return out
+
+
 class GrammarError(ValueError):
     """A schema or grammar the library refuses; the message says why."""
 
@@ -38,7 +65,7 @@ class GrammarError(ValueError):
 def json_schema_grammar(schema: dict | None) -> str:
     import llguidance
 
-    return llguidance.LLMatcher.grammar_from_json_schema(schema if schema is not None else {"type": "object"},
+    return llguidance.LLMatcher.grammar_from_json_schema(closed(schema) if schema is not None else {"type": "object"},
                                                          defaults=JSON_OPTIONS)
 
 
@@ -50,7 +77,7 @@ def lark_grammar(lark: str) -> str:
 
 def json_in_lark(schema: dict) -> str:
     """A JSON schema as a Lark %json rule body, with our separators."""
-    return "%json " + json.dumps({**schema, "x-guidance": JSON_OPTIONS})
+    return "%json " + json.dumps({**closed(schema), "x-guidance": JSON_OPTIONS})
 
 
 @functools.lru_cache(maxsize=4)

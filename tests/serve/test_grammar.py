@@ -94,3 +94,16 @@ def test_the_mask_forbids_what_the_grammar_forbids(tok):
 def test_a_bad_schema_is_refused_with_the_reason(tok):
     with pytest.raises(GrammarError):
         new_matcher(tok, 512, json_schema_grammar({"type": "object", "properties": {"a": {"type": "strange"}}}))
+
+
+def test_objects_that_list_their_properties_are_closed():
+    from serve.grammar import closed
+
+    schema = {"type": "object", "properties": {"properties": {"type": "object", "properties": {"a": {}}},
+                                               "open": {"type": "object", "properties": {}, "additionalProperties": True}},
+              "$defs": {"x": {"properties": {"b": {}}}}, "anyOf": [{"properties": {}}]}
+    got = closed(schema)
+    assert got["additionalProperties"] is False and "additionalProperties" not in got["properties"]
+    assert got["properties"]["properties"]["additionalProperties"] is False
+    assert got["properties"]["open"]["additionalProperties"] is True
+    assert got["$defs"]["x"]["additionalProperties"] is False and got["anyOf"][0]["additionalProperties"] is False
