@@ -9,12 +9,12 @@ every step, so its text parses whatever the model would have preferred.
     token_bytes(tok, vocab, ids)       the exact bytes of each token (logprobs need them)
 
 The library is llguidance (onnxruntime-genai's and llama.cpp's), not xgrammar (vLLM's and SGLang's),
-measured on our 2-core CPU (bench/structured.py, README): xgrammar computes a mask faster
-(~0.02-0.1 ms a row against llguidance's ~0.13 ms), but both are far below a decode step (llguidance
-at 8 rows: ~0.4 ms of a ~60 ms step); llguidance compiles a new schema in ~2 ms against ~55 ms (every
-request may bring a new schema, and compiling is on its path), speaks Lark (the tool-call grammar below
-mixes free text and JSON), and is one 8 MB wheel without dependencies, while xgrammar requires triton
-(1 GB installed) on a CPU machine that cannot use it.
+measured on our 2-core CPU with SmolLM2's tokenizer (bench/structured.py; figures in README.md):
+xgrammar fills a mask faster once warm (~0.015 ms a row against ~0.13 ms, 8 rows 0.6 against 0.4
+ms, quiet), but both are a few percent of a decode step at most; llguidance compiles a new schema in
+~2 ms against xgrammar's ~25-55 ms (it builds its lexer lazily during the first reply instead), speaks
+Lark (the tool-call grammar in serve/tools.py mixes free text and JSON), and is one 8 MB wheel without
+dependencies, while xgrammar requires triton (1 GB installed) on a CPU machine that cannot use it.
 
 A matcher advances by the token the row accepted (SamplingRow.saw); nothing is rolled back, because
 a masked row can only draw tokens its grammar allows.
