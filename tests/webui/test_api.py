@@ -449,7 +449,7 @@ def test_a_client_that_hangs_up_frees_its_row_within_one_step(long_dir):
     try:
         while not server.started:
             thread.join(0.05)
-        url, body = f"http://127.0.0.1:{port}/v1/chat/completions", {"model": "nano", "messages": HI, "temperature": 0}
+        url, body = f"http://127.0.0.1:{port}/v1/chat/completions", {"model": "long", "messages": HI, "temperature": 0}
         assert httpx.post(url, json={**body, "max_tokens": 2}, timeout=60).status_code == 200  # imports done
         with pytest.raises(httpx.ReadTimeout):
             httpx.post(url, json={**body, "max_tokens": 4096, "repetition_penalty": 1}, timeout=1.5)
