@@ -50,14 +50,16 @@ def clean_text(text: str) -> str:
         return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
 
 
-def _render(template: str, messages: list[dict], add_generation_prompt: bool, special_tokens: dict) -> str:
+def _render(template: str, messages: list[dict], add_generation_prompt: bool, special_tokens: dict,
+            tools: list[dict] | None = None) -> str:
     """transformers' own renderer, given the special tokens as apply_chat_template gives them
-    (bos_token, eos_token, pad_token). A template's raise_exception becomes one ValueError."""
+    (bos_token, eos_token, pad_token) and `tools` (OpenAI's function list, for templates that render
+    it). A template's raise_exception becomes one ValueError."""
     import jinja2
     from transformers.utils.chat_template_utils import render_jinja_template
 
     try:
-        rendered, _ = render_jinja_template([messages], chat_template=template,
+        rendered, _ = render_jinja_template([messages], tools=tools, chat_template=template,
                                             add_generation_prompt=add_generation_prompt, **special_tokens)
     except jinja2.TemplateError as e:
         raise ValueError(f"the chat template refused these messages: {e}") from None
@@ -77,12 +79,13 @@ class _ChatMixin:
         tokens = {"bos_token": self.bos_token, "eos_token": self.eos_token, "pad_token": self.eos_token}
         return {k: v for k, v in tokens.items() if v is not None}
 
-    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True, tools: list[dict] | None = None) -> str:
         """The prompt text exactly as transformers' apply_chat_template renders the model's template."""
         _check_messages(messages)
-        return _render(self.chat_template, messages, add_generation_prompt, self._special_tokens_map())
+        return _render(self.chat_template, messages, add_generation_prompt, self._special_tokens_map(), tools)
 
-    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True,
+                    tools: list[dict] | None = None) -> list[int]:
         """Template text may contain special tokens; in message text they are encoded as plain text."""
         _check_messages(messages)
         controls = sorted(self.control_tokens(), key=len, reverse=True)  # longest first: a token before its parts
@@ -93,7 +96,7 @@ class _ChatMixin:
             return re.sub(control_re, lambda m: _MARK_START + m.group(0) + _MARK_END, text)
 
         marked = [{k: mark(v) if isinstance(v, str) else v for k, v in m.items()} for m in messages]
-        rendered = _render(self.chat_template, marked, add_generation_prompt, self._special_tokens_map())
+        rendered = _render(self.chat_template, marked, add_generation_prompt, self._special_tokens_map(), tools)
         # [template text, typed token, template text, ...]; None where a lone marker was (a template
         # that split a marked token): dropped, but the text on either side stays apart
         pieces = re.split(f"{_MARK_START}({control_re}){_MARK_END}|[{_MARK_START}{_MARK_END}]", rendered)

@@ -1,7 +1,13 @@
 """An OpenAI-compatible HTTP API, served by app.py on the page's own port.
 
-    POST /v1/chat/completions   a chat's next message, streamed (server-sent events) or not
-    POST /v1/completions        a text's continuation, streamed or not
+    POST /v1/chat/completions   a chat's next message, streamed (server-sent events) or not:
+                                messages, model, max_tokens (max_completion_tokens), temperature,
+                                top_p, seed, stop, stream, stream_options, response_format, tools,
+                                tool_choice, parallel_tool_calls, logprobs, top_logprobs,
+                                presence_penalty, frequency_penalty, logit_bias, and as extra
+                                fields top_k, min_p, repetition_penalty, cache_prompt
+    POST /v1/completions        a text's continuation, streamed or not: prompt, echo, logprobs
+                                (0-5 alternatives), and the sampling fields above
     GET  /v1/models             the model this server runs: context length, generation defaults
     GET  /v1/models/{id}        the same for one model id
     GET  /health                200 once the model is loaded, 503 before (as llama.cpp's server)
@@ -13,7 +19,14 @@
 Generation goes through the same Engine as the browser chat (serve/engine.py): API requests are
 batched with the page's chats, and a request reuses the cache of the longest common prefix a
 finished one left (unless it says "cache_prompt": false). A field the request leaves out takes
-the model's own value (model/config.py generation_defaults), not OpenAI's temperature 1.
+the model's own value (model/config.py generation_defaults), not OpenAI's temperature 1; min_p
+and the penalties are off (0) and logit_bias is empty unless asked for.
+
+Structured output and tool calls are serve/tools.py's: response_format (json_object, json_schema)
+and tools with tool_choice constrain the reply by a grammar (serve/grammar.py), and a reply that
+calls tools comes back as OpenAI's tool_calls (finish_reason "tool_calls"; streamed as deltas).
+A chat may hold assistant messages with tool_calls and the tool results (role "tool") that answer
+them; a tool result may be the last message. logprobs are the sampler's (serve/logprobs.py).
 
 Every field is read once, strictly typed (a string where a boolean belongs is a 400), and a field
 nobody read is refused with a 400 naming it, as OpenAI answers an unrecognized argument: a field
@@ -32,7 +45,7 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -42,21 +55,25 @@ from starlette.routing import Match
 from model.config import generation_defaults
 from serve.chat import MAX_CHAT_CHARS, ChatStats, ChatTurn, achat, chat_too_large, too_long
 from serve.engine import Engine
+from serve.grammar import GrammarError
+from serve.logprobs import chat_logprobs, completion_logprobs
 from serve.metrics import Metrics
 from serve.models import display_name
-from serve.sampling import SamplingConfig
+from serve.sampling import MAX_TOP_LOGPROBS, SamplingConfig
+from serve.tools import FieldError, Output, ToolCallStream, parse_output, tool_message
 
 API_KEY_ENV = "COGNI_MAMBA_API_KEY"
 # a chat at its size limit at 8 bytes a character (UTF-8 takes at most 4, a JSON \uXXXX escape 6), and the rest
 MAX_BODY_BYTES = 8 * MAX_CHAT_CHARS + 65536
-ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}  # developer: OpenAI's newer name
+ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant",  # developer: OpenAI's newer name
+         "tool": "tool"}
+MAX_COMPLETION_LOGPROBS = 5  # OpenAI's limit for /v1/completions' logprobs
 # OpenAI fields that do not change the text (bookkeeping and routing): accepted and ignored.
-IGNORED = frozenset({"user", "metadata", "store", "service_tier", "prompt_cache_key", "safety_identifier",
-                     "parallel_tool_calls"})
+IGNORED = frozenset({"user", "metadata", "store", "service_tier", "prompt_cache_key", "safety_identifier"})
 # Fields not built here, accepted only at the values that change nothing (clients send the defaults).
-UNBUILT = {"n": (1,), "best_of": (1,), "presence_penalty": (0,), "frequency_penalty": (0,), "logit_bias": ({},),
-           "top_logprobs": (0,), "tools": ([],), "tool_choice": ("none", "auto"), "response_format": ({"type": "text"},),
-           "modalities": (["text"],), "suffix": ("",)}
+UNBUILT = {"n": (1,), "best_of": (1,), "modalities": (["text"],), "suffix": ("",)}
+# The fields serve/tools.py's parse_output reads.
+OUTPUT_FIELDS = ("response_format", "tools", "tool_choice", "parallel_tool_calls")
 # OpenAI routes this server does not build: a clear 404 in OpenAI's shape (a 5xx would make the
 # openai client retry), not the page's own "Not Found".
 NOT_BUILT = {"/v1/responses": "the Responses API", "/v1/embeddings": "embeddings"}
@@ -159,9 +176,23 @@ def parse_message(m, i: int) -> dict:
     role = ROLES.get(m.get("role")) if isinstance(m.get("role"), str) else None
     if role is None:
         raise ApiError(400, f"{where} needs a role: one of {', '.join(ROLES)}", param=f"{where}.role")
-    if other := [k for k in m if k not in ("role", "content")]:
+    calls = role == "assistant" and bool(m.get("tool_calls"))  # an assistant's tool calls (content may be null)
+    keys = ("role", "content", "tool_call_id") if role == "tool" else ("role", "content", "tool_calls") if calls \
+        else ("role", "content")
+    if other := [k for k in m if k not in keys]:
         raise ApiError(400, f"{where}.{other[0]} is not supported by this server", param=f"{where}.{other[0]}",
                        code="unsupported_parameter")
+    if role == "tool" or calls:
+        m = {**m, "role": role}
+        if isinstance(m.get("content"), list):
+            m["content"] = _text(m["content"], f"{where}.content")
+        try:
+            message = tool_message(m, i)
+        except FieldError as e:
+            raise ApiError(400, str(e), param=e.param) from None
+        if refusal := too_long(message["content"]):
+            raise ApiError(413, refusal, param=f"{where}.content", code="message_too_long")
+        return message
     if m.get("content") is None:
         raise ApiError(400, f"{where} has no content", param=f"{where}.content")
     text = _text(m["content"], f"{where}.content")
@@ -176,8 +207,15 @@ def parse_messages(messages) -> list[dict]:
     out = [parse_message(m, i) for i, m in enumerate(messages)]
     if refusal := chat_too_large(out):
         raise ApiError(413, refusal, param="messages", code="request_too_large")
+    for i, m in enumerate(out):
+        if m["role"] == "tool" and not (i and (out[i - 1].get("tool_calls") or out[i - 1]["role"] == "tool")):
+            raise ApiError(400, f"messages[{i}] is a tool result, but no assistant tool call comes before it",
+                           param=f"messages[{i}].role")
+    if out[-1]["role"] == "tool":  # a tool's result, after the assistant's call: the model answers it
+        return out
     if out[-1]["role"] != "user":
-        raise ApiError(400, "the last message must be the user's (there is nothing to answer)", param="messages")
+        raise ApiError(400, "the last message must be the user's or a tool's result (there is nothing to answer)",
+                       param="messages")
     if not out[-1]["content"].strip():  # as the page refuses it: an empty message asks nothing
         raise ApiError(400, "the last message is empty: there is nothing to answer",
                        param=f"messages[{len(out) - 1}].content")
@@ -196,11 +234,12 @@ class Parsed:
     messages: list[dict] = field(default_factory=list)  # chat
     prompt: str | list[int] = ""  # completions: text or token ids
     echo: bool = False  # completions: the prompt before the reply
+    output: Output = field(default_factory=Output)  # chat: response_format, tools, tool_choice (serve/tools.py)
 
 
 def parse_options(f: Fields, served: set[str], defaults: dict, limit: int) -> Parsed:
     """The fields both routes share: model, sampling (the model's defaults where left out), stop,
-    stream, cache_prompt. `limit`: the most new tokens a reply may ask for."""
+    stream, cache_prompt, penalties and logit_bias. `limit`: the most new tokens a reply may ask for."""
     model = f.get("model")
     if not isinstance(model, str) or not model:
         raise ApiError(400, "model is required", param="model")
@@ -218,12 +257,17 @@ def parse_options(f: Fields, served: set[str], defaults: dict, limit: int) -> Pa
         notice = f"max_tokens {max_tokens} is above what the context allows; capped to {limit}"
         max_tokens = limit
     top_p = f.number("top_p", defaults["top_p"], 0.0, 1.0)
+    top_k = f.number("top_k", defaults["top_k"], -1, 2**31, int)  # llama.cpp's and vLLM's extras
     try:
         cfg = SamplingConfig(temperature=f.number("temperature", defaults["temperature"], 0.0, 2.0),
-                             top_k=f.number("top_k", defaults["top_k"], 0, 2**31, int),  # llama.cpp's and vLLM's extras
+                             top_k=max(top_k, 0),  # vLLM's -1 and our 0 both mean off
                              top_p=top_p if top_p > 0 else 1e-9,
                              repetition_penalty=f.number("repetition_penalty", defaults["repetition_penalty"], 0.01, 10.0),
-                             max_new_tokens=max_tokens, seed=f.number("seed", None, 0, 2**63 - 1, int))
+                             max_new_tokens=max_tokens, seed=f.number("seed", None, 0, 2**63 - 1, int),
+                             min_p=f.number("min_p", 0.0, 0.0, 1.0),
+                             presence_penalty=f.number("presence_penalty", 0.0, -2.0, 2.0),
+                             frequency_penalty=f.number("frequency_penalty", 0.0, -2.0, 2.0),
+                             logit_bias=logit_bias(f.get("logit_bias")))
     except ValueError as e:
         raise ApiError(400, str(e)) from None
     stream = f.boolean("stream", False)
@@ -231,8 +275,33 @@ def parse_options(f: Fields, served: set[str], defaults: dict, limit: int) -> Pa
     if not isinstance(options, dict) or [k for k in options if k != "include_usage"]:
         raise ApiError(400, "stream_options may only hold include_usage", param="stream_options")
     include_usage = f.boolean("include_usage", False, options, "stream_options.include_usage")
-    f.unbuilt("n", "presence_penalty", "frequency_penalty", "logit_bias")
+    f.unbuilt("n")
     return Parsed(cfg, stop, stream, include_usage, f.boolean("cache_prompt", True), notice)
+
+
+def logit_bias(bias) -> tuple[tuple[int, float], ...]:
+    """OpenAI's logit_bias ({"token id": bias in [-100, 100]}) -> SamplingConfig's pairs; the
+    vocabulary's size is checked once the model is loaded (Api._admit)."""
+    if bias is None:
+        return ()
+    if not isinstance(bias, dict):
+        raise ApiError(400, "logit_bias must map token ids to numbers in [-100, 100]", param="logit_bias")
+    pairs = []
+    for key, value in bias.items():
+        if not str(key).isdigit() or isinstance(value, bool) or not isinstance(value, (int, float)) \
+                or not -100 <= value <= 100:
+            raise ApiError(400, f"logit_bias must map token ids to numbers in [-100, 100], got {key!r}: {value!r}",
+                           param="logit_bias")
+        pairs.append((int(key), float(value)))
+    return tuple(pairs)
+
+
+def with_logprobs(cfg: SamplingConfig, top: int | None) -> SamplingConfig:
+    """cfg keeping each token's logprob and `top` alternatives (None: logprobs off)."""
+    try:
+        return replace(cfg, logprobs=top)
+    except ValueError as e:
+        raise ApiError(400, str(e), param="top_logprobs") from None
 
 
 def parse_request(body, served: set[str], max_seq_len: int, defaults: dict) -> Parsed:
@@ -240,9 +309,16 @@ def parse_request(body, served: set[str], max_seq_len: int, defaults: dict) -> P
     f = Fields(body)
     parsed = parse_options(f, served, defaults, max_seq_len // 2)  # chat() keeps at least half the context for the prompt
     parsed.messages = parse_messages(f.get("messages"))
-    if f.boolean("logprobs", False):
-        raise ApiError(400, "logprobs is not supported by this server", param="logprobs", code="unsupported_parameter")
-    f.unbuilt("top_logprobs", "tools", "tool_choice", "response_format", "modalities")
+    want = f.boolean("logprobs", False)
+    top = f.number("top_logprobs", None, 0, MAX_TOP_LOGPROBS, int)
+    if top and not want:  # 0, what clients send by default, changes nothing
+        raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+    parsed.cfg = with_logprobs(parsed.cfg, (top or 0) if want else None)
+    try:
+        parsed.output = parse_output({k: v for k in OUTPUT_FIELDS if (v := f.get(k)) is not None})
+    except FieldError as e:
+        raise ApiError(400, str(e), param=e.param) from None
+    f.unbuilt("modalities")
     f.check_all_read()
     return parsed
 
@@ -261,11 +337,29 @@ def parse_completion(body, served: set[str], max_seq_len: int, defaults: dict) -
     if isinstance(prompt, str) and (refusal := too_long(prompt)):
         raise ApiError(413, refusal, param="prompt", code="message_too_long")
     parsed.prompt, parsed.echo = prompt, f.boolean("echo", False)
-    if f.get("logprobs") is not None:
-        raise ApiError(400, "logprobs is not supported by this server", param="logprobs", code="unsupported_parameter")
+    top = f.number("logprobs", None, 0, MAX_COMPLETION_LOGPROBS, int)  # completions: how many alternatives
+    if top is not None and parsed.echo:  # OpenAI's answer would hold the prompt's own logprobs: not built
+        raise ApiError(400, "logprobs with echo is not supported by this server (the prompt's logprobs are not "
+                            "computed)", param="logprobs", code="unsupported_parameter")
+    parsed.cfg = with_logprobs(parsed.cfg, top)
     f.unbuilt("best_of", "suffix")
     f.check_all_read()
     return parsed
+
+
+def check_output(output: Output, tokenizer, vocab_size: int) -> None:
+    """The grammar of response_format or tools compiled (cached), so a schema the grammar library
+    refuses is a 400 here rather than an error mid-reply."""
+    try:
+        if (grammar := output.grammar()) is not None:
+            from serve.grammar import new_matcher
+
+            new_matcher(tokenizer, vocab_size, grammar)
+    except FieldError as e:
+        raise ApiError(400, str(e), param=e.param) from None
+    except GrammarError as e:
+        param = "tools" if output.calls else "response_format"
+        raise ApiError(400, f"{param} cannot be used: {e}".splitlines()[0], param=param) from None
 
 
 async def read_json(request: Request) -> object:
@@ -303,15 +397,19 @@ async def until_disconnected(request: Request) -> None:
 
 class ChatReply:
     """One chat completion being answered: the engine's text pieces, and the two ways to send them
-    (one JSON reply, or server-sent events) over the same stats. CompletionReply changes only the
-    shape of what is sent."""
+    (one JSON reply, or server-sent events) over the same stats. The pieces pass through a
+    ToolCallStream (serve/tools.py): text becomes content deltas, a call's tags tool_calls deltas.
+    CompletionReply changes only the shape of what is sent."""
     object, prefix = "chat.completion", "chatcmpl"
 
-    def __init__(self, engine: Engine, turn: ChatTurn, name: str, parsed: Parsed, metrics: Metrics):
+    def __init__(self, engine: Engine, turn: ChatTurn, name: str, parsed: Parsed, metrics: Metrics, tokenizer):
         self.pieces, self.stats, self.name, self.metrics = achat(engine, turn), turn.stats, name, metrics
         self.ident, self.created = f"{self.prefix}-{uuid.uuid4().hex}", int(time.time())
         self.parsed = parsed
         self.headers = {"X-Cogni-Notice": parsed.notice} if parsed.notice else {}
+        self.turn, self.tokenizer, self.vocab_size = turn, tokenizer, engine.vocab_size
+        self.calls = ToolCallStream(parsed.output.calls)  # the text pieces -> content or tool calls
+        self.logprobs_sent = 0  # tokens whose logprobs have gone out
 
     def usage(self) -> dict:
         s = self.stats
@@ -322,9 +420,26 @@ class ChatReply:
         found = [n for n in (self.parsed.notice, self.stats.notice) if n]
         return {"notices": found} if found else {}
 
-    async def text(self) -> str:
+    def finish_reason(self) -> str:
+        reason = self.stats.finish_reason
+        return "tool_calls" if self.calls.calls and reason == "stop" else reason
+
+    def new_entries(self) -> list | None:
+        """The sampler's logprobs of the reply's tokens not yet sent, or None when not asked for."""
+        if self.turn.seq.cfg.logprobs is None:
+            return None
+        entries = self.turn.seq.sampling.logprobs[self.logprobs_sent:self.stats.new_tokens]  # no stop token
+        self.logprobs_sent += len(entries)
+        return entries
+
+    def new_logprobs(self) -> dict | None:
+        """OpenAI's chat logprobs of the tokens not yet sent, or None when not asked for."""
+        entries = self.new_entries()
+        return None if entries is None else {"content": chat_logprobs(self.tokenizer, self.vocab_size, entries)}
+
+    async def deltas(self) -> list[dict]:
         try:
-            return "".join([piece async for piece in self.pieces])
+            return [d async for piece in self.pieces for d in self.calls.push(piece)] + self.calls.finish()
         finally:  # also when cancelled: closing the pieces cancels the generation in the engine
             await self.pieces.aclose()
             self.metrics.finished(self.stats)
@@ -332,7 +447,7 @@ class ChatReply:
     async def full(self, request: Request) -> Response:
         """The whole reply as one JSON object; a client that hangs up first cancels the generation
         (its row leaves the batch at the engine's next step)."""
-        reply = asyncio.ensure_future(self.text())
+        reply = asyncio.ensure_future(self.deltas())
         hangup = asyncio.ensure_future(until_disconnected(request))
         try:
             await asyncio.wait({reply, hangup}, return_when=asyncio.FIRST_COMPLETED)
@@ -348,25 +463,31 @@ class ChatReply:
                 "choices": [self.choice(reply.result())], "usage": self.usage(), **self.notices()}
         return JSONResponse(body, headers=self.headers)
 
-    def choice(self, text: str) -> dict:
-        return {"index": 0, "message": {"role": "assistant", "content": text},
-                "finish_reason": self.stats.finish_reason, "logprobs": None}
+    def choice(self, deltas: list[dict]) -> dict:
+        text = "".join(d.get("content", "") for d in deltas)
+        message = {"role": "assistant", "content": text if text or not self.calls.calls else None}
+        if self.calls.calls:
+            message["tool_calls"] = self.calls.calls
+        return {"index": 0, "message": message, "finish_reason": self.finish_reason(), "logprobs": self.new_logprobs()}
 
     def _event(self, choices: list, **extra) -> str:
         return "data: " + json.dumps({"id": self.ident, "object": self.object + ".chunk", "created": self.created,
                                       "model": self.name, "choices": choices, **extra}) + "\n\n"
 
-    def _delta(self, piece: str | None, finish=None, **extra) -> str:
-        """A chunk: a piece of text (None: the opening one, which names the role)."""
-        delta = {"role": "assistant", "content": ""} if piece is None else {"content": piece} if piece else {}
-        return self._event([{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}], **extra)
+    def _delta(self, delta: dict | None, finish=None, logprobs=None, **extra) -> str:
+        """A chunk: a delta of content or tool calls (None: the opening one, which names the role)."""
+        delta = {"role": "assistant", "content": ""} if delta is None else delta
+        return self._event([{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": logprobs}], **extra)
 
     async def events(self) -> AsyncIterator[str]:
         try:
             yield self._delta(None)
             async for piece in self.pieces:
-                yield self._delta(piece)
-            yield self._delta("", self.stats.finish_reason, **self.notices())
+                for delta in self.calls.push(piece):  # tokens held back lend their logprobs to the next delta
+                    yield self._delta(delta, logprobs=self.new_logprobs())
+            for delta in self.calls.finish():
+                yield self._delta(delta, logprobs=self.new_logprobs())
+            yield self._delta({}, self.finish_reason(), self.new_logprobs(), **self.notices())
             if self.parsed.include_usage:
                 yield self._event([], usage=self.usage())
         except Exception as e:  # mid-stream: the status is sent already; report in the stream
@@ -382,23 +503,35 @@ class ChatReply:
 
 
 class CompletionReply(ChatReply):
-    """A text completion: choices hold `text` (after the prompt's own text when echo is on)."""
+    """A text completion: choices hold `text` (after the prompt's own text when echo is on), and
+    logprobs in the completions shape (tokens, token_logprobs, top_logprobs, text_offset)."""
     object, prefix = "text_completion", "cmpl"
 
-    def __init__(self, engine: Engine, turn: ChatTurn, name: str, parsed: Parsed, metrics: Metrics, echoed: str):
-        super().__init__(engine, turn, name, parsed, metrics)
+    def __init__(self, engine: Engine, turn: ChatTurn, name: str, parsed: Parsed, metrics: Metrics, tokenizer,
+                 echoed: str):
+        super().__init__(engine, turn, name, parsed, metrics, tokenizer)
         self.echoed = echoed
+        self.text_offset = len(echoed)  # characters sent before the next logprobs' first token
 
-    def choice(self, text: str) -> dict:
-        return {"index": 0, "text": self.echoed + text, "finish_reason": self.stats.finish_reason, "logprobs": None}
+    def new_logprobs(self) -> dict | None:
+        entries = self.new_entries()
+        if entries is None:
+            return None
+        logprobs = completion_logprobs(self.tokenizer, self.vocab_size, entries, self.text_offset)
+        self.text_offset += sum(len(t) for t in logprobs["tokens"])
+        return logprobs
+
+    def choice(self, deltas: list[dict]) -> dict:
+        text = self.echoed + "".join(d.get("content", "") for d in deltas)
+        return {"index": 0, "text": text, "finish_reason": self.finish_reason(), "logprobs": self.new_logprobs()}
 
     def _event(self, choices: list, **extra) -> str:  # OpenAI names completion chunks text_completion too
         return "data: " + json.dumps({"id": self.ident, "object": self.object, "created": self.created,
                                       "model": self.name, "choices": choices, **extra}) + "\n\n"
 
-    def _delta(self, piece: str | None, finish=None, **extra) -> str:
-        text = self.echoed if piece is None else piece
-        return self._event([{"index": 0, "text": text, "finish_reason": finish, "logprobs": None}], **extra)
+    def _delta(self, delta: dict | None, finish=None, logprobs=None, **extra) -> str:
+        text = self.echoed if delta is None else delta.get("content", "")
+        return self._event([{"index": 0, "text": text, "finish_reason": finish, "logprobs": logprobs}], **extra)
 
 
 def model_entry(name: str, engine: Engine, meta: dict) -> dict:
@@ -447,6 +580,10 @@ class Api:
         body = await read_json(request)
         engine, tokenizer, meta, name = await self.load()
         parsed = parse(body, {name, self.spec}, engine.max_seq_len, generation_defaults(meta))
+        if any(token >= engine.vocab_size for token, _ in parsed.cfg.logit_bias):
+            raise ApiError(400, f"logit_bias names a token id beyond the vocabulary ({engine.vocab_size})",
+                           param="logit_bias")
+        await run_in_threadpool(check_output, parsed.output, tokenizer, engine.vocab_size)
         if (waiting := engine.waiting_count()) >= self.max_waiting:
             raise ApiError(429, f"{waiting} requests are already waiting; try again shortly",
                            "rate_limit_error", code="too_many_requests")
@@ -456,8 +593,8 @@ class Api:
         engine, tokenizer, name, p = await self._admit(request, parse_request)
         # the template and the tokenizer, off the event loop
         turn = await run_in_threadpool(ChatTurn, engine, tokenizer, p.messages, p.cfg, ChatStats(), None, p.stop,
-                                       p.reuse_cache)
-        reply = ChatReply(engine, turn, name, p, self.metrics)
+                                       p.reuse_cache, p.output)
+        reply = ChatReply(engine, turn, name, p, self.metrics, tokenizer)
         return reply.stream() if p.stream else await reply.full(request)
 
     async def completions(self, request: Request):
@@ -470,7 +607,7 @@ class Api:
         check_prompt(ids, engine)
         turn = ChatTurn.from_ids(engine, tokenizer, ids, p.cfg, ChatStats(), p.stop, p.reuse_cache)
         echoed = (p.prompt if isinstance(p.prompt, str) else tokenizer.decode(ids)) if p.echo else ""
-        reply = CompletionReply(engine, turn, name, p, self.metrics, echoed)
+        reply = CompletionReply(engine, turn, name, p, self.metrics, tokenizer, echoed)
         return reply.stream() if p.stream else await reply.full(request)
 
     async def health(self, request: Request):

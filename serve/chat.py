@@ -17,8 +17,10 @@ from typing import AsyncIterator, Iterable, Iterator
 
 from serve.engine import Engine
 from serve.generate import Backend, Sequence, run_alone
+from serve.grammar import new_matcher
 from serve.sampling import GREEDY, SamplingConfig
 from serve.zerogpu import ZeroGpuRunner
+from serve.tools import Output, prompt_messages
 
 # Refused before tokenizing: a 1,000,000-character message took 46.6 s of server time to encode and
 # trim. 100,000 characters (~25k tokens of English) is three times SmolLM2's whole context, so no
@@ -117,20 +119,21 @@ def stream_text(tokenizer, tokens: Iterable[int], stop_strings: Iterable[str] = 
     return None
 
 
-def _first_fitting(tokenizer, system: list[dict], turns: list[dict], max_prompt_tokens: int) -> int | None:
+def _first_fitting(tokenizer, system: list[dict], turns: list[dict], max_prompt_tokens: int,
+                   tools: list[dict] | None = None) -> int | None:
     """The oldest turn a prompt of system + turns[start:] may begin with, or None if even the
     newest turn alone does not fit. Each message's text is encoded once; the template's own tokens
     are counted by rendering the kept turns with empty texts (tens of tokens, so the binary search
     over where to start costs nothing beside the texts). Linear in the chat's size: re-encoding the
     remaining chat once per dropped turn made 31 messages of 100,000 characters cost 136 s."""
-    texts = [len(tokenizer.encode(m["content"])) for m in system + turns]
+    texts = [len(tokenizer.encode(m.get("content") or "")) for m in system + turns]  # a tool call's content is None
     after = [0] * (len(turns) + 1)  # after[i]: text tokens of turns[i:]
     for i in range(len(turns) - 1, -1, -1):
         after[i] = after[i + 1] + texts[len(system) + i]
     fixed = sum(texts[:len(system)])
 
     def estimate(start: int) -> int:
-        frame = tokenizer.encode_chat([{**m, "content": ""} for m in system + turns[start:]])
+        frame = tokenizer.encode_chat([{**m, "content": ""} for m in system + turns[start:]], tools=tools)
         return len(frame) + fixed + after[start]
 
     lo, hi = 0, len(turns) - 1
@@ -142,40 +145,43 @@ def _first_fitting(tokenizer, system: list[dict], turns: list[dict], max_prompt_
     return lo
 
 
-def trim_messages(tokenizer, messages: list[dict], max_prompt_tokens: int) -> tuple[list[int], list[dict], str]:
+def trim_messages(tokenizer, messages: list[dict], max_prompt_tokens: int,
+                  tools: list[dict] | None = None) -> tuple[list[int], list[dict], str]:
     """Encode a chat to fit max_prompt_tokens: drop the oldest turns first, always keeping a leading
     system message and the newest message; cut the newest message itself (keeping its end, where
-    the question usually is) only if it alone is too long. Returns (ids, messages used, notice)."""
+    the question usually is) only if it alone is too long. Returns (ids, messages used, notice).
+    `tools`: for a template that renders them itself."""
     system = messages[:1] if messages and messages[0]["role"] == "system" else []
     turns = messages[len(system):]
     if not turns:
         raise ValueError("there is no message to answer")
-    start = _first_fitting(tokenizer, system, turns, max_prompt_tokens)
+    start = _first_fitting(tokenizer, system, turns, max_prompt_tokens, tools)
     while start is not None and start < len(turns):
         kept = system + turns[start:]
-        ids = tokenizer.encode_chat(kept)  # the one encoding of the prompt, which also checks the estimate
+        ids = tokenizer.encode_chat(kept, tools=tools)  # the one encoding of the prompt, which also checks the estimate
         if len(ids) <= max_prompt_tokens:
             notice = f"dropped the {start} oldest message(s) to fit the context window" if start else ""
             return ids, kept, notice
         start += 1  # text merged across a message's edge: the estimate was short by a token or two
-    return _cut_newest(tokenizer, system, turns[-1], max_prompt_tokens)
+    return _cut_newest(tokenizer, system, turns[-1], max_prompt_tokens, tools)
 
 
-def _cut_newest(tokenizer, system: list[dict], newest: dict, max_prompt_tokens: int) -> tuple[list[int], list[dict], str]:
+def _cut_newest(tokenizer, system: list[dict], newest: dict, max_prompt_tokens: int,
+                tools: list[dict] | None = None) -> tuple[list[int], list[dict], str]:
     """The newest message alone is too long: keep its end."""
     last = dict(newest)
-    overhead = len(tokenizer.encode_chat(system + [{**last, "content": ""}]))
+    overhead = len(tokenizer.encode_chat(system + [{**last, "content": ""}], tools=tools))
     budget = max_prompt_tokens - overhead
     if budget <= 0:
         raise ValueError("the system prompt alone fills the context window; shorten it")
     content_ids = tokenizer.encode(last["content"])
     last["content"] = tokenizer.decode(content_ids[-budget:]).lstrip("\ufffd")
     kept = system + [last]
-    ids = tokenizer.encode_chat(kept)
+    ids = tokenizer.encode_chat(kept, tools=tools)
     while len(ids) > max_prompt_tokens:  # re-encoding the cut text can merge differently
         budget -= len(ids) - max_prompt_tokens
         last["content"] = tokenizer.decode(content_ids[-budget:]).lstrip("\ufffd")
-        ids = tokenizer.encode_chat(kept)
+        ids = tokenizer.encode_chat(kept, tools=tools)
     notice = (f"your message was {len(content_ids)} tokens; only its last {budget} fit the context window "
               f"of {max_prompt_tokens} prompt tokens")
     return ids, kept, notice
@@ -208,15 +214,21 @@ class ChatStats:
 class ChatTurn:
     """One reply to `messages` (role/content dicts, oldest first): the prompt trimmed to fit, its
     Sequence, and what each token becomes (text pieces, stats, the stop strings). Driven by
-    `chat` (blocking, any thread) or `achat` (an asyncio loop), so both share this logic."""
+    `chat` (blocking, any thread) or `achat` (an asyncio loop), so both share this logic.
+    `output` (serve/tools.py): tools to render and the grammar the reply must follow."""
 
     def __init__(self, engine: Engine | Backend, tokenizer, messages: list[dict], cfg: SamplingConfig = GREEDY,
                  stats: ChatStats | None = None, conversation: str | None = None, stop: Iterable[str] = (),
-                 reuse_cache: bool = True):
+                 reuse_cache: bool = True, output: Output | None = None):
         stats = stats if stats is not None else ChatStats()
+        output = output or Output()
+        messages, tools = prompt_messages(tokenizer, messages, output)
         budget = engine.max_seq_len - min(cfg.max_new_tokens, engine.max_seq_len // 2)
-        ids, _, stats.notice = trim_messages(tokenizer, messages, budget)
-        self._begin(engine, tokenizer, Sequence(ids, cfg, tokenizer.stop_ids, conversation, reuse_cache), stats, stop)
+        ids, _, stats.notice = trim_messages(tokenizer, messages, budget, tools)
+        grammar = output.grammar()
+        matcher = new_matcher(tokenizer, engine.vocab_size, grammar) if grammar is not None else None
+        self._begin(engine, tokenizer, Sequence(ids, cfg, tokenizer.stop_ids, conversation, reuse_cache, grammar=matcher),
+                    stats, stop)
 
     @classmethod
     def from_ids(cls, engine: Engine | Backend, tokenizer, ids: list[int], cfg: SamplingConfig = GREEDY,

@@ -3,7 +3,8 @@
     sample(logits, rows)          (serve/sampling.py) (B, vocab) -> B tokens, per-row settings
     prefill(backend, cache, row, ids)  a sequence's prompt into one cache row, in chunks -> last logits
     decode_step(backend, cache, seqs)  one token for every active row: one network call -> (B, vocab)
-    Sequence.accept(token)        the stopping rules: a stop id, max_new_tokens, a full context
+    Sequence.accept(token)        the stopping rules: a stop id, a complete grammar, max_new_tokens,
+                                  a full context
     generate(backend, ids, cfg)   one sequence alone, no thread: yields token ids
 
 The Engine (serve/engine.py) batches many sequences over the same ladder; serve/chat.py turns
@@ -33,7 +34,7 @@ class Sequence:
     _ids = itertools.count()
 
     def __init__(self, prompt: list[int], cfg: SamplingConfig = GREEDY, stop_ids: Iterable[int] = (),
-                 conversation: str | None = None, reuse_cache: bool = True, speculate: bool = True):
+                 conversation: str | None = None, reuse_cache: bool = True, speculate: bool = True, grammar=None):
         if not prompt:
             raise ValueError("the prompt is empty: give at least one token")
         self.prompt, self.cfg, self.stop_ids = list(prompt), cfg, frozenset(stop_ids)
@@ -46,7 +47,7 @@ class Sequence:
         self.tokens: list[int] = []
         self.finish_reason: str | None = None  # "stop", "length", "cancelled" or "error"
         self.reused_tokens = 0  # prompt tokens whose cache came from an earlier turn
-        self.sampling = SamplingRow(cfg)  # what the sampler sees of this sequence
+        self.sampling = SamplingRow(cfg, grammar)  # what the sampler sees; grammar: serve/grammar.py's matcher
         self.cancel_requested = False  # set by the engine's thread when a cancel reaches it
         self.speculate = speculate  # False: never drafted for, whatever the engine's setting
         self.drafter = None  # serve/speculate.py's NgramDrafter, when the engine speculates for it
@@ -61,7 +62,11 @@ class Sequence:
             return False
         self.tokens.append(token)
         self.sampling.saw(token)
-        if len(self.tokens) >= self.cfg.max_new_tokens or len(self.prompt) + len(self.tokens) >= max_seq_len:
+        if self.sampling.grammar_failed:  # never with the mask applied; ends the row, not the batch
+            self.finish_reason = "error"
+        elif self.sampling.grammar_done():  # a finished JSON ends the reply even at the budget's last token
+            self.finish_reason = "stop"
+        elif len(self.tokens) >= self.cfg.max_new_tokens or len(self.prompt) + len(self.tokens) >= max_seq_len:
             self.finish_reason = "length"
         return True
 

@@ -1,10 +1,18 @@
 """Sampling: per-row settings in, one token per row out; the same path for greedy and sampled rows.
 
     SamplingConfig                what a request asks for (temperature 0 = greedy, top-k, top-p,
-                                  repetition penalty, budget, seed), validated once
+                                  min-p, repetition/presence/frequency penalties, logit bias,
+                                  logprobs, budget, seed), validated once
     SamplingRow                   one row's state for the sampler: its settings, its own random
-                                  generator, the tokens its context holds (for the penalty)
+                                  generator, the tokens its context holds (for the penalties), its
+                                  grammar matcher (serve/grammar.py), its logprobs so far
     sample(logits, rows)          (B, vocab) -> B tokens
+
+Order of the logit changes (each row its own): logit_bias is added, the repetition penalty
+(CTRL) shrinks tokens of the whole context, presence/frequency penalties subtract for tokens of the
+reply, the grammar mask sets forbidden tokens to -inf. Greedy rows take the argmax of that; sampled
+rows divide by the temperature, then min-p, top-k and top-p truncate. Logprobs are the log-softmax
+of the changed logits divided by the temperature (1 for greedy rows), before truncation.
 
 The sampler sees rows, never requests: the engine hands it one SamplingRow per batch row, as
 vLLM's sampler takes its SamplingMetadata, so a row's draws depend on nothing but its own row.
@@ -27,10 +35,15 @@ class SamplingConfig:
     repetition_penalty: float = GENERATION_DEFAULTS["repetition_penalty"]  # 1.0 -> off
     max_new_tokens: int = GENERATION_DEFAULTS["max_new_tokens"]
     seed: int | None = None
+    min_p: float = 0.0  # 0 -> off; else drop tokens below min_p x the likeliest one's probability
+    presence_penalty: float = 0.0  # OpenAI's: logit -= presence * (count > 0) + frequency * count,
+    frequency_penalty: float = 0.0  # count = times the token is in the reply so far
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit)
+    logprobs: int | None = None  # None -> off; else keep each token's logprob and this many alternatives
 
     def __post_init__(self):
         # NaN passes every comparison below as False, and inf turns sampling uniform: refuse both first.
-        for name in ("temperature", "top_p", "repetition_penalty"):
+        for name in ("temperature", "top_p", "repetition_penalty", "min_p", "presence_penalty", "frequency_penalty"):
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
                 raise ValueError(f"{name} must be a finite number, got {v!r}")
@@ -50,17 +63,42 @@ class SamplingConfig:
             raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if not 0 <= self.min_p <= 1:
+            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2 <= getattr(self, name) <= 2:  # OpenAI's range
+                raise ValueError(f"{name} must be between -2 and 2, got {getattr(self, name)}")
+        for token, bias in self.logit_bias:
+            if not isinstance(token, int) or token < 0 or not -100 <= bias <= 100:
+                raise ValueError(f"logit_bias maps token ids (>= 0) to numbers in [-100, 100], got {token}: {bias}")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_TOP_LOGPROBS:
+            raise ValueError(f"top_logprobs must be between 0 and {MAX_TOP_LOGPROBS}, got {self.logprobs}")
+
+
+MAX_TOP_LOGPROBS = 20  # OpenAI's limit
+
+
+@dataclass
+class TokenLogprob:
+    """A drawn token's log-probability and the `top` likeliest tokens of the same distribution."""
+    token: int
+    logprob: float
+    top: list[tuple[int, float]]
 
 
 GREEDY = SamplingConfig(temperature=0.0, top_k=0, top_p=1.0, repetition_penalty=1.0)
 
 
 class SamplingRow:
-    """A row's sampling state: settings, its own generator (sampled rows only) and, when the
-    repetition penalty is on, which tokens its context holds."""
+    """A row's sampling state: settings, its own generator (sampled rows only), which tokens its
+    context holds (repetition penalty) and how often each is in the reply (presence/frequency
+    penalties), its grammar matcher (None: unconstrained) and its tokens' logprobs (when asked)."""
 
-    def __init__(self, cfg: SamplingConfig = GREEDY):
-        self.cfg = cfg
+    def __init__(self, cfg: SamplingConfig = GREEDY, grammar=None):
+        self.cfg, self.grammar = cfg, grammar
+        self.grammar_failed = False  # the matcher refused a token (only if the mask was bypassed)
+        self.counts: torch.Tensor | None = None  # (vocab,) float
+        self.logprobs: list[TokenLogprob] = []  # one per drawn token, stop tokens included
         self.generator = None
         if cfg.temperature > 0:
             self.generator = torch.Generator()
@@ -71,10 +109,21 @@ class SamplingRow:
         if self.cfg.repetition_penalty != 1.0:
             self.seen = torch.zeros(vocab_size, dtype=torch.bool)
             self.seen[torch.tensor([t for t in prompt if 0 <= t < vocab_size], dtype=torch.long)] = True
+        if self.cfg.presence_penalty or self.cfg.frequency_penalty:
+            self.counts = torch.zeros(vocab_size)
 
     def saw(self, token: int) -> None:
+        """The row accepted `token` into its reply."""
         if self.seen is not None:
             self.seen[token] = True
+        if self.counts is not None:
+            self.counts[token] += 1
+        if self.grammar is not None and not self.grammar.consume_token(token):
+            self.grammar_failed = True
+
+    def grammar_done(self) -> bool:
+        """The grammar is complete: nothing may follow (but a stop token)."""
+        return self.grammar is not None and self.grammar.is_stopped()
 
 
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: torch.Tensor) -> torch.Tensor:
@@ -156,22 +205,71 @@ def candidate_probs(sorted_logits: torch.Tensor, temperature: torch.Tensor, top_
     return torch.softmax(logits.masked_fill(drop, float("-inf")), -1)
 
 
-def sample(logits: torch.Tensor, seqs: list[SamplingRow]) -> list[int]:
-    """logits (B, vocab) float32 -> one token per row, each row with its own settings. A row draws
-    one uniform number from its own generator (inverse-CDF sampling over its candidates, largest
-    first), so its tokens do not depend on which other rows share the batch."""
+def apply_penalties(logits: torch.Tensor, seqs: list[SamplingRow]) -> torch.Tensor:
+    """logit_bias, then the repetition penalty (the whole context), then presence/frequency (the reply)."""
     B, V = logits.shape
+    if any(s.cfg.logit_bias for s in seqs):
+        bias = torch.zeros(B, V)
+        for i, s in enumerate(seqs):
+            for token, value in s.cfg.logit_bias:
+                if token < V:
+                    bias[i, token] = value
+        logits = logits + bias
     penalty = torch.tensor([[s.cfg.repetition_penalty] for s in seqs])  # (B, 1)
     if bool((penalty != 1.0).any()):
         seen = torch.stack([s.seen if s.seen is not None else torch.zeros(V, dtype=torch.bool) for s in seqs])
         logits = apply_repetition_penalty(logits, seen, penalty)
+    if any(s.counts is not None for s in seqs):
+        counts = torch.stack([s.counts if s.counts is not None else torch.zeros(V) for s in seqs])  # (B, V)
+        presence = torch.tensor([[s.cfg.presence_penalty] for s in seqs])
+        frequency = torch.tensor([[s.cfg.frequency_penalty] for s in seqs])
+        logits = logits - presence * (counts > 0) - frequency * counts
+    return logits
+
+
+def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    """Min-p (Nguyen et al. 2024): drop tokens whose probability is below min_p x the likeliest
+    token's; logits (b, vocab) already divided by the temperature, min_p (b, 1), 0 = off. In log space
+    (no softmax, no sort): p_i < min_p * p_max  <=>  logit_i - logit_max < log(min_p)."""
+    cut = logits.max(-1, keepdim=True).values + torch.log(min_p)  # -inf where min_p is 0
+    return logits.masked_fill(logits < cut, float("-inf"))
+
+
+def record_logprobs(logits: torch.Tensor, tokens: list[int], seqs: list[SamplingRow]) -> None:
+    """Each asking row keeps its token's logprob and its top alternatives, from the distribution it was
+    drawn from: the changed logits divided by its temperature (1 when greedy), before truncation."""
+    rows = [i for i, s in enumerate(seqs) if s.cfg.logprobs is not None]
+    if not rows:
+        return
+    temperature = torch.tensor([[seqs[i].cfg.temperature or 1.0] for i in rows])
+    logp = torch.log_softmax(logits[rows] / temperature, -1)  # (b, vocab)
+    k = max(seqs[i].cfg.logprobs for i in rows)
+    top_lp, top_ids = logp.topk(k, -1) if k else (logp[:, :0], logp[:, :0].long())
+    for r, i in enumerate(rows):
+        n = seqs[i].cfg.logprobs
+        top = list(zip(top_ids[r, :n].tolist(), top_lp[r, :n].tolist()))
+        seqs[i].logprobs.append(TokenLogprob(tokens[i], float(logp[r, tokens[i]]), top))
+
+
+def sample(logits: torch.Tensor, seqs: list[SamplingRow]) -> list[int]:
+    """logits (B, vocab) float32 -> one token per row, each row with its own settings. A row draws
+    one uniform number from its own generator (inverse-CDF sampling over its candidates, largest
+    first), so its tokens do not depend on which other rows share the batch."""
+    logits = apply_penalties(logits, seqs)
+    if any(s.grammar is not None for s in seqs):
+        from serve.grammar import grammar_masks
+
+        logits = grammar_masks(logits, [s.grammar for s in seqs])
     tokens = logits.argmax(-1)  # (B,): the greedy rows' answer
     rows = [i for i, s in enumerate(seqs) if s.cfg.temperature > 0]
     if rows:
         picked = [seqs[i].cfg for i in rows]
         top_k = torch.tensor([[c.top_k] for c in picked])
         temperature, top_p = torch.tensor([[c.temperature] for c in picked]), torch.tensor([[c.top_p] for c in picked])
-        values, ids, log_norm = top_candidates(logits[rows], top_k, temperature, top_p)
+        candidates = logits[rows]
+        if any(c.min_p > 0 for c in picked):  # cut in temperature-scaled space, as the probabilities are
+            candidates = apply_min_p(candidates / temperature, torch.tensor([[c.min_p] for c in picked])) * temperature
+        values, ids, log_norm = top_candidates(candidates, top_k, temperature, top_p)
         probs = candidate_probs(values, temperature, top_k, top_p, log_norm)
         cdf = probs.cumsum(-1)  # (b, C)
         u = torch.cat([torch.rand(1, generator=seqs[i].generator) for i in rows])[:, None] * cdf[:, -1:]
@@ -179,4 +277,6 @@ def sample(logits: torch.Tensor, seqs: list[SamplingRow]) -> list[int]:
         drawn = torch.searchsorted(cdf, u, right=True)[:, 0]
         last_nonzero = probs.shape[-1] - 1 - (probs > 0).flip(-1).float().argmax(-1)  # rounding can push u past the end
         tokens[rows] = ids.gather(1, torch.minimum(drawn, last_nonzero)[:, None])[:, 0]
-    return tokens.tolist()
+    tokens = tokens.tolist()
+    record_logprobs(logits, tokens, seqs)
+    return tokens

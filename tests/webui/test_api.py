@@ -252,10 +252,10 @@ HI = [{"role": "user", "content": "hi"}]
 
 @pytest.mark.parametrize("extra, param", [
     ({"n": 2}, "n"),
-    ({"presence_penalty": 1.5}, "presence_penalty"),
-    ({"logprobs": True}, "logprobs"),
-    ({"response_format": {"type": "json_object"}}, "response_format"),
-    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+    ({"modalities": ["text", "audio"]}, "modalities"),  # presence_penalty, logprobs, response_format and
+    ({"prediction": {"type": "content", "content": "hi"}}, "prediction"),  # tools are built now
+    ({"audio": {"voice": "alloy", "format": "wav"}}, "audio"),
+    ({"web_search_options": {}}, "web_search_options"),
     ({"temprature": 0.5}, "temprature"),  # a typo must not quietly take the default
     ({"stream": "false"}, "stream"),  # a non-empty string is truthy: it used to stream
     ({"stream_options": {"include_usage": "yes"}}, "stream_options.include_usage"),
@@ -270,6 +270,9 @@ HI = [{"role": "user", "content": "hi"}]
     ({"messages": [{"role": "user", "content": [{"type": "input_audio", "input_audio": {}}]}]},
      "messages[0].content[0].type"),
     ({"messages": [{"role": "user", "content": "hi", "tool_calls": []}]}, "messages[0].tool_calls"),
+    ({"messages": [{"role": "user", "content": "hi"}, {"role": "tool", "content": "{}"}]}, "messages[1].role"),
+    ({"messages": [{"role": "assistant", "content": None, "tool_calls": [
+        {"id": "c", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}]}, "messages"),
 ])
 def test_every_refused_field_is_a_400_naming_it(models, nano_dir, extra, param):
     _, http = make_client(models, nano_dir)
@@ -335,13 +338,30 @@ def test_completions_streamed_and_not(client, models, nano_dir):
     assert r.choices[0].text == want[:want.find(stop)] and r.choices[0].finish_reason == "stop"
 
 
-@pytest.mark.parametrize("extra, param", [({"logprobs": 2}, "logprobs"), ({"prompt": ["a", "b"]}, "prompt"),
+@pytest.mark.parametrize("extra, param", [({"logprobs": 6}, "logprobs"), ({"logprobs": 2, "echo": True}, "logprobs"),
+                                          ({"logprobs": True}, "logprobs"), ({"prompt": ["a", "b"]}, "prompt"),
                                           ({"prompt": [1, 10**6]}, "prompt"), ({"prompt": []}, "prompt"),
                                           ({"echo": "true"}, "echo"), ({"best_of": 3}, "best_of")])
 def test_completions_refuse_what_they_cannot_do(models, nano_dir, extra, param):
     _, http = make_client(models, nano_dir)
     r = post(http, "/v1/completions", {"model": "nano", "prompt": "hi", "max_tokens": 2, **extra})
     assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+
+
+def test_completions_logprobs_match_the_chat_routes(client):
+    """logprobs: N on /v1/completions: one entry per generated token, in the completions shape,
+    its tokens joining to the text and its offsets counting characters from the reply's start."""
+    r = client.completions.create(model="nano", prompt="the quick brown fox", max_tokens=6, temperature=0, logprobs=3)
+    c = r.choices[0]
+    lp = c.logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == r.usage.completion_tokens
+    assert "".join(lp.tokens) == c.text and lp.text_offset[0] == 0
+    assert all(len(top) <= 3 for top in lp.top_logprobs)
+    assert all(lp.token_logprobs[i] == pytest.approx(max(top.values()), abs=1e-5) for i, top in enumerate(lp.top_logprobs))
+    chunks = list(client.completions.create(model="nano", prompt="the quick brown fox", max_tokens=6, temperature=0,
+                                            logprobs=3, stream=True))
+    streamed = [t for ch in chunks if ch.choices and ch.choices[0].logprobs for t in ch.choices[0].logprobs.tokens]
+    assert streamed == lp.tokens
 
 
 def test_cache_prompt_false_repeats_greedy_replies_byte_for_byte(client, models, nano_dir):
