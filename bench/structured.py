@@ -88,7 +88,6 @@ def decode_run(backend, tok, rows: int, steps: int, constrained: bool) -> tuple[
 def library_runs(tok, vocab: int) -> dict:
     """Mask time per token (1 and 8 rows) and cold compile time, for each library installed."""
     import llguidance
-    import llguidance.torch as llt
 
     ids = tok.encode(json.dumps(DOCUMENT))
     out = {}
