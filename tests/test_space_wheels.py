@@ -13,7 +13,9 @@ from packaging.utils import canonicalize_name
 
 ROOT = Path(__file__).resolve().parents[1]
 ZEROGPU_PYTHONS = ("3.10.13", "3.12.12")  # the Hub's ZeroGPU docs
-PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64")
+# The gradio SDK builds a Space on the official python image (Debian bookworm, glibc 2.36), so every
+# manylinux tag up to 2_36 runs there; llguidance 1.9 ships manylinux_2_31 wheels only.
+PLATFORMS = tuple(f"manylinux_2_{v}_x86_64" for v in range(36, 16, -1)) + ("manylinux2014_x86_64",)
 OFFLINE = ("Could not fetch URL", "Max retries exceeded", "Network is unreachable", "Temporary failure in name resolution")
 
 
