@@ -236,8 +236,8 @@ def test_a_refused_message_never_reaches_the_model_nor_refuses_the_next(torch_mo
                                                      for m in refused]
     _, tokenizer, _ = torch_models.loaded
     real = type(tokenizer).encode_chat
-    monkeypatch.setattr(type(tokenizer), "encode_chat", lambda self, msgs, *a: pytest.fail("the refused message reached the model")
-                        if any(len(m["content"]) > MAX_MESSAGE_CHARS for m in msgs) else real(self, msgs, *a))
+    monkeypatch.setattr(type(tokenizer), "encode_chat", lambda self, msgs, *a, **kw: pytest.fail("the refused message reached the model")
+                        if any(len(m["content"] or "") > MAX_MESSAGE_CHARS for m in msgs) else real(self, msgs, *a, **kw))
     final = ask("hi", torch_models, history=history, max_new_tokens=4)[-1]
     assert "tok/s" in titles(final)[-1] and "message refused" not in titles(final)
 
