@@ -33,6 +33,8 @@ def test_presence_and_frequency_penalties_follow_openai():
     want[4] -= 0.5 + 2 * 0.25
     want[9] -= 0.5 + 0.25
     got = r.logprobs[-1]
+    # Both sides run torch.log_softmax on the same row, in this process; only the penalties'
+    # subtraction order may differ, by an ulp of a logit below 4 in size (4.8e-7): 1e-6 is two.
     assert got.logprob == pytest.approx(float(torch.log_softmax(want, -1)[got.token]), abs=1e-6)
     assert got.token == int(want.argmax())
     # the prompt's tokens (1, 2) are not penalised: presence/frequency look at the reply
@@ -54,6 +56,7 @@ def test_logprobs_are_the_log_softmax_of_the_scaled_logits():
     for r, i, t in ((greedy, 0, 1.0), (hot, 1, 0.7)):
         ref = torch.log_softmax(logits[i] / t, -1)
         e = r.logprobs[-1]
+        # the sampler's own log_softmax of the same scaled row: equal up to rounding of its values (< 10)
         assert e.token == tokens[i] and e.logprob == pytest.approx(float(ref[tokens[i]]), abs=1e-6)
         assert [tid for tid, _ in e.top] == ref.topk(len(e.top)).indices.tolist()
         assert sum(torch.tensor([lp for _, lp in e.top]).exp()) <= 1 + 1e-6
