@@ -33,7 +33,7 @@ import gradio as gr
 import uvicorn
 from fastapi import FastAPI
 
-from model.config import GENERATION_DEFAULTS as DEFAULTS
+from model.sampling_fields import GENERATION_DEFAULTS as DEFAULTS
 from serve.access import Access
 from serve.api import API_KEY_ENV, api_access, make_router
 from webui.chat import respond

@@ -15,7 +15,8 @@ from pathlib import Path
 
 from export.folder import CHAT_TEMPLATE_FILE, GENAI_CONFIG_FILE, GRAPH_FILE
 from export.graph import PAST, PRESENT
-from model.config import GENERATION_DEFAULTS, ModelConfig
+from model.config import ModelConfig
+from model.sampling_fields import GENERATION_DEFAULTS
 
 # The graph's I/O in genai's terms (%d = layer index). past_present_share_buffer says whether the
 # graph reads and writes one cache buffer of length max_length (GroupQueryAttention with seqlens_k)

@@ -86,7 +86,7 @@ from export.graph import ACCURACY_LEVELS, DTYPES, OPSET, PAST, PRESENT, all_kv_n
 from model.checkpoint import atomic_dir, check_output_dir, load_model, sha256_file  # noqa: E402
 from model.hf import write_hf_configs  # noqa: E402
 from model.weights import resolve_model  # noqa: E402
-from model.config import generation_defaults  # noqa: E402
+from model.sampling_fields import generation_defaults  # noqa: E402
 from model.model import CogniMamba  # noqa: E402
 
 # What the source model folder's config.json says about the model that an export carries on (and a

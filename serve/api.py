@@ -52,7 +52,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.routing import Match
 
-from model.config import generation_defaults
+from model.sampling_fields import generation_defaults
 from serve.chat import MAX_CHAT_CHARS, ChatStats, ChatTurn, achat, chat_too_large, too_long
 from serve.engine import Engine
 from serve.grammar import GrammarError

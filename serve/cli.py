@@ -14,7 +14,7 @@ import sys
 
 from serve.chat import ChatStats, chat
 from serve.engine import Engine
-from model.config import GENERATION_DEFAULTS as DEFAULTS
+from model.sampling_fields import GENERATION_DEFAULTS as DEFAULTS
 from serve.sampling import SamplingConfig
 from serve.load import BACKENDS, load_backend
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from model.config import GENERATION_DEFAULTS
+from model.sampling_fields import GENERATION_DEFAULTS
 
 
 @dataclass

@@ -15,7 +15,7 @@ from __future__ import annotations
 from gradio import ChatMessage, Warning as UIWarning
 
 from serve.chat import ChatStats, chat, newest_within_limits, too_long
-from model.config import GENERATION_DEFAULTS as DEFAULTS
+from model.sampling_fields import GENERATION_DEFAULTS as DEFAULTS
 from serve.sampling import SamplingConfig
 from serve.models import BACKEND_LABELS, MODELS, DEFAULT, onnx_unavailable_reason
 

@@ -93,7 +93,7 @@ def test_an_imported_folder_brings_its_generation_config(hf_folder, tmp_path):
     import json
     import shutil
 
-    from model.config import GENERATION_DEFAULTS, generation_defaults
+    from model.sampling_fields import GENERATION_DEFAULTS, generation_defaults
     from model.hf import load_hf
 
     _, _, folder = hf_folder

@@ -10,7 +10,7 @@ openai = pytest.importorskip("openai")
 from fastapi import FastAPI  # noqa: E402
 from fastapi.testclient import TestClient  # noqa: E402
 
-from model.config import GENERATION_DEFAULTS, generation_defaults  # noqa: E402
+from model.sampling_fields import GENERATION_DEFAULTS, generation_defaults  # noqa: E402
 from serve.generate import generate  # noqa: E402
 from serve.sampling import SamplingConfig  # noqa: E402
 from serve.api import api_access, make_router  # noqa: E402
