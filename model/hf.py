@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from model.checkpoint import atomic_dir, build_model, check_weights, header_shapes
 from model.config import ModelConfig, per_layer_names
+from model.sampling_fields import FIELDS
 from model.tokenizer import Tokenizer, from_tokenizer_json
 
 HF_TO_OURS = {
@@ -62,8 +63,9 @@ def config_from_hf(hf: dict) -> ModelConfig:
 
 
 def generation_from_hf(directory: Path) -> dict:
-    """The sampling settings a folder's generation_config.json states, in GENERATION_DEFAULTS' names
-    (meta["generation"]: what a request leaves out takes these). do_sample false means greedy."""
+    """The sampling settings a folder's generation_config.json states (the fields a model may set,
+    model/sampling_fields.py), checked against their ranges; meta["generation"]: what a request
+    leaves out takes these. do_sample false means greedy."""
     path = directory / "generation_config.json"
     try:
         g = json.loads(path.read_text())
@@ -74,14 +76,12 @@ def generation_from_hf(directory: Path) -> dict:
     if not isinstance(g, dict):
         raise ValueError(f"{path} is not a JSON object")
     own = {}
-    for name in ("temperature", "top_k", "top_p", "repetition_penalty", "max_new_tokens"):
-        value = g.get(name)
-        whole = name in ("top_k", "max_new_tokens")
-        if value is None:
-            continue
-        if isinstance(value, bool) or not isinstance(value, int if whole else (int, float)) or not value >= 0:
-            raise ValueError(f"{path}: {name} must be a {'whole ' if whole else ''}number >= 0, got {value!r}")
-        own[name] = value
+    for field in FIELDS:
+        if field.from_model and g.get(field.name) is not None:
+            try:
+                own[field.name] = field.check(g[field.name])
+            except ValueError as e:
+                raise ValueError(f"{path}: {e}") from None
     if g.get("do_sample") is False:
         own["temperature"] = 0.0
     return own

@@ -19,12 +19,11 @@ vLLM's sampler takes its SamplingMetadata, so a row's draws depend on nothing bu
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 
-from model.sampling_fields import GENERATION_DEFAULTS
+from model.sampling_fields import FIELDS, GENERATION_DEFAULTS, LOGIT_BIAS_RANGE
 
 
 @dataclass
@@ -35,41 +34,20 @@ class SamplingConfig:
     repetition_penalty: float = GENERATION_DEFAULTS["repetition_penalty"]  # 1.0 -> off
     max_new_tokens: int = GENERATION_DEFAULTS["max_new_tokens"]
     seed: int | None = None
-    min_p: float = 0.0  # 0 -> off; else drop tokens below min_p x the likeliest one's probability
-    presence_penalty: float = 0.0  # OpenAI's: logit -= presence * (count > 0) + frequency * count,
-    frequency_penalty: float = 0.0  # count = times the token is in the reply so far
+    min_p: float = GENERATION_DEFAULTS["min_p"]  # 0 -> off; else drop tokens below min_p x the likeliest one's probability
+    presence_penalty: float = GENERATION_DEFAULTS["presence_penalty"]  # OpenAI's: logit -= presence * (count > 0) + frequency * count,
+    frequency_penalty: float = GENERATION_DEFAULTS["frequency_penalty"]  # count = times the token is in the reply so far
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit)
     logprobs: int | None = None  # None -> off; else keep each token's logprob and this many alternatives
 
     def __post_init__(self):
-        # NaN passes every comparison below as False, and inf turns sampling uniform: refuse both first.
-        for name in ("temperature", "top_p", "repetition_penalty", "min_p", "presence_penalty", "frequency_penalty"):
-            v = getattr(self, name)
-            if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
-                raise ValueError(f"{name} must be a finite number, got {v!r}")
-        for name in ("top_k", "max_new_tokens"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool):
-                raise ValueError(f"{name} must be a whole number, got {v!r}")
-        if self.seed is not None and (not isinstance(self.seed, int) or not 0 <= self.seed < 2**63):
-            raise ValueError(f"seed must be in [0, 2^63) and a whole number, got {self.seed!r}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.repetition_penalty <= 0:
-            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if not 0 <= self.min_p <= 1:
-            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
-        for name in ("presence_penalty", "frequency_penalty"):
-            if not -2 <= getattr(self, name) <= 2:  # OpenAI's range
-                raise ValueError(f"{name} must be between -2 and 2, got {getattr(self, name)}")
+        # Ranges are the sampling-field table's (model/sampling_fields.py), the API's and the page's too.
+        for f in FIELDS:
+            if getattr(self, f.name) is not None or f.default is not None:
+                f.check(getattr(self, f.name))
+        lo, hi = LOGIT_BIAS_RANGE
         for token, bias in self.logit_bias:
-            if not isinstance(token, int) or token < 0 or not -100 <= bias <= 100:
+            if not isinstance(token, int) or token < 0 or not lo <= bias <= hi:
                 raise ValueError(f"logit_bias maps token ids (>= 0) to numbers in [-100, 100], got {token}: {bias}")
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_TOP_LOGPROBS:
             raise ValueError(f"top_logprobs must be between 0 and {MAX_TOP_LOGPROBS}, got {self.logprobs}")
