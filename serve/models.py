@@ -1,7 +1,8 @@
 """Which models the web UI offers, and the loaded backends it shares between sessions.
 
     list_models()                 [(label, spec)]: the default, checkpoints/**/ folders, exports/*/ ONNX exports
-    MODELS.get(spec, "onnx")      (backend, tokenizer, meta), loaded once per (model, backend)
+    ModelCache().get(spec, "onnx")  (backend, tokenizer, meta), loaded once per (model, backend);
+                                  app.main makes the one the server shares, from its flags
     model_card(spec, meta)        Markdown: architecture, parameters, dtype, quantization, source
 
 Each loaded backend runs under one serve.engine.Engine: every session's generation is batched
@@ -68,10 +69,11 @@ class ModelCache:
     asking for the same model wait for the first load instead of starting its own."""
 
     def __init__(self, loader=load_backend, log=lambda msg: print(msg, file=sys.stderr, flush=True),
-                 max_batch: int = MAX_BATCH, cache_budget_mb: float = CACHE_BUDGET_MB, speculate: bool = True):
+                 max_batch: int = MAX_BATCH, cache_budget_mb: float = CACHE_BUDGET_MB, speculate: bool = True,
+                 zerogpu: bool = False):
         self.loader, self.log = loader, log
         self.max_batch, self.cache_budget_mb, self.speculate = max_batch, cache_budget_mb, speculate
-        self.zerogpu = False  # set by app.py on a ZeroGPU Space: PyTorch models then run as ZeroGpuRunners
+        self.zerogpu = zerogpu  # a ZeroGPU Space: PyTorch models then run as ZeroGpuRunners
         self.loaded: dict[tuple[str, str], tuple] = {}
         self.locks: dict[tuple[str, str], threading.Lock] = {}
         self.guard = threading.Lock()
@@ -106,7 +108,6 @@ class ModelCache:
             engine.close()
 
 
-MODELS = ModelCache()
 
 
 def display_name(spec: str, meta: dict) -> str:

@@ -15,11 +15,22 @@ from __future__ import annotations
 from gradio import ChatMessage, Warning as UIWarning
 
 from serve.chat import ChatStats, chat, newest_within_limits, too_long
-from model.sampling_fields import GENERATION_DEFAULTS as DEFAULTS
+from model.sampling_fields import BY_NAME, generation_defaults
 from serve.sampling import SamplingConfig
-from serve.models import BACKEND_LABELS, MODELS, DEFAULT, onnx_unavailable_reason
+from serve.models import BACKEND_LABELS, DEFAULT, onnx_unavailable_reason
 
 EMPTY_REPLY = "Please type a message first: an empty message has nothing to answer."
+
+
+def _number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _whole(x):
+    """A float that is a whole number as an int (Gradio sends 3.0 for an integer slider)."""
+    return int(x) if isinstance(x, float) and x.is_integer() else x
+
+
 def note(title: str, text: str = "") -> ChatMessage:
     """A status line under the answer: shown by the Chatbot, skipped by history_to_messages."""
     return ChatMessage(content=text, metadata={"title": title, "status": "done"})
@@ -53,10 +64,14 @@ def history_to_messages(history: list, system_prompt: str = "") -> list[dict]:
 
 
 def respond(message: str, history: list, system_prompt: str = "", backend: str = "onnx", model: str = DEFAULT,
-            temperature: float = DEFAULTS["temperature"], top_k: int = DEFAULTS["top_k"],
-            top_p: float = DEFAULTS["top_p"], repetition_penalty: float = DEFAULTS["repetition_penalty"],
-            max_new_tokens: int = DEFAULTS["max_new_tokens"], seed: int | float | None = -1, models=MODELS):
-    """Yield the reply as it grows (a str), then [reply, status] (a list of chat messages)."""
+            temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
+            repetition_penalty: float | None = None, max_new_tokens: int | None = None, seed: int | float | None = -1,
+            min_p: float | None = None, presence_penalty: float | None = None, frequency_penalty: float | None = None,
+            *, models):
+    """Yield the reply as it grows (a str), then [reply, status] (a list of chat messages), from
+    `models` (the server's serve.models.ModelCache). The
+    sampling settings are the fields of model/sampling_fields.py, in its order; one left out (None)
+    takes the model's own default. Seed -1 is random."""
     message = message if isinstance(message, str) else _text(message)
     # The new message only: history_to_messages leaves out what was refused, so one refusal does
     # not refuse every later message of the session (gr.ChatInterface keeps the refused message).
@@ -68,21 +83,24 @@ def respond(message: str, history: list, system_prompt: str = "", backend: str =
         UIWarning(EMPTY_REPLY)
         yield [note(EMPTY_REPLY)]
         return
-    try:
-        seed = None if seed is None or int(seed) < 0 else int(seed)
-        cfg = SamplingConfig(temperature=float(temperature), top_k=int(top_k), top_p=float(top_p),
-                             repetition_penalty=float(repetition_penalty), max_new_tokens=int(max_new_tokens), seed=seed)
+    given = dict(temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
+                 max_new_tokens=max_new_tokens, min_p=min_p, presence_penalty=presence_penalty,
+                 frequency_penalty=frequency_penalty, seed=None if seed is None or _number(seed) and seed < 0 else seed)
+    try:  # the page's numbers arrive as floats: a whole one is taken as an integer field's value
+        given = {k: BY_NAME[k].check(_whole(v) if BY_NAME[k].kind is int else v) for k, v in given.items()
+                 if v is not None}  # check, not accept: the page's own inputs have no aliases
     except (TypeError, ValueError, OverflowError) as e:
         yield [note(f"bad setting: {e}")]
         return
     backend = backend or "onnx"
     try:
-        engine, tokenizer, _ = models.get(model or DEFAULT, backend)
+        engine, tokenizer, meta = models.get(model or DEFAULT, backend)
     except Exception as e:  # a model that fails to load must not take the app down
         hint = " Switch the backend to PyTorch eager in Settings." if backend == "onnx" and onnx_unavailable_reason() else ""
         yield [note(f"error: could not load {model} on {BACKEND_LABELS.get(backend, backend)}",
                     f"{type(e).__name__}: {e}.{hint}")]
         return
+    cfg = SamplingConfig(**{**generation_defaults(meta), **given})  # every field checked above
     stats = ChatStats()
     reply = ""
     try:
@@ -97,3 +115,4 @@ def respond(message: str, history: list, system_prompt: str = "", backend: str =
     if stats.notice:
         final.append(note(f"note: {stats.notice}"))
     yield final + [note(stats.summary())]
+

@@ -12,10 +12,10 @@ from dataclasses import replace
 from serve.generate import capacity_for, generate, prefill
 from serve.sampling import GREEDY
 from serve.chat import too_long
-from serve.models import DEFAULT, MODELS
+from serve.models import DEFAULT
 
 
-def compare(prompt: str, model: str = DEFAULT, max_new_tokens: int = 32, models=MODELS) -> dict:
+def compare(prompt: str, model: str = DEFAULT, max_new_tokens: int = 32, *, models) -> dict:
     """-> {"max_abs_logit_diff", "tokens_agree", "first_difference", "torch": {...}, "onnx": {...}}"""
     if not prompt or not prompt.strip():
         raise ValueError("type a prompt to compare")
@@ -40,10 +40,10 @@ def compare(prompt: str, model: str = DEFAULT, max_new_tokens: int = 32, models=
             **{k: {key: v[key] for key in ("device", "tokens", "text")} for k, v in runs.items()}}
 
 
-def parity_panel(prompt: str, model: str = DEFAULT, max_new_tokens: int = 32, models=MODELS):
+def parity_panel(prompt: str, model: str = DEFAULT, max_new_tokens: int = 32, *, models):
     """For the UI: (torch text, onnx text, Markdown verdict, the figures as a dict)."""
     try:
-        r = compare(prompt, model, max_new_tokens, models)
+        r = compare(prompt, model, max_new_tokens, models=models)
     except Exception as e:  # the panel reports; the app keeps serving
         return "", "", f"**Error:** {type(e).__name__}: {e}", {"error": str(e)}
     verdict = ("**Greedy tokens agree**" if r["tokens_agree"]

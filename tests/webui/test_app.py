@@ -132,11 +132,10 @@ def test_start_up_falls_back_to_torch_when_onnx_cannot_load(monkeypatch, nano_di
             raise ImportError("No module named 'onnxruntime'")
         return load_backend(spec, backend)
 
-    monkeypatch.setattr(app.MODELS, "loader", loader)
-    monkeypatch.setattr(app.MODELS, "loaded", {})
-    backend, note = app.preload(str(nano_dir), "onnx")
+    models = app.ModelCache(loader=loader)
+    backend, note = app.preload(models, str(nano_dir), "onnx")
     assert backend == "torch" and "using PyTorch eager instead" in note and "onnxruntime" in note
-    assert (str(nano_dir), "torch") in app.MODELS.loaded
+    assert (str(nano_dir), "torch") in models.loaded
 
 
 def test_the_api_reads_like_an_api(client):
