@@ -209,7 +209,8 @@ def test_foreign_configs_that_do_not_describe_the_weights_are_refused_at_once(tm
     import dataclasses
     import time
 
-    from model.gguf import export_gguf, load_gguf
+    from export.gguf import export_gguf
+    from model.gguf import load_gguf
     from model.hf import export_hf, load_hf
 
     # written by our own exporters, whose header says what model.cfg says: 100,000 layers over 4
