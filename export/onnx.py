@@ -83,8 +83,8 @@ from export.blocks import gguf_blocks, quantized_state  # noqa: E402
 from export.folder import EXPORTER_VERSION, GRAPH_FILE, META_FILE, META_VERSION  # noqa: E402
 from export.genai import write_genai_files  # noqa: E402
 from export.graph import ACCURACY_LEVELS, DTYPES, OPSET, PAST, PRESENT, all_kv_names, build_graph  # noqa: E402
+from export.hf import write_hf_configs  # noqa: E402
 from model.checkpoint import atomic_dir, check_output_dir, load_model, sha256_file  # noqa: E402
-from model.hf import write_hf_configs  # noqa: E402
 from model.weights import resolve_model  # noqa: E402
 from model.config import generation_defaults  # noqa: E402
 from model.model import CogniMamba  # noqa: E402
