@@ -23,6 +23,7 @@ import json  # noqa: E402
 
 import numpy as np  # noqa: E402
 
+from export.command import USER_ERRORS, read_paths, run  # noqa: E402
 from model.checkpoint import atomic_file  # noqa: E402
 from model.config import per_layer_names  # noqa: E402
 from model.gguf import GGUF_CARD_KEYS, GGUF_TO_OURS, HF_URL  # noqa: E402
@@ -232,23 +233,19 @@ def export_gguf(model, tokenizer, out: str | Path, gguf_type: str = "auto", name
 
 
 def main(model: str, out: str, gguf_type: str = "auto", force: bool = False) -> int:
-    try:
+    def write() -> str:
         net, tok, meta = load_any(model)
         # what is read: the argument itself and, for a converted model, the file it came from
-        read = [p for p in (model, meta.get("source")) if p and Path(p).exists()]
-        if any(Path(out).expanduser().resolve() == Path(p).expanduser().resolve() for p in read):
+        read = read_paths(model, meta.get("source"))
+        if any(Path(out).expanduser().resolve() == p.expanduser().resolve() for p in read):
             raise ValueError(f"--out {out} is the model being read; choose another --out")
         summary = export_gguf(net, tok, out, gguf_type, name=meta["name"], source=meta, force=force)
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:  # a read-only folder, a full disk
-        print(f"error: cannot write {e.filename or out}: {e.strerror or e}", file=sys.stderr)
-        return 2
-    types = ", ".join(f"{n} {q}" for q, n in sorted(summary["types"].items()))
-    print(f"wrote {summary['path']} ({summary['bytes'] / 2**20:.0f} MB; tensors: {types}; "
-          f"tokenizer.ggml.pre {summary['pre']!r}): run it with llama.cpp (llama-cli -m ...) or Ollama")
-    return 0
+        types = ", ".join(f"{n} {q}" for q, n in sorted(summary["types"].items()))
+        return (f"wrote {summary['path']} ({summary['bytes'] / 2**20:.0f} MB; tensors: {types}; "
+                f"tokenizer.ggml.pre {summary['pre']!r}): run it with llama.cpp (llama-cli -m ...) or Ollama")
+
+    # RuntimeError too: this command has always told it in one line, as the other two do not
+    return run(write, out, errors=(*USER_ERRORS, RuntimeError))
 
 
 def parse_args(argv=None) -> dict:

@@ -23,6 +23,7 @@ import json  # noqa: E402
 import torch  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
+from export.command import read_paths, run  # noqa: E402
 from model.checkpoint import atomic_dir  # noqa: E402
 from model.config import ModelConfig, per_layer_names  # noqa: E402
 from model.hf import CARD_FIELDS, HF_TO_OURS  # noqa: E402
@@ -114,18 +115,13 @@ def export_hf(model, tokenizer: Tokenizer, directory: str | Path, dtype: torch.d
 
 
 def main(model: str, out: str, dtype: str = "float32", force: bool = False) -> int:
-    try:
+    def write() -> str:
         net, tokenizer, meta = load_any(model)
-        sources = [meta["path"]] + ([Path(model)] if Path(model).exists() else [])  # a .gguf or HF folder, too
-        folder = export_hf(net, tokenizer, out, getattr(torch, dtype), meta, force=force, sources=sources)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:  # a read-only or full disk
-        print(f"error: cannot write {e.filename or out}: {e.strerror or e}", file=sys.stderr)
-        return 2
-    print(f"wrote {folder}: load it with transformers.AutoModelForCausalLM.from_pretrained")
-    return 0
+        folder = export_hf(net, tokenizer, out, getattr(torch, dtype), meta, force=force,
+                           sources=read_paths(model, meta["path"]))
+        return f"wrote {folder}: load it with transformers.AutoModelForCausalLM.from_pretrained"
+
+    return run(write, out)
 
 
 def parse_args(argv=None) -> dict:

@@ -80,6 +80,7 @@ import onnx  # noqa: E402
 import torch  # noqa: E402
 
 from export.blocks import gguf_blocks, quantized_state  # noqa: E402
+from export.command import read_paths, run  # noqa: E402
 from export.folder import EXPORTER_VERSION, GRAPH_FILE, META_FILE, META_VERSION  # noqa: E402
 from export.genai import write_genai_files  # noqa: E402
 from export.graph import ACCURACY_LEVELS, DTYPES, OPSET, PAST, PRESENT, all_kv_names, build_graph  # noqa: E402
@@ -219,7 +220,7 @@ def export_onnx(model: str | Path, out: str | Path, dtype: str = "fp32", quantiz
                          "int8 and int4 run with int8 activations")
     t0 = time.perf_counter()
     src = resolve_model(model)
-    sources = [src] + ([Path(model)] if Path(model).exists() else [])  # a .gguf or HF folder, too
+    sources = read_paths(model, src)
     out = Path(out)
     check_output_dir(out, "ONNX export", force, sources)  # before the minutes of work, not after
     net, tokenizer, src_meta = load_model(src)
@@ -278,15 +279,10 @@ def export_onnx(model: str | Path, out: str | Path, dtype: str = "fp32", quantiz
 
 def main(model: str = "default", out: str = "exports/model", dtype: str = "fp32", quantize: str | None = None,
          optimize: bool = False, verify: bool = False, force: bool = False, accuracy_level: int = 4) -> int:
-    try:
+    def write() -> None:  # export_onnx logs what it wrote
         export_onnx(model, out, dtype, quantize, optimize, verify, force=force, accuracy_level=accuracy_level)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:  # a read-only folder, a full disk
-        print(f"error: cannot write {e.filename or out}: {e.strerror or e}", file=sys.stderr)
-        return 2
-    return 0
+
+    return run(write, out)
 
 
 def parse_args(argv=None) -> dict:
