@@ -1,6 +1,6 @@
-"""An ONNX export folder's files and format versions, named once for its writer (export/onnx.py,
-export/genai.py) and its readers (serve/). Imports nothing heavy: a loader that only asks "is this
-an export?" need not import onnx.
+"""An ONNX export folder's files, format versions and graph I/O names, named once for its writer
+(export/onnx.py, export/genai.py, export/graph.py) and its readers (serve/). Imports nothing heavy:
+a loader that only asks "is this an export?" need not import onnx.
 """
 from __future__ import annotations
 
@@ -20,3 +20,19 @@ EXPORTER_VERSION = 3
 
 def is_onnx_export(path: str | Path) -> bool:
     return (Path(path) / META_FILE).is_file() and (Path(path) / GRAPH_FILE).is_file()
+
+
+# The cache's graph names, one pair per layer ({i} = layer), as optimum, transformers.js and
+# onnxruntime-genai name them; every reader of the graph takes them from here.
+PAST = "past_key_values.{i}.{kv}"
+PRESENT = "present.{i}.{kv}"
+
+
+def kv_names(template: str, i: int) -> tuple[str, str]:
+    """(key, value) names of layer i for PAST or PRESENT."""
+    return template.format(i=i, kv="key"), template.format(i=i, kv="value")
+
+
+def all_kv_names(template: str, n_layers: int) -> list[str]:
+    """Every layer's key and value names, layer by layer: the order the caches are bound in."""
+    return [n for i in range(n_layers) for n in kv_names(template, i)]

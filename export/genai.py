@@ -13,8 +13,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from export.folder import CHAT_TEMPLATE_FILE, GENAI_CONFIG_FILE, GRAPH_FILE
-from export.graph import PAST, PRESENT
+from export.folder import CHAT_TEMPLATE_FILE, GENAI_CONFIG_FILE, GRAPH_FILE, PAST, PRESENT
 from model.config import GENERATION_DEFAULTS, ModelConfig
 
 # The graph's I/O in genai's terms (%d = layer index). past_present_share_buffer says whether the

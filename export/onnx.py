@@ -81,9 +81,9 @@ import torch  # noqa: E402
 
 from export.blocks import gguf_blocks, quantized_state  # noqa: E402
 from export.command import read_paths, run  # noqa: E402
-from export.folder import EXPORTER_VERSION, GRAPH_FILE, META_FILE, META_VERSION  # noqa: E402
+from export.folder import EXPORTER_VERSION, GRAPH_FILE, META_FILE, META_VERSION, PAST, PRESENT, all_kv_names  # noqa: E402
 from export.genai import write_genai_files  # noqa: E402
-from export.graph import ACCURACY_LEVELS, DTYPES, OPSET, PAST, PRESENT, all_kv_names, build_graph  # noqa: E402
+from export.graph import ACCURACY_LEVELS, DTYPES, OPSET, build_graph  # noqa: E402
 from export.hf import write_hf_configs  # noqa: E402
 from model.checkpoint import atomic_dir, check_output_dir, load_model, sha256_file  # noqa: E402
 from model.weights import resolve_model  # noqa: E402

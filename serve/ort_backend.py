@@ -21,8 +21,7 @@ import onnxruntime as ort
 import torch
 
 from export.blocks import GGUF_SUPPORTED, GGUF_UNQUANTIZED
-from export.graph import PAST, PRESENT, all_kv_names
-from export.folder import EXPORTER_VERSION, GRAPH_FILE, META_FILE, META_VERSION
+from export.folder import EXPORTER_VERSION, GRAPH_FILE, META_FILE, META_VERSION, PAST, PRESENT, all_kv_names
 from export.onnx import SOURCE_FIELDS, export_onnx, tokenizer_hash
 from model.checkpoint import read_meta
 from model.config import ModelConfig
