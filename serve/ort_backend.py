@@ -11,7 +11,6 @@ fused graph, as one buffer for past and present, written in place); only the log
 """
 from __future__ import annotations
 
-import json
 import os
 import sys
 from pathlib import Path
@@ -21,11 +20,11 @@ import onnxruntime as ort
 import torch
 
 from export.blocks import GGUF_SUPPORTED, GGUF_UNQUANTIZED
-from export.folder import EXPORTER_VERSION, GRAPH_FILE, META_FILE, META_VERSION, PAST, PRESENT, all_kv_names
-from export.onnx import SOURCE_FIELDS, export_onnx, tokenizer_hash
+from export.folder import (EXPORTER_VERSION, GRAPH_FILE, META_FILE, PAST, PRESENT, SOURCE_FIELDS, all_kv_names,
+                           check_export)
+from export.onnx import export_onnx
 from model.checkpoint import read_meta
 from model.config import ModelConfig
-from model.hf import config_from_hf
 from model.model import StaticCache
 from model.tokenizer import load_tokenizer
 from model.weights import cache_root, resolve_model, source_key
@@ -61,36 +60,6 @@ def bind_keep(binding, keep: int) -> None:
     """num_logits_to_keep has a default in the graph (an initializer of the same name, so runtimes
     that never feed it run the graph); ORT binds such an input only as an OrtValue."""
     binding.bind_ortvalue_input("num_logits_to_keep", ort.OrtValue.ortvalue_from_numpy(np.array(keep, np.int64)))
-
-
-def check_export(directory: str | Path) -> dict:
-    """Read onnx_meta.json and check that config.json and the tokenizer beside model.onnx are the
-    ones it was exported with. Returns the meta; raises ValueError naming the mismatch."""
-    d = Path(directory)
-    if not (d / META_FILE).is_file() or not (d / GRAPH_FILE).is_file():
-        raise FileNotFoundError(f"{d} is not an ONNX export (needs {GRAPH_FILE} and {META_FILE}); make one with "
-                                f"`python export/onnx.py --model MODEL --out {d}`")
-    try:
-        meta = json.loads((d / META_FILE).read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{d / META_FILE} is not valid JSON ({e}); re-export the model") from None
-    if not isinstance(meta, dict) or meta.get("format") != "cogni-mamba-onnx":
-        raise ValueError(f"{d / META_FILE} is not a CogniMamba ONNX meta file")
-    if meta.get("format_version") != META_VERSION:
-        raise ValueError(f"{d} was exported by another version of the exporter (format {meta.get('format_version')}, "
-                         f"this code reads {META_VERSION}); re-export it with `python export/onnx.py --model "
-                         f"{meta.get('source_name', 'MODEL')} --out {d}`")
-    try:  # config.json is HF's (for optimum): it must describe the graph's model
-        config = config_from_hf(json.loads((d / "config.json").read_text())).to_dict()
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ValueError(f"{d}: config.json cannot be read as a Llama config ({e}); re-export the model") from None
-    if config != meta.get("model"):
-        raise ValueError(f"{d}: config.json describes another model than the one model.onnx was exported from "
-                         f"(source sha256 {meta['source_sha256'][:12]}); re-export the model")
-    if tokenizer_hash(d) != meta["tokenizer_sha256"]:
-        raise ValueError(f"{d}: the tokenizer files differ from the ones exported with model.onnx "
-                         f"(source sha256 {meta['source_sha256'][:12]}); re-export, or restore the tokenizer")
-    return meta
 
 
 class OrtBackend:
