@@ -1,7 +1,9 @@
 """ONNX Runtime behind the generation Backend protocol (serve/generate.py).
 
-    backend, tokenizer, meta = load_ort_backend("default")          # exported once, then cached
-    backend, tokenizer, meta = load_ort_backend("exports/smollm2")  # a folder export/onnx.py wrote
+    backend, tokenizer, meta = open_export(Path("exports/smollm2"))  # an ONNX export folder
+
+serve/load.py's load_ort_backend("default") exports a model folder once (cached), then opens it here;
+running an export needs onnxruntime, not the onnx package that writing one does.
 
 Providers are taken from what is installed and what actually loads: TensorRT, then CUDA, then CPU
 (onnxruntime-gpu without CUDA libraries falls back to CPU with only a printed error, so the
@@ -12,7 +14,6 @@ fused graph, as one buffer for past and present, written in place); only the log
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,14 +21,11 @@ import onnxruntime as ort
 import torch
 
 from export.blocks import GGUF_SUPPORTED, GGUF_UNQUANTIZED
-from export.folder import (EXPORTER_VERSION, GRAPH_FILE, META_FILE, PAST, PRESENT, SOURCE_FIELDS, all_kv_names,
-                           check_export)
-from export.onnx import export_onnx
+from export.folder import GRAPH_FILE, PAST, PRESENT, SOURCE_FIELDS, all_kv_names, check_export
 from model.checkpoint import read_meta
 from model.config import ModelConfig
 from model.model import StaticCache
 from model.tokenizer import load_tokenizer
-from model.weights import cache_root, resolve_model, source_key
 
 PROVIDER_ORDER = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
 
@@ -194,10 +192,6 @@ class OrtBackend:
         return outputs[0].numpy(), outputs[1:]
 
 
-def _log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
 def pick_variant(src: Path, provider: str, dtype: str | None, quantize: str | None) -> tuple[str, str | None, str]:
     """(dtype, quantize, why) for a model folder on a provider, when the caller did not choose."""
     if dtype or quantize:
@@ -214,25 +208,9 @@ def pick_variant(src: Path, provider: str, dtype: str | None, quantize: str | No
     return "fp32", None, "fp32: the weights as they are (export with --quantize int4 or int8 for speed)"
 
 
-def load_ort_backend(spec: str | Path, device: str | None = None, dtype: str | None = None,
-                     quantize: str | None = None):
-    """spec: an export folder (has onnx_meta.json), or anything model.weights.load_any accepts, which
-    is exported once into <cache>/onnx/<source key>-<variant>/ (the key changes with the weights
-    file's size or mtime); the variant is pick_variant's unless dtype/quantize choose one.
-    Returns (backend, tokenizer, meta); meta["variant"] says which variant runs and why."""
-    d = Path(spec)
-    why = "an export folder, run as it is"
-    if not (d / META_FILE).is_file():
-        src = resolve_model(spec)
-        providers = pick_providers(device)
-        dtype, quantize, why = pick_variant(src, providers[0], dtype, quantize)
-        fused = providers[0] != "TensorrtExecutionProvider"  # plain ops for TensorRT: it has no contrib ops
-        variant = f"{dtype}{'-' + quantize if quantize else ''}{'-fused' if fused else ''}"
-        # keyed by the weights file and the exporter's version: a fixed exporter re-exports
-        d = cache_root() / "onnx" / f"{source_key(src / 'model.safetensors')}-{variant}-v{EXPORTER_VERSION}"
-        if not (d / META_FILE).is_file():
-            _log(f"exporting {spec} to ONNX ({variant}) once, into {d} ...")
-            export_onnx(src, d, dtype=dtype, quantize=quantize, optimize=fused, verify=True, log=_log, force=True)
+def open_export(d: Path, device: str | None = None, why: str = "an export folder, run as it is"):
+    """(backend, tokenizer, meta) for an export folder; meta["variant"] says which variant runs and
+    `why` (serve/load.py's load_ort_backend exports a model folder first)."""
     backend = OrtBackend(d, device=device)
     tokenizer = load_tokenizer(d)
     if tokenizer.vocab_size > backend.cfg.vocab_size:
