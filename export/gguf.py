@@ -25,7 +25,7 @@ import numpy as np  # noqa: E402
 
 from export.command import USER_ERRORS, read_paths, run  # noqa: E402
 from model.checkpoint import atomic_file  # noqa: E402
-from model.config import per_layer_names  # noqa: E402
+from model.config import ModelConfig, per_layer_names  # noqa: E402
 from model.gguf import GGUF_CARD_KEYS, GGUF_TO_OURS, HF_URL  # noqa: E402
 from model.weights import load_any  # noqa: E402
 
@@ -149,6 +149,35 @@ def write_card(w, card: dict) -> None:
             w.add_base_model_repo_url(i, HF_URL + repo)
 
 
+def write_hparams(w, cfg: ModelConfig, vocab: dict) -> None:
+    """The llama.* hyperparameters and the tokenizer.ggml.* keys (gguf_vocab's), as llama.cpp reads them."""
+    w.add_context_length(cfg.max_seq_len)
+    w.add_embedding_length(cfg.dim)
+    w.add_block_count(cfg.n_layers)
+    w.add_feed_forward_length(cfg.hidden_dim)
+    w.add_head_count(cfg.n_heads)
+    w.add_head_count_kv(cfg.n_kv_heads)
+    w.add_key_length(cfg.head_dim)
+    w.add_value_length(cfg.head_dim)
+    w.add_rope_dimension_count(cfg.head_dim)
+    w.add_rope_freq_base(cfg.rope_theta)
+    w.add_layer_norm_rms_eps(cfg.norm_eps)
+    w.add_vocab_size(cfg.vocab_size)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre(vocab["pre"])
+    w.add_token_list(vocab["tokens"])
+    w.add_token_types(vocab["types"])
+    w.add_token_merges(vocab["merges"])
+    w.add_bos_token_id(vocab["bos"])
+    w.add_eos_token_id(vocab["eos"])
+    w.add_pad_token_id(vocab["eos"])
+    if vocab["eot"] is not None:
+        w.add_eot_token_id(vocab["eot"])
+    w.add_add_bos_token(vocab["add_bos"])
+    w.add_add_eos_token(False)
+    w.add_chat_template(vocab["chat_template"])
+
+
 def export_gguf(model, tokenizer, out: str | Path, gguf_type: str = "auto", name: str = "cogni-mamba",
                 source: dict | None = None, force: bool = False) -> dict:
     """Write a llama-architecture GGUF (temp file beside it, then rename). `source` is the model
@@ -175,31 +204,7 @@ def export_gguf(model, tokenizer, out: str | Path, gguf_type: str = "auto", name
         w = gguf.GGUFWriter(tmp, "llama")
         w.add_name(name)
         w.add_string(OWNER_KEY, "cogni-mamba model/gguf.py")
-        w.add_context_length(cfg.max_seq_len)
-        w.add_embedding_length(cfg.dim)
-        w.add_block_count(cfg.n_layers)
-        w.add_feed_forward_length(cfg.hidden_dim)
-        w.add_head_count(cfg.n_heads)
-        w.add_head_count_kv(cfg.n_kv_heads)
-        w.add_key_length(cfg.head_dim)
-        w.add_value_length(cfg.head_dim)
-        w.add_rope_dimension_count(cfg.head_dim)
-        w.add_rope_freq_base(cfg.rope_theta)
-        w.add_layer_norm_rms_eps(cfg.norm_eps)
-        w.add_vocab_size(cfg.vocab_size)
-        w.add_tokenizer_model("gpt2")
-        w.add_tokenizer_pre(vocab["pre"])
-        w.add_token_list(vocab["tokens"])
-        w.add_token_types(vocab["types"])
-        w.add_token_merges(vocab["merges"])
-        w.add_bos_token_id(vocab["bos"])
-        w.add_eos_token_id(vocab["eos"])
-        w.add_pad_token_id(vocab["eos"])
-        if vocab["eot"] is not None:
-            w.add_eot_token_id(vocab["eot"])
-        w.add_add_bos_token(vocab["add_bos"])
-        w.add_add_eos_token(False)
-        w.add_chat_template(vocab["chat_template"])
+        write_hparams(w, cfg, vocab)
         write_card(w, source.get("card") or {})
         for ours, t in model.state_dict().items():
             theirs = ours_to_gguf[ours]  # a KeyError here is a weight the map does not know: a bug
