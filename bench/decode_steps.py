@@ -32,8 +32,8 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 def batch_steps(batches: list[int], steps: int, rounds: int) -> int:
     from bench import cpu_name
-    from serve.ort_backend import load_ort_backend
     from serve.generate import capacity_for, prefill
+    from serve.load import load_ort_backend
 
     backend, _, meta = load_ort_backend("default")
     caches = {}

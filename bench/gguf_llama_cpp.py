@@ -70,8 +70,9 @@ def check(name: str, python: str, path: Path, model, tok, n: int, source: Path |
 def main(llama_python: str = sys.executable, new_tokens: int = 32) -> int:
     import torch
 
+    from export.gguf import export_gguf
     from model.config import ModelConfig
-    from model.gguf import export_gguf, load_gguf
+    from model.gguf import load_gguf
     from model.model import CogniMamba
     from model.tokenizer import train_bpe
     from model.weights import default_gguf, load_any

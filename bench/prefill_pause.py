@@ -25,9 +25,9 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 def main(prompt_tokens: int = 4000) -> int:
     from bench import cpu_name
-    from serve.ort_backend import load_ort_backend
     from serve.engine import Engine
     from serve.generate import PREFILL_CHUNK
+    from serve.load import load_ort_backend
     from serve.sampling import SamplingConfig
 
     backend, _, meta = load_ort_backend("default")

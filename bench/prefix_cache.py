@@ -18,7 +18,8 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # `python bench/prefix_cache.py` from anywhere
+if __name__ == "__main__":  # `python bench/prefix_cache.py` puts bench/ first on sys.path: the repository root is needed
+    sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from bench import cpu_name  # noqa: E402

@@ -28,7 +28,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # `python bench/speculation.py` from anywhere
+if __name__ == "__main__":  # `python bench/speculation.py` puts bench/ first on sys.path: the repository root is needed
+    sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import serve.sampling  # noqa: E402

@@ -13,8 +13,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from export.folder import CHAT_TEMPLATE_FILE, GENAI_CONFIG_FILE, GRAPH_FILE
-from export.graph import PAST, PRESENT
+from export.folder import CHAT_TEMPLATE_FILE, GENAI_CONFIG_FILE, GRAPH_FILE, PAST, PRESENT
 from model.config import ModelConfig
 from model.sampling_fields import GENERATION_DEFAULTS
 

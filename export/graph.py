@@ -14,6 +14,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from export.blocks import BlockMatrix, concat_rows
+from export.folder import PAST, PRESENT, kv_names
 from model.config import ModelConfig
 from model.model import CogniMamba
 
@@ -23,20 +24,6 @@ OPSET = 17
 CONFIG_FIELDS_IN_GRAPH = {"dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "hidden_dim", "head_dim",
                           "max_seq_len", "rope_theta", "norm_eps", "tie_embeddings"}
 DTYPES = ("fp32", "fp16")
-# The cache's graph names, one pair per layer ({i} = layer), as optimum, transformers.js and
-# onnxruntime-genai name them; every reader of the graph takes them from here.
-PAST = "past_key_values.{i}.{kv}"
-PRESENT = "present.{i}.{kv}"
-
-
-def kv_names(template: str, i: int) -> tuple[str, str]:
-    """(key, value) names of layer i for PAST or PRESENT."""
-    return template.format(i=i, kv="key"), template.format(i=i, kv="value")
-
-
-def all_kv_names(template: str, n_layers: int) -> list[str]:
-    """Every layer's key and value names, layer by layer: the order the caches are bound in."""
-    return [n for i in range(n_layers) for n in kv_names(template, i)]
 ACCURACY_LEVELS = (0, 4)  # MatMulNBits: 0 = fp32 arithmetic, 4 = int8 activations (as llama.cpp's dot products)
 
 

@@ -71,7 +71,6 @@ if __name__ == "__main__":
 import argparse  # noqa: E402
 import copy  # noqa: E402
 import json  # noqa: E402
-import hashlib  # noqa: E402
 import os  # noqa: E402
 import time  # noqa: E402
 
@@ -80,18 +79,17 @@ import onnx  # noqa: E402
 import torch  # noqa: E402
 
 from export.blocks import gguf_blocks, quantized_state  # noqa: E402
-from export.folder import EXPORTER_VERSION, GRAPH_FILE, META_FILE, META_VERSION  # noqa: E402
+from export.command import read_paths, run  # noqa: E402
+from export.folder import (EXPORTER_VERSION, GRAPH_FILE, META_FILE, META_VERSION, PAST, PRESENT, SOURCE_FIELDS,  # noqa: E402
+                           all_kv_names, tokenizer_hash)
 from export.genai import write_genai_files  # noqa: E402
-from export.graph import ACCURACY_LEVELS, DTYPES, OPSET, PAST, PRESENT, all_kv_names, build_graph  # noqa: E402
+from export.graph import ACCURACY_LEVELS, DTYPES, OPSET, build_graph  # noqa: E402
+from export.hf import write_hf_configs  # noqa: E402
 from model.checkpoint import atomic_dir, check_output_dir, load_model, sha256_file  # noqa: E402
-from model.hf import write_hf_configs  # noqa: E402
 from model.weights import resolve_model  # noqa: E402
 from model.sampling_fields import generation_defaults  # noqa: E402
 from model.model import CogniMamba  # noqa: E402
 
-# What the source model folder's config.json says about the model that an export carries on (and a
-# card shows); its paths and file-level fields (the weights' own hash, dtype, format) stay behind.
-SOURCE_FIELDS = ("name", "num_params", "source_format", "source_quantization", "card")
 ROOT = Path(__file__).resolve().parents[1]
 EXTERNAL_DATA_BYTES = 1_800_000_000  # protobuf's hard limit is 2 GB
 QUANTIZATIONS = ("int8", "int4", "gguf")
@@ -108,16 +106,6 @@ def source_record(src: Path, src_meta: dict, out: Path) -> dict:
             "source_sha256": src_meta.get("weights_sha256") or sha256_file(src / "model.safetensors"),
             "source_path": os.path.relpath(src, out) if inside else None,
             **{k: src_meta[k] for k in SOURCE_FIELDS if k in src_meta}}
-
-
-def tokenizer_hash(directory: str | Path) -> str:
-    """One hash over the tokenizer files that save() writes, so an export pins its tokenizer."""
-    h = hashlib.sha256()
-    for name in ("tokenizer.json", "tokenizer_config.json", "char_tokenizer.json"):
-        p = Path(directory) / name
-        if p.is_file():
-            h.update(name.encode() + p.read_bytes())
-    return h.hexdigest()
 
 
 def save_onnx(proto: onnx.ModelProto, path: Path) -> None:
@@ -219,7 +207,7 @@ def export_onnx(model: str | Path, out: str | Path, dtype: str = "fp32", quantiz
                          "int8 and int4 run with int8 activations")
     t0 = time.perf_counter()
     src = resolve_model(model)
-    sources = [src] + ([Path(model)] if Path(model).exists() else [])  # a .gguf or HF folder, too
+    sources = read_paths(model, src)
     out = Path(out)
     check_output_dir(out, "ONNX export", force, sources)  # before the minutes of work, not after
     net, tokenizer, src_meta = load_model(src)
@@ -278,15 +266,10 @@ def export_onnx(model: str | Path, out: str | Path, dtype: str = "fp32", quantiz
 
 def main(model: str = "default", out: str = "exports/model", dtype: str = "fp32", quantize: str | None = None,
          optimize: bool = False, verify: bool = False, force: bool = False, accuracy_level: int = 4) -> int:
-    try:
+    def write() -> None:  # export_onnx logs what it wrote
         export_onnx(model, out, dtype, quantize, optimize, verify, force=force, accuracy_level=accuracy_level)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:  # a read-only folder, a full disk
-        print(f"error: cannot write {e.filename or out}: {e.strerror or e}", file=sys.stderr)
-        return 2
-    return 0
+
+    return run(write, out)
 
 
 def parse_args(argv=None) -> dict:

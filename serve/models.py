@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 from model.checkpoint import is_model_dir, recover_interrupted_swap
+from model.weights import DEFAULT_NAME
 from serve.engine import Engine
 from export.folder import META_FILE, is_onnx_export
 from serve.load import load_backend
@@ -45,7 +46,7 @@ def list_models(root: str | Path = ".", extra: list[str] = ()) -> list[tuple[str
     """(label, spec) for the default model, every model folder under checkpoints/ and every ONNX
     export under exports/, plus `extra` specs (e.g. the --model given on the command line)."""
     root = Path(root)
-    found = [("SmolLM2-135M-Instruct (default)", DEFAULT)]
+    found = [(f"{DEFAULT_NAME} (default)", DEFAULT)]
 
     def visible(path: Path) -> bool:  # hidden: a writer's temp or .old folder left by a kill
         return not any(part.startswith(".") for part in path.relative_to(root).parts)
@@ -112,7 +113,7 @@ class ModelCache:
 
 def display_name(spec: str, meta: dict) -> str:
     if spec == DEFAULT:
-        return "SmolLM2-135M-Instruct"
+        return DEFAULT_NAME
     return meta.get("name") or Path(spec).name
 
 

@@ -1,7 +1,9 @@
 """ONNX Runtime behind the generation Backend protocol (serve/generate.py).
 
-    backend, tokenizer, meta = load_ort_backend("default")          # exported once, then cached
-    backend, tokenizer, meta = load_ort_backend("exports/smollm2")  # a folder export/onnx.py wrote
+    backend, tokenizer, meta = open_export(Path("exports/smollm2"))  # an ONNX export folder
+
+serve/load.py's load_ort_backend("default") exports a model folder once (cached), then opens it here;
+running an export needs onnxruntime, not the onnx package that writing one does.
 
 Providers are taken from what is installed and what actually loads: TensorRT, then CUDA, then CPU
 (onnxruntime-gpu without CUDA libraries falls back to CPU with only a printed error, so the
@@ -11,9 +13,7 @@ fused graph, as one buffer for past and present, written in place); only the log
 """
 from __future__ import annotations
 
-import json
 import os
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -21,15 +21,11 @@ import onnxruntime as ort
 import torch
 
 from export.blocks import GGUF_SUPPORTED, GGUF_UNQUANTIZED
-from export.graph import PAST, PRESENT, all_kv_names
-from export.folder import EXPORTER_VERSION, GRAPH_FILE, META_FILE, META_VERSION
-from export.onnx import SOURCE_FIELDS, export_onnx, tokenizer_hash
+from export.folder import GRAPH_FILE, PAST, PRESENT, SOURCE_FIELDS, all_kv_names, check_export
 from model.checkpoint import read_meta
 from model.config import ModelConfig
-from model.hf import config_from_hf
 from model.model import StaticCache
 from model.tokenizer import load_tokenizer
-from model.weights import cache_root, resolve_model, source_key
 
 PROVIDER_ORDER = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
 
@@ -62,36 +58,6 @@ def bind_keep(binding, keep: int) -> None:
     """num_logits_to_keep has a default in the graph (an initializer of the same name, so runtimes
     that never feed it run the graph); ORT binds such an input only as an OrtValue."""
     binding.bind_ortvalue_input("num_logits_to_keep", ort.OrtValue.ortvalue_from_numpy(np.array(keep, np.int64)))
-
-
-def check_export(directory: str | Path) -> dict:
-    """Read onnx_meta.json and check that config.json and the tokenizer beside model.onnx are the
-    ones it was exported with. Returns the meta; raises ValueError naming the mismatch."""
-    d = Path(directory)
-    if not (d / META_FILE).is_file() or not (d / GRAPH_FILE).is_file():
-        raise FileNotFoundError(f"{d} is not an ONNX export (needs {GRAPH_FILE} and {META_FILE}); make one with "
-                                f"`python export/onnx.py --model MODEL --out {d}`")
-    try:
-        meta = json.loads((d / META_FILE).read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{d / META_FILE} is not valid JSON ({e}); re-export the model") from None
-    if not isinstance(meta, dict) or meta.get("format") != "cogni-mamba-onnx":
-        raise ValueError(f"{d / META_FILE} is not a CogniMamba ONNX meta file")
-    if meta.get("format_version") != META_VERSION:
-        raise ValueError(f"{d} was exported by another version of the exporter (format {meta.get('format_version')}, "
-                         f"this code reads {META_VERSION}); re-export it with `python export/onnx.py --model "
-                         f"{meta.get('source_name', 'MODEL')} --out {d}`")
-    try:  # config.json is HF's (for optimum): it must describe the graph's model
-        config = config_from_hf(json.loads((d / "config.json").read_text())).to_dict()
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ValueError(f"{d}: config.json cannot be read as a Llama config ({e}); re-export the model") from None
-    if config != meta.get("model"):
-        raise ValueError(f"{d}: config.json describes another model than the one model.onnx was exported from "
-                         f"(source sha256 {meta['source_sha256'][:12]}); re-export the model")
-    if tokenizer_hash(d) != meta["tokenizer_sha256"]:
-        raise ValueError(f"{d}: the tokenizer files differ from the ones exported with model.onnx "
-                         f"(source sha256 {meta['source_sha256'][:12]}); re-export, or restore the tokenizer")
-    return meta
 
 
 class OrtBackend:
@@ -226,10 +192,6 @@ class OrtBackend:
         return outputs[0].numpy(), outputs[1:]
 
 
-def _log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
 def pick_variant(src: Path, provider: str, dtype: str | None, quantize: str | None) -> tuple[str, str | None, str]:
     """(dtype, quantize, why) for a model folder on a provider, when the caller did not choose."""
     if dtype or quantize:
@@ -246,25 +208,9 @@ def pick_variant(src: Path, provider: str, dtype: str | None, quantize: str | No
     return "fp32", None, "fp32: the weights as they are (export with --quantize int4 or int8 for speed)"
 
 
-def load_ort_backend(spec: str | Path, device: str | None = None, dtype: str | None = None,
-                     quantize: str | None = None):
-    """spec: an export folder (has onnx_meta.json), or anything model.weights.load_any accepts, which
-    is exported once into <cache>/onnx/<source key>-<variant>/ (the key changes with the weights
-    file's size or mtime); the variant is pick_variant's unless dtype/quantize choose one.
-    Returns (backend, tokenizer, meta); meta["variant"] says which variant runs and why."""
-    d = Path(spec)
-    why = "an export folder, run as it is"
-    if not (d / META_FILE).is_file():
-        src = resolve_model(spec)
-        providers = pick_providers(device)
-        dtype, quantize, why = pick_variant(src, providers[0], dtype, quantize)
-        fused = providers[0] != "TensorrtExecutionProvider"  # plain ops for TensorRT: it has no contrib ops
-        variant = f"{dtype}{'-' + quantize if quantize else ''}{'-fused' if fused else ''}"
-        # keyed by the weights file and the exporter's version: a fixed exporter re-exports
-        d = cache_root() / "onnx" / f"{source_key(src / 'model.safetensors')}-{variant}-v{EXPORTER_VERSION}"
-        if not (d / META_FILE).is_file():
-            _log(f"exporting {spec} to ONNX ({variant}) once, into {d} ...")
-            export_onnx(src, d, dtype=dtype, quantize=quantize, optimize=fused, verify=True, log=_log, force=True)
+def open_export(d: Path, device: str | None = None, why: str = "an export folder, run as it is"):
+    """(backend, tokenizer, meta) for an export folder; meta["variant"] says which variant runs and
+    `why` (serve/load.py's load_ort_backend exports a model folder first)."""
     backend = OrtBackend(d, device=device)
     tokenizer = load_tokenizer(d)
     if tokenizer.vocab_size > backend.cfg.vocab_size:

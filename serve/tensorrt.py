@@ -25,7 +25,7 @@ from pathlib import Path
 import onnxruntime as ort
 import torch
 
-from export.graph import PAST, all_kv_names
+from export.folder import PAST, all_kv_names
 from serve.ort_backend import OrtBackend
 
 

@@ -23,6 +23,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from model.checkpoint import atomic_file
+
 LOCAL_LOADERS = {".txt": "text", ".md": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 CACHE_VERSION = 2  # 2: text files without a blank line are split by line
 
@@ -195,21 +197,21 @@ def _tokenize_source(name, tokenizer, folder: Path, val_fraction, num_proc, log)
     info = {"dtype": np.dtype(dtype).name, "vocab_size": tokenizer.vocab_size, "documents": len(ds)}
     for part, data in (("train", split["train"]), ("val", split["test"])):
         lengths = np.array([len(x) for x in data["ids"]], dtype=np.int64)
-        tmp = folder / f".{part}.bin.tmp"
-        arr = np.memmap(tmp, dtype=dtype, mode="w+", shape=(max(1, int(lengths.sum())),))
-        pos = 0
-        shards = max(1, min(64, len(data) // 1000))
-        for i in tqdm(range(shards), desc=f"writing {part}.bin", leave=False):
-            chunk = data.shard(num_shards=shards, index=i, contiguous=True).with_format("numpy")["ids"]
-            flat = np.concatenate([np.asarray(x, dtype=dtype) for x in chunk])
-            arr[pos:pos + len(flat)] = flat
-            pos += len(flat)
-        arr.flush()
-        del arr
-        os.replace(tmp, folder / f"{part}.bin")
+        with atomic_file(folder / f"{part}.bin") as tmp:
+            arr = np.memmap(tmp, dtype=dtype, mode="w+", shape=(max(1, int(lengths.sum())),))
+            pos = 0
+            shards = max(1, min(64, len(data) // 1000))
+            for i in tqdm(range(shards), desc=f"writing {part}.bin", leave=False):
+                chunk = data.shard(num_shards=shards, index=i, contiguous=True).with_format("numpy")["ids"]
+                flat = np.concatenate([np.asarray(x, dtype=dtype) for x in chunk])
+                arr[pos:pos + len(flat)] = flat
+                pos += len(flat)
+            arr.flush()
+            del arr
         info[f"{part}_tokens"] = pos
         info[f"{part}_documents"] = len(data)
-    (folder / "info.json").write_text(json.dumps(info, indent=2))
+    with atomic_file(folder / "info.json") as tmp:
+        tmp.write_text(json.dumps(info, indent=2))
     log(f"data: {name}: {info['train_tokens']:,} train / {info['val_tokens']:,} val tokens in {folder}")
     return info
 

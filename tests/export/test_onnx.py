@@ -14,10 +14,12 @@ import onnxruntime
 import pytest
 import torch
 
+from export.folder import check_export
 from export.onnx import error_bound
-from serve.ort_backend import OrtBackend, check_export, load_ort_backend
+from serve.ort_backend import OrtBackend
 from model.checkpoint import load_model
 from serve.generate import TorchBackend, generate
+from serve.load import load_ort_backend
 from serve.sampling import GREEDY, SamplingConfig
 
 ROOT = Path(__file__).resolve().parents[2]

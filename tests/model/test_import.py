@@ -85,7 +85,7 @@ def nano_with_bpe():
 def test_hf_export_loads_in_transformers_and_round_trips(nano_with_bpe, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from model.hf import export_hf
+    from export.hf import export_hf
     from model.weights import load_any
 
     model, tok = nano_with_bpe
@@ -190,7 +190,8 @@ def test_gguf_refuses_what_it_does_not_implement():
 def test_hf_import_refuses_biases(tmp_path, nano_model):
     from safetensors.torch import load_file, save_file
 
-    from model.hf import export_hf, load_hf
+    from export.hf import export_hf
+    from model.hf import load_hf
     from model.tokenizer import train_bpe
 
     folder = export_hf(nano_model, train_bpe(["hello world"] * 4, 300), tmp_path / "hf")
@@ -209,8 +210,10 @@ def test_foreign_configs_that_do_not_describe_the_weights_are_refused_at_once(tm
     import dataclasses
     import time
 
-    from model.gguf import export_gguf, load_gguf
-    from model.hf import export_hf, load_hf
+    from export.gguf import export_gguf
+    from export.hf import export_hf
+    from model.gguf import load_gguf
+    from model.hf import load_hf
 
     # written by our own exporters, whose header says what model.cfg says: 100,000 layers over 4
     nano_model.cfg = dataclasses.replace(nano_model.cfg, n_layers=100_000)

@@ -72,7 +72,7 @@ def test_damaged_model_folders_get_one_line(cli_dir, tmp_path):
 
 
 def test_read_only_cache_gets_one_line(tmp_path):
-    from model.hf import export_hf
+    from export.hf import export_hf
 
     hf = export_hf(CogniMamba(ModelConfig.from_name("nano", vocab_size=512)), train_bpe(["hello world"] * 4, 300), tmp_path / "hf")
     r = cli("--model", str(hf), "--prompt", "hi", env={"COGNI_MAMBA_CACHE": "/sys/cogni-mamba-test"})  # read-only, even for root

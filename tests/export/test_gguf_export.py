@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 import torch
 
+from export.gguf import export_gguf
 from model.checkpoint import build_model, save_model
 from model.config import ModelConfig
-from model.gguf import export_gguf, load_gguf
+from model.gguf import load_gguf
 from model.model import CogniMamba
 from model.tokenizer import CharTokenizer, train_bpe
 

@@ -6,10 +6,10 @@ import json
 import pytest
 import torch
 
+from export.hf import export_hf
 from model.config import ModelConfig
 from serve.generate import TorchBackend, generate
 from serve.sampling import SamplingConfig
-from model.hf import export_hf
 from model.model import CogniMamba
 from model.tokenizer import train_bpe
 from tests.side_env import OPTIMUM_ENV, run_side, side_python
