@@ -227,8 +227,8 @@ class ChatTurn:
         ids, _, stats.notice = trim_messages(tokenizer, messages, budget, tools)
         grammar = output.grammar()
         matcher = new_matcher(tokenizer, engine.vocab_size, grammar) if grammar is not None else None
-        self._begin(engine, tokenizer, Sequence(ids, cfg, tokenizer.stop_ids, conversation, reuse_cache, grammar=matcher),
-                    stats, stop)
+        seq = Sequence(ids, cfg, tokenizer.stop_ids, conversation, reuse_cache, grammar=matcher, grammar_text=grammar)
+        self._begin(engine, tokenizer, seq, stats, stop)
 
     @classmethod
     def from_ids(cls, engine: Engine | Backend, tokenizer, ids: list[int], cfg: SamplingConfig = GREEDY,

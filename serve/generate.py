@@ -6,6 +6,8 @@
     Sequence.accept(token)        the stopping rules: a stop id, a complete grammar, max_new_tokens,
                                   a full context
     generate(backend, ids, cfg)   one sequence alone, no thread: yields token ids
+    draws(backend, seq)           the same, every drawn token (stop ids too): what a ZeroGPU worker
+                                  sends back (serve/zerogpu.py)
 
 The Engine (serve/engine.py) batches many sequences over the same ladder; serve/chat.py turns
 messages into a Sequence and its tokens into text. The backends (TorchBackend here, OrtBackend in
@@ -34,7 +36,8 @@ class Sequence:
     _ids = itertools.count()
 
     def __init__(self, prompt: list[int], cfg: SamplingConfig = GREEDY, stop_ids: Iterable[int] = (),
-                 conversation: str | None = None, reuse_cache: bool = True, speculate: bool = True, grammar=None):
+                 conversation: str | None = None, reuse_cache: bool = True, speculate: bool = True, grammar=None,
+                 grammar_text: str | None = None):
         if not prompt:
             raise ValueError("the prompt is empty: give at least one token")
         self.prompt, self.cfg, self.stop_ids = list(prompt), cfg, frozenset(stop_ids)
@@ -48,6 +51,9 @@ class Sequence:
         self.finish_reason: str | None = None  # "stop", "length", "cancelled" or "error"
         self.reused_tokens = 0  # prompt tokens whose cache came from an earlier turn
         self.sampling = SamplingRow(cfg, grammar)  # what the sampler sees; grammar: serve/grammar.py's matcher
+        # The matcher's grammar as text: what another process (a ZeroGPU worker, serve/zerogpu.py)
+        # rebuilds the matcher from, since a matcher does not pickle.
+        self.grammar_text = grammar_text
         self.cancel_requested = False  # set by the engine's thread when a cancel reaches it
         self.speculate = speculate  # False: never drafted for, whatever the engine's setting
         self.drafter = None  # serve/speculate.py's NgramDrafter, when the engine speculates for it
@@ -147,14 +153,27 @@ def generate(backend: Backend, prompt_ids: list[int], cfg: SamplingConfig = GREE
 
 
 def run_alone(backend: Backend, seq: Sequence) -> Iterator[int]:
+    """seq alone, in the caller's thread: yield its reply's tokens."""
+    tokens = draws(backend, seq)
+    try:
+        for token, kept in tokens:
+            if kept:
+                yield token
+    finally:
+        tokens.close()
+
+
+def draws(backend: Backend, seq: Sequence) -> Iterator[tuple[int, bool]]:
+    """seq alone: every token it draws, and whether the token joined the reply (a stop id does
+    not), until it finishes. seq's state (tokens, finish_reason, logprobs, grammar) follows as in
+    an Engine's row, so a copy of seq that accepts the same tokens ends the same way."""
     start(seq, backend.vocab_size, backend.max_seq_len)
     cache = backend.new_cache(1, capacity_for(len(seq.prompt) + seq.cfg.max_new_tokens, backend.max_seq_len))
     try:
         logits = prefill(backend, cache, 0, seq.prompt)[None]
         while True:
             token = sample(logits, [seq.sampling])[0]
-            if seq.accept(token, backend.max_seq_len):
-                yield token
+            yield token, seq.accept(token, backend.max_seq_len)
             if seq.finish_reason:
                 return
             logits = decode_step(backend, cache, [seq])

@@ -1,12 +1,15 @@
 """The ZeroGPU path on the CPU: generation runs inside the @spaces.GPU-decorated function, with a
-duration fitted to the request, and gives the plain path's tokens; the start-up backend follows
+duration fitted to the request, and gives the plain path's tokens; a grammar-constrained or logprobs
+request gives the Engine's, or is refused before a GPU is asked for; the start-up backend follows
 the hardware."""
+import pickle
 import sys
 import types
 
 import pytest
 
 from serve.chat import ChatStats, chat
+from serve.engine import Engine
 from serve.generate import Sequence, TorchBackend, generate
 from serve.models import ModelCache
 from serve.sampling import SamplingConfig
@@ -17,7 +20,8 @@ from serve.zerogpu import MAX_DURATION_S, ZeroGpuRunner, duration_for, on_zerogp
 @pytest.fixture
 def fake_spaces(monkeypatch):
     """A `spaces` module whose GPU decorator records what ZeroGPU would see: the duration asked for
-    each call, and whether a token was made while the 'GPU' was held."""
+    each call, and whether a token was made while the 'GPU' was held. Arguments and yields go
+    through pickle, as they cross a pipe on ZeroGPU (a matcher or a queue would fail here)."""
     calls = []
 
     def GPU(duration=None):
@@ -25,11 +29,12 @@ def fake_spaces(monkeypatch):
             def on_gpu(*args, **kwargs):
                 call = {"duration": duration(*args, **kwargs), "held": False, "tokens_inside": 0}
                 calls.append(call)
+                args, kwargs = pickle.loads(pickle.dumps((args, kwargs)))  # the pipe into the worker
                 call["held"] = True
                 try:
                     for token in fn(*args, **kwargs):
                         call["tokens_inside"] += 1
-                        yield token
+                        yield pickle.loads(pickle.dumps(token))  # and back
                 finally:
                     call["held"] = False
             return on_gpu
@@ -128,3 +133,82 @@ def test_the_model_cache_serves_pytorch_models_as_zerogpu_runners(nano_model, tm
     cfg = SamplingConfig(temperature=0.0, max_new_tokens=4)
     assert list(runner.run(Sequence([1, 2], cfg))) == list(generate(runner.backend, [1, 2], cfg))
     cache.close()
+
+
+# A BPE tokenizer (grammars need one) and a model whose vocabulary (512) is larger than the
+# tokenizer's (400), as in tests/serve/test_grammar.py.
+TEXTS = ['{"name": "Ada", "age": 36}', "hello there, how are you today?"] * 10
+SCHEMA = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 8},
+                                           "age": {"type": "integer", "minimum": 0, "maximum": 120}},
+          "required": ["name", "age"]}
+
+
+@pytest.fixture(scope="module")
+def bpe():
+    from model.tokenizer import train_bpe
+
+    return train_bpe(TEXTS, 400)
+
+
+def engine_and_runner(nano_model, tokenizer, seqs):
+    """Each pair of Sequences through an Engine and through a ZeroGpuRunner on the same backend:
+    [(engine tokens, runner tokens)]. The Engine's sequences neither reuse a cache nor speculate, so
+    its numbers are a row alone's, as the worker's are, and greedy tokens compare exactly."""
+    backend = TorchBackend(nano_model)
+    engine, runner = Engine(backend, speculate=False), ZeroGpuRunner(backend, tokenizer)
+    try:
+        return [(list(engine.run(a)), list(runner.run(b))) for a, b in seqs]
+    finally:
+        engine.close()
+
+
+def test_a_grammar_constrained_request_gives_the_engines_reply(nano_model, bpe, fake_spaces):
+    import json
+
+    from serve.grammar import json_schema_grammar, new_matcher
+
+    grammar, prompt = json_schema_grammar(SCHEMA), bpe.encode("hello there")
+    cfg = SamplingConfig(temperature=0.0, max_new_tokens=60)
+
+    def seq():
+        return Sequence(prompt, cfg, bpe.stop_ids, reuse_cache=False, speculate=False,
+                        grammar=new_matcher(bpe, 512, grammar), grammar_text=grammar)
+    a, b = seq(), seq()
+    ((by_engine, by_runner),) = engine_and_runner(nano_model, bpe, [(a, b)])
+    assert by_runner == by_engine and b.finish_reason == a.finish_reason == "stop"
+    assert set(json.loads(bpe.decode(by_runner))) == {"name", "age"}  # the mask ran in the worker
+    assert fake_spaces[0]["tokens_inside"] >= len(by_runner)
+
+
+def test_a_logprobs_request_gives_the_engines_logprobs(nano_model, fake_spaces):
+    cfg = SamplingConfig(temperature=0.0, max_new_tokens=10, logprobs=3, presence_penalty=0.5, logit_bias=((7, 2.0),))
+    a, b = (Sequence([5, 6, 7], cfg, {3}, reuse_cache=False, speculate=False) for _ in range(2))
+    ((by_engine, by_runner),) = engine_and_runner(nano_model, None, [(a, b)])
+    assert by_runner == by_engine and b.finish_reason == a.finish_reason
+    assert b.sampling.logprobs == a.sampling.logprobs and len(b.sampling.logprobs) >= len(by_runner) > 0
+    assert all(len(e.top) == 3 for e in b.sampling.logprobs)
+
+
+def test_a_grammar_the_worker_cannot_rebuild_is_refused_before_a_gpu_call(nano_model, bpe, fake_spaces):
+    from serve.grammar import json_schema_grammar, new_matcher
+
+    grammar, cfg = json_schema_grammar(SCHEMA), SamplingConfig(temperature=0.0, max_new_tokens=8)
+    without_text = Sequence([1, 2], cfg, grammar=new_matcher(bpe, 512, grammar))
+    with pytest.raises(ValueError, match="came without its text"):
+        list(ZeroGpuRunner(TorchBackend(nano_model), bpe).run(without_text))
+    without_tokenizer = Sequence([1, 2], cfg, grammar=new_matcher(bpe, 512, grammar), grammar_text=grammar)
+    with pytest.raises(ValueError, match="no tokenizer to rebuild a grammar"):
+        list(ZeroGpuRunner(TorchBackend(nano_model)).run(without_tokenizer))
+    assert fake_spaces == []  # no GPU was asked for
+
+
+def test_a_chat_turns_grammar_reaches_the_worker(nano_model, bpe, fake_spaces):
+    from serve.chat import ChatTurn
+    from serve.tools import Output
+
+    runner = ZeroGpuRunner(TorchBackend(nano_model), bpe)
+    cfg = SamplingConfig(temperature=0.0, max_new_tokens=60)
+    turn = ChatTurn(runner, bpe, [{"role": "user", "content": "hello"}], cfg, output=Output(json=True, schema=SCHEMA))
+    assert turn.seq.grammar_text is not None
+    tokens = list(runner.run(turn.seq))
+    assert turn.seq.finish_reason == "stop" and turn.seq.sampling.grammar_done() and tokens
