@@ -187,15 +187,8 @@ def parity_ok(parity: dict, dtype: str, quantize: str | None) -> str | None:
     return None
 
 
-def export_onnx(model: str | Path, out: str | Path, dtype: str = "fp32", quantize: str | None = None,
-                optimize: bool = False, verify: bool = False, log=print, force: bool = False,
-                accuracy_level: int = 4) -> dict:
-    """Export the model named by `model` (a folder, or any spec model.weights accepts) into `out`.
-    `out` is replaced only if it is an earlier ONNX export (or anything but the source, with
-    force). With verify, parity outside tolerance fails the export and nothing is written.
-    Returns the onnx_meta.json contents."""
-    import onnxruntime as ort
-
+def check_variant(dtype: str, quantize: str | None, accuracy_level: int) -> None:
+    """ValueError unless dtype, quantize and accuracy_level name a variant this exporter writes."""
     if quantize is not None and quantize not in QUANTIZATIONS:
         raise ValueError(f"quantize must be one of {QUANTIZATIONS} or None, got {quantize!r}")
     if quantize and dtype != "fp32":
@@ -205,6 +198,34 @@ def export_onnx(model: str | Path, out: str | Path, dtype: str = "fp32", quantiz
     if accuracy_level != 4 and quantize != "gguf":  # int8/int4 at 0 would run their 8-bit heads as fp32
         raise ValueError("--accuracy-level 0 is for --quantize gguf (the GGUF's values in fp32 arithmetic); "
                          "int8 and int4 run with int8 activations")
+
+
+def log_summary(out: Path, meta: dict, n_layers: int, log) -> None:
+    """The closing summary: what was written, its inputs and outputs, the parity figures."""
+    dtype, quantize, optimize = meta["dtype"], meta["quantization"], meta["fused_ops"]
+    size = sum(f.stat().st_size for f in out.iterdir()) / 2**20
+    log(f"wrote {out / 'model.onnx'} ({size:.0f} MB in {out.name}/, {meta['export_seconds']} s): "
+        f"{dtype}{' ' + quantize if quantize else ''}{', fused ORT ops' if optimize else ''}")
+    log("  inputs  input_ids (batch, seq), attention_mask (batch, past+seq), num_logits_to_keep, "
+        + PAST.format(i=f"{{0..{n_layers - 1}}}", kv="key/value"))
+    log("  outputs logits (batch, num_logits_to_keep, vocab), " + PRESENT.format(i="{i}", kv="key/value")
+        + (" (may share the past's buffer)" if optimize else ""))
+    if meta["parity"]:
+        par = meta["parity"]
+        log(f"  parity vs torch fp32: max |dlogit| {par['max_abs_logit_diff']:.2e}, top-1 agreement "
+            f"{par['top1_agreement']:.3f}; error vs float64 {par['onnx_error']:.2e} (PyTorch fp32's {par['torch_fp32_error']:.2e})")
+
+
+def export_onnx(model: str | Path, out: str | Path, dtype: str = "fp32", quantize: str | None = None,
+                optimize: bool = False, verify: bool = False, log=print, force: bool = False,
+                accuracy_level: int = 4) -> dict:
+    """Export the model named by `model` (a folder, or any spec model.weights accepts) into `out`.
+    `out` is replaced only if it is an earlier ONNX export (or anything but the source, with
+    force). With verify, parity outside tolerance fails the export and nothing is written.
+    Returns the onnx_meta.json contents."""
+    import onnxruntime as ort
+
+    check_variant(dtype, quantize, accuracy_level)
     t0 = time.perf_counter()
     src = resolve_model(model)
     sources = read_paths(model, src)
@@ -250,17 +271,7 @@ def export_onnx(model: str | Path, out: str | Path, dtype: str = "fp32", quantiz
         meta["export_seconds"] = round(time.perf_counter() - t0, 2)
         meta["build_seconds"] = round(t_build, 2)
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
-    size = sum(f.stat().st_size for f in out.iterdir()) / 2**20
-    log(f"wrote {out / 'model.onnx'} ({size:.0f} MB in {out.name}/, {meta['export_seconds']} s): "
-        f"{dtype}{' ' + quantize if quantize else ''}{', fused ORT ops' if optimize else ''}")
-    log("  inputs  input_ids (batch, seq), attention_mask (batch, past+seq), num_logits_to_keep, "
-        + PAST.format(i=f"{{0..{net.cfg.n_layers - 1}}}", kv="key/value"))
-    log("  outputs logits (batch, num_logits_to_keep, vocab), " + PRESENT.format(i="{i}", kv="key/value")
-        + (" (may share the past's buffer)" if optimize else ""))
-    if meta["parity"]:
-        par = meta["parity"]
-        log(f"  parity vs torch fp32: max |dlogit| {par['max_abs_logit_diff']:.2e}, top-1 agreement "
-            f"{par['top1_agreement']:.3f}; error vs float64 {par['onnx_error']:.2e} (PyTorch fp32's {par['torch_fp32_error']:.2e})")
+    log_summary(out, meta, net.cfg.n_layers, log)
     return meta
 
 
