@@ -46,3 +46,12 @@ def test_interactive_chat_keeps_history_and_quits(cli_dir):
     out = cli("--model", str(cli_dir), "--greedy", "--max-new-tokens", "4", stdin="hello\n\n/reset\nhi\n/quit\n")
     assert out.returncode == 0, out.stderr
     assert out.stdout.count("bot> ") == 2
+
+
+def test_the_api_only_fields_are_flags_too(cli_dir):
+    """min_p and the presence/frequency penalties, from the sampling-field table, as the API has them."""
+    out = cli("--model", str(cli_dir), "--min-p", "0.2", "--presence-penalty", "0.5", "--frequency-penalty", "0.5",
+              "--seed", "1", "--max-new-tokens", "4", "--prompt", "hello")
+    assert out.returncode == 0, out.stderr
+    out = cli("--model", str(cli_dir), "--min-p", "2", "--prompt", "hello")
+    assert out.returncode == 2 and "min_p must be in [0, 1]" in out.stderr and "Traceback" not in out.stderr

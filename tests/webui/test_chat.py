@@ -162,6 +162,15 @@ def test_bad_settings_are_reported_not_raised(torch_models):
     assert "bad setting" in titles(final)[0]
 
 
+def test_the_page_takes_min_p_and_the_penalties(torch_models):
+    """The page's settings follow the sampling-field table: min_p and the presence/frequency
+    penalties are inputs as in the API; a value outside the table's range is one line."""
+    final = ask("hello", torch_models, min_p=0.1, presence_penalty=0.5, frequency_penalty=0.5)[-1]
+    assert "tok/s" in titles(final)[-1]
+    final = ask("hello", torch_models, presence_penalty=5.0)[-1]
+    assert "bad setting" in titles(final)[0] and "presence_penalty" in titles(final)[0]
+
+
 def test_a_model_is_loaded_once_by_concurrent_sessions():
     calls = []
 
