@@ -99,6 +99,17 @@ def sampling_inputs(defaults: dict) -> list:
     return inputs
 
 
+def model_defaults(model: str, backend: str, *, models: ModelCache) -> list:
+    """The sliders' values for a model chosen in the page: its own generation defaults (left as
+    they are when it cannot load; the card says why)."""
+    try:
+        meta = models.get(model, backend)[2]
+    except Exception:
+        return [gr.update() for f in FIELDS if f.slider() is not None]
+    defaults = generation_defaults(meta)
+    return [gr.update(value=defaults[f.name]) for f in FIELDS if f.slider() is not None]
+
+
 def build_demo(models: ModelCache, model: str = DEFAULT, backend: str = "onnx", note: str = "") -> gr.Blocks:
     """The page, over the loaded models `models`; its sampling settings start from the start-up
     model's own defaults (the global ones if it did not load)."""
@@ -108,11 +119,10 @@ def build_demo(models: ModelCache, model: str = DEFAULT, backend: str = "onnx", 
     choices = list_models(extra=[model])
     backend_box = gr.Dropdown(BACKEND_CHOICES, value=backend, label="Backend", render=False)
     model_box = gr.Dropdown(choices, value=model, label="Model", render=False)
-    settings = [
-        gr.Textbox("", label="System prompt", placeholder="(none: the model's own behaviour)", lines=2, render=False),
-        backend_box, model_box,
-        *sampling_inputs(defaults),
-    ]
+    sampling = sampling_inputs(defaults)
+    sliders = [box for box, f in zip(sampling, FIELDS) if f.slider() is not None]
+    settings = [gr.Textbox("", label="System prompt", placeholder="(none: the model's own behaviour)", lines=2,
+                           render=False), backend_box, model_box, *sampling]
     with gr.Blocks(title="Cogni-Mamba chat") as demo:  # built when called, never on import
         gr.Markdown("## Cogni-Mamba chat" + (f"\n{note}" if note else ""))
         loaded = gr.Markdown("Loading the model ...", label="Loaded model")
@@ -137,6 +147,7 @@ def build_demo(models: ModelCache, model: str = DEFAULT, backend: str = "onnx", 
             card_md = gr.Markdown(label="Model card")
         for box in (backend_box, model_box):
             box.change(card_of, [model_box, backend_box], [loaded, card_md], api_name=False)
+        model_box.change(partial(model_defaults, models=models), [model_box, backend_box], sliders, api_name=False)
         demo.load(card_of, [model_box, backend_box], [loaded, card_md], api_name="model_card")
         # A page opened later lists the models trained or exported since the server started.
         demo.load(lambda current: gr.Dropdown(choices=list_models(extra=[model, current])), model_box, model_box,

@@ -177,3 +177,17 @@ def test_host_and_origin_flags():
     args = app.parse_args(["--allowed-hosts", "llm.lan, proxy.example,", "--cors-origins", "https://chat.example"])
     assert args["allowed_hosts"] == ["llm.lan", "proxy.example"] and args["cors_origins"] == ["https://chat.example"]
     assert app.parse_args([])["allowed_hosts"] == [] == app.parse_args([])["cors_origins"]
+
+
+def test_choosing_a_model_sets_the_sliders_to_its_own_defaults():
+    """Every entry point starts from the served model's generation defaults: the page's sliders
+    follow the model chosen in Settings (an imported HF model's generation_config.json, say)."""
+    import app
+    from model.sampling_fields import FIELDS, GENERATION_DEFAULTS
+
+    models = app.ModelCache()
+    models.loaded[("own", "torch")] = (None, None, {"generation": {"temperature": 0.2, "top_k": 20}})
+    values = dict(zip([f.name for f in FIELDS if f.slider() is not None],
+                      [u["value"] for u in app.model_defaults("own", "torch", models=models)]))
+    assert values["temperature"] == 0.2 and values["top_k"] == 20
+    assert values["top_p"] == GENERATION_DEFAULTS["top_p"]
