@@ -230,7 +230,7 @@ class Engine:
         with T > 1 are what both backends take: ORT's GroupQueryAttention refuses several new
         tokens per row beside other rows, and padding every row to T would cost them all)."""
         drafts = self._drafts()
-        bases = self.cache.lengths[:len(self.active)]  # each row's length before its last token
+        bases = self.cache.lengths[:len(self.active)].tolist()  # each row's length before its last token
         try:
             if len(self.active) == 1 and drafts:
                 logits = self._forward_row(0, [self.active[0].tokens[-1]] + drafts[0])[None]  # (1, 1+k, vocab)
@@ -253,7 +253,7 @@ class Engine:
         drafts = {}
         for row, seq in enumerate(self.active):
             # the draft and the token after it must fit the row's budget and the cache
-            room = min(seq.cfg.max_new_tokens - len(seq.tokens), self.cache.capacity - self.cache.lengths[row]) - 1
+            room = min(seq.cfg.max_new_tokens - len(seq.tokens), self.cache.capacity - int(self.cache.lengths[row])) - 1
             if seq.drafter is not None and room > 0 and (draft := seq.drafter.propose(seq.tokens, min(DRAFT_MAX, room))):
                 drafts[row] = draft
         return drafts
@@ -308,7 +308,7 @@ class Engine:
         seq = self.active[row]
         if error is not None:
             seq.finish_reason = "error"
-        handed_over = self._keep(seq, self.cache.lengths[row], row)
+        handed_over = self._keep(seq, int(self.cache.lengths[row]), row)
         last = len(self.active) - 1
         if row != last:
             self.cache.copy_row(last, row)

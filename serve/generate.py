@@ -113,12 +113,11 @@ def capacity_for(n: int, max_seq_len: int) -> int:
 def prefill(backend: Backend, cache: StaticCache, row: int, ids: list[int], chunk: int = PREFILL_CHUNK) -> torch.Tensor:
     """Feed `ids` after what row `row` already holds, PREFILL_CHUNK tokens per call (memory stays
     bounded however long the prompt); returns the last position's logits (vocab,)."""
-    view = cache.rows(row, row + 1)
+    view = cache.rows(row, row + 1)  # shares the buffers and cache.lengths
     for start in range(0, len(ids), chunk):
         part = ids[start:start + chunk]
         logits = backend.forward(torch.tensor([part]), view, last_only=True)
         view.lengths[0] += len(part)
-    cache.lengths[row] = view.lengths[0]
     return logits[0, -1]
 
 
@@ -127,8 +126,7 @@ def decode_step(backend: Backend, cache: StaticCache, seqs: list[Sequence]) -> t
     n = len(seqs)
     view = cache.rows(0, n)
     logits = backend.forward(torch.tensor([[s.tokens[-1]] for s in seqs]), view, last_only=True)
-    for i in range(n):
-        cache.lengths[i] += 1
+    cache.lengths[:n] += 1
     return logits[:, -1]  # (n, vocab)
 
 

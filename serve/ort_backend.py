@@ -157,12 +157,12 @@ class OrtBackend:
         """Past and present bound to the same (B, n_kv_heads, capacity, head_dim) buffers; mask row b
         is 1 over its valid tokens and the new ones (right padding)."""
         B, T = tokens.shape
-        total = max(cache.lengths) + T
+        total = int(cache.lengths.max()) + T
         if total > cache.capacity:
             raise ValueError(f"the cache holds {cache.capacity} positions; this step needs {total}")
         if T > 1 and B > 1:
             raise ValueError("GroupQueryAttention takes several new tokens (a prefill) only one row at a time")
-        mask = (np.arange(total)[None] < np.array(cache.lengths)[:, None] + T).astype(np.int64)  # (B, total)
+        mask = (torch.arange(total)[None] < cache.lengths[:, None] + T).long().numpy()  # (B, total) int64
         binding = self._binding(tokens, mask, 1 if last_only else T)
         for name, out, buf in zip(self.past_names, self.present_names, cache.k_v_interleaved()):
             self._bind(binding, name, buf)
@@ -175,9 +175,9 @@ class OrtBackend:
         a row's slots beyond its own length masked out; the T new positions come back at the end of
         present and are copied into the cache at each row's length."""
         B, T = tokens.shape
-        P = max(max(cache.lengths), self.min_past)
-        lengths = np.array(cache.lengths)
-        mask = np.concatenate([np.arange(P)[None] < lengths[:, None], np.ones((B, T), bool)], 1).astype(np.int64)
+        P = max(int(cache.lengths.max()), self.min_past)
+        lengths = cache.lengths  # (B,) int64
+        mask = torch.cat([torch.arange(P)[None] < lengths[:, None], torch.ones(B, T, dtype=torch.bool)], 1).long().numpy()
         binding = self._binding(tokens, mask, 1 if last_only else T)
         pasts = [buf[:, :, :P].contiguous() for buf in cache.k_v_interleaved()]
         presents = [torch.empty(B, buf.shape[1], P + T, buf.shape[3], dtype=buf.dtype, device=buf.device)
@@ -187,7 +187,7 @@ class OrtBackend:
             self._bind(binding, out, present, output=True)
         self.session.run_with_iobinding(binding)
         rows = torch.arange(B)[:, None]
-        positions = torch.tensor(lengths)[:, None] + torch.arange(T)  # (B, T)
+        positions = lengths[:, None] + torch.arange(T)  # (B, T)
         for buf, present in zip(cache.k_v_interleaved(), presents):
             buf[rows, :, positions] = present[:, :, P:].transpose(1, 2)  # (B, T, n_kv_heads, head_dim)
         return torch.from_numpy(binding.get_outputs()[0].numpy().astype(np.float32, copy=False))
