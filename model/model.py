@@ -85,39 +85,6 @@ class StaticCache:
         """Rows start..stop-1: views of the same buffers and of the same lengths."""
         return StaticCache([k[start:stop] for k in self.k], [v[start:stop] for v in self.v], self.lengths[start:stop])
 
-    def resized(self, rows: int, capacity: int) -> "StaticCache":
-        """A cache with at least `rows` rows and `capacity` positions holding this one's contents
-        (one copy; callers grow in large steps so that this is rare)."""
-        rows, capacity = max(rows, self.num_rows), max(capacity, self.capacity)
-        if (rows, capacity) == (self.num_rows, self.capacity):
-            return self
-        k0 = self.k[0]
-        out = StaticCache.zeros(len(self.k), rows, k0.shape[1], capacity, k0.shape[3], k0.device, k0.dtype)
-        used = int(self.lengths.max())
-        for old, new in zip(self.k + self.v, out.k + out.v):
-            new[:self.num_rows, :, :used] = old[:, :, :used]
-        out.lengths[:self.num_rows] = self.lengths
-        return out
-
-    def copy_row(self, src: int, dst: int) -> None:
-        n = int(self.lengths[src])
-        for buf in self.k + self.v:
-            buf[dst, :, :n] = buf[src, :, :n]
-        self.lengths[dst] = n
-
-    def row_views(self, row: int, n: int) -> list[torch.Tensor]:
-        """The first n positions of a row, as views: (n_kv_heads, n, head_dim) per buffer, keys first."""
-        return [buf[row, :, :n] for buf in self.k + self.v]
-
-    def save_row(self, row: int, n: int) -> list[torch.Tensor]:
-        """row_views, copied out."""
-        return [t.clone() for t in self.row_views(row, n)]
-
-    def load_row(self, row: int, saved: list[torch.Tensor], n: int) -> None:
-        for buf, s in zip(self.k + self.v, saved):
-            buf[row, :, :n] = s[:, :n]
-        self.lengths[row] = n
-
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):

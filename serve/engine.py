@@ -15,6 +15,7 @@ import torch
 from model.model import StaticCache
 from serve.generate import (PREFILL_CHUNK, Backend, Sequence, capacity_for, decode_step, prefill,
                             start)
+from serve.kv import copy_row, load_row, resized, row_views, save_row
 from serve.prefix_cache import PrefixCache
 from serve.sampling import GREEDY, SamplingConfig, sample
 from serve.speculate import DRAFT_MAX, NgramDrafter
@@ -180,7 +181,7 @@ class Engine:
         cache = self.backend.new_cache(1, capacity_for(len(seq.prompt) + seq.cfg.max_new_tokens, self.max_seq_len))
         reuse, saved = self.kept.match(seq.prompt) if seq.reuse_cache else (0, None)
         if saved is not None:
-            cache.load_row(0, saved.tensors, reuse)  # a copy: the kept cache stays its owner's
+            load_row(cache, 0, saved.tensors, reuse)  # a copy: the kept cache stays its owner's
         seq.reused_tokens = reuse
         seq.drafter = NgramDrafter(seq.prompt) if self.speculate and seq.speculate else None
         return Prefill(seq, cache, reuse)
@@ -216,8 +217,8 @@ class Engine:
         if row == 0:
             self.cache = p.cache
         else:
-            self.cache = self.cache.resized(row + 1, p.cache.capacity)
-            self.cache.load_row(row, p.cache.row_views(0, p.done), p.done)
+            self.cache = resized(self.cache, row + 1, p.cache.capacity)
+            load_row(self.cache, row, row_views(p.cache, 0, p.done), p.done)
         self.prefilling.remove(p)
         self.active.append(p.seq)
         return row
@@ -311,7 +312,7 @@ class Engine:
         handed_over = self._keep(seq, int(self.cache.lengths[row]), row)
         last = len(self.active) - 1
         if row != last:
-            self.cache.copy_row(last, row)
+            copy_row(self.cache, last, row)
             self.active[row] = self.active[last]
         self.active.pop()
         self.cache.lengths[last] = 0
@@ -330,5 +331,5 @@ class Engine:
         if seq.finish_reason == "error" or length == 0:
             return False
         # (n_kv_heads, length, head_dim) per layer, keys then values: views of a handed-over buffer
-        tensors = (lambda: self.cache.row_views(row, length)) if hand_over else (lambda: self.cache.save_row(row, length))
+        tensors = (lambda: row_views(self.cache, row, length)) if hand_over else (lambda: save_row(self.cache, row, length))
         return self.kept.keep(seq.conversation, tokens, nbytes, tensors) and hand_over

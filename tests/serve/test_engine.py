@@ -9,6 +9,7 @@ import torch
 
 from serve.engine import Engine
 from serve.generate import CAPACITY_STEP, Sequence, TorchBackend, generate
+from serve.kv import copy_row, resized
 from serve.sampling import SamplingConfig
 from model.model import StaticCache
 
@@ -74,10 +75,10 @@ def test_static_cache_rows_resize_and_move_keep_contents(nano_model):
     cache = StaticCache.zeros(cfg.n_layers, 2, cfg.n_kv_heads, 8, cfg.head_dim)
     nano_model(torch.tensor([[1, 2, 3]]), past_key_values=cache.rows(1, 2))
     cache.lengths[1] = 3
-    grown = cache.resized(4, 16)
+    grown = resized(cache, 4, 16)
     assert grown.num_rows == 4 and grown.capacity == 16 and grown.lengths.tolist() == [0, 3, 0, 0]
     assert torch.equal(grown.k[0][1, :, :3], cache.k[0][1, :, :3])
-    grown.copy_row(1, 3)
+    copy_row(grown, 1, 3)
     assert torch.equal(grown.v[2][3, :, :3], cache.v[2][1, :, :3]) and grown.lengths[3] == 3
     with pytest.raises(ValueError, match="holds 8 positions"):
         nano_model(torch.zeros(1, 6, dtype=torch.long), past_key_values=cache.rows(1, 2))
