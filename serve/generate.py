@@ -22,6 +22,7 @@ from typing import Iterable, Iterator, Protocol
 import torch
 
 from model.model import CogniMamba, StaticCache
+from serve.kv import check_dtype, new_cache
 from serve.sampling import GREEDY, SamplingConfig, SamplingRow, sample
 
 PREFILL_CHUNK = 512  # prompt tokens per network call: bounds the (T x context) attention scores
@@ -76,12 +77,16 @@ class Backend(Protocol):
     device: str  # what actually runs it: "cpu", "cuda", "CPUExecutionProvider", ...
     max_seq_len: int
     vocab_size: int
+    cache_dtypes: tuple[torch.dtype, ...]  # the KV cache dtypes its graph takes, the default first
 
-    def new_cache(self, rows: int, capacity: int) -> StaticCache: ...
+    def new_cache(self, rows: int, capacity: int, dtype: torch.dtype | None = None) -> StaticCache:
+        """A zeroed cache (serve/kv.py's new_cache); a dtype not in cache_dtypes is refused."""
+        ...
 
     def forward(self, tokens: torch.Tensor, cache: StaticCache, last_only: bool) -> torch.Tensor:
         """tokens (B, T) continue rows 0..B-1 of `cache` (B == cache.num_rows); writes their keys and
-        values in place; returns float32 logits (B, T or 1, vocab) on the CPU."""
+        values in place (through StaticCache.write); returns float32 logits (B, T or 1, vocab) on
+        the CPU. A cache whose dtype is not in cache_dtypes is refused with a ValueError."""
         ...
 
 
@@ -95,13 +100,14 @@ class TorchBackend:
         self.device = str(self.param.device)
         self.max_seq_len = model.cfg.max_seq_len
         self.vocab_size = model.cfg.vocab_size
+        self.cache_dtypes = (self.param.dtype,)  # attention writes keys in the weights' dtype
 
-    def new_cache(self, rows: int, capacity: int) -> StaticCache:
-        c = self.model.cfg
-        return StaticCache.zeros(c.n_layers, rows, c.n_kv_heads, capacity, c.head_dim, self.param.device, self.param.dtype)
+    def new_cache(self, rows: int, capacity: int, dtype: torch.dtype | None = None) -> StaticCache:
+        return new_cache(self, rows, capacity, self.param.device, dtype)
 
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, cache: StaticCache, last_only: bool) -> torch.Tensor:
+        check_dtype(self, cache.dtype)
         logits, _ = self.model(tokens.to(self.param.device), past_key_values=cache, last_only=last_only)
         return logits.float().cpu()
 

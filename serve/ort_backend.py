@@ -30,6 +30,7 @@ from model.hf import config_from_hf
 from model.model import StaticCache
 from model.tokenizer import load_tokenizer
 from model.weights import cache_root, resolve_model, source_key
+from serve.kv import check_dtype, new_cache
 
 PROVIDER_ORDER = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
 
@@ -132,6 +133,7 @@ class OrtBackend:
         self.past_names = all_kv_names(PAST, self.cfg.n_layers)
         self.present_names = all_kv_names(PRESENT, self.cfg.n_layers)
         self.kv_dtype = np.float16 if self.meta["dtype"] == "fp16" else np.float32
+        self.cache_dtypes = (torch.float16 if self.kv_dtype == np.float16 else torch.float32,)  # the graph's past/present
         self.min_past = 0  # TensorRT's shape profiles start at 1 (serve/tensorrt.py)
 
     def providers(self, directory: str | Path, device: str | None) -> list:
@@ -139,12 +141,11 @@ class OrtBackend:
         return pick_providers(device)
 
     # ---- the Backend contract (serve/generate.py)
-    def new_cache(self, rows: int, capacity: int) -> StaticCache:
-        c = self.cfg
-        return StaticCache.zeros(c.n_layers, rows, c.n_kv_heads, capacity, c.head_dim,
-                                 self.io_device, torch.float16 if self.kv_dtype == np.float16 else torch.float32)
+    def new_cache(self, rows: int, capacity: int, dtype: torch.dtype | None = None) -> StaticCache:
+        return new_cache(self, rows, capacity, self.io_device, dtype)
 
     def forward(self, tokens: torch.Tensor, cache: StaticCache, last_only: bool) -> torch.Tensor:
+        check_dtype(self, cache.dtype)  # the binder hands ORT raw pointers typed as kv_dtype
         if self.shared_buffer:
             return self._forward_shared(tokens, cache, last_only)
         return self._forward_concat(tokens, cache, last_only)
