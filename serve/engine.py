@@ -15,6 +15,7 @@ import torch
 from model.model import StaticCache
 from serve.generate import (PREFILL_CHUNK, Backend, Sequence, capacity_for, decode_step, prefill,
                             start)
+from serve.batch import SamplingBatch
 from serve.kv import BatchCache
 from serve.prefix_cache import PrefixCache
 from serve.sampling import GREEDY, SamplingConfig, sample
@@ -74,6 +75,7 @@ class Engine:
         # Owned by the engine's thread; others may only read them once it is idle (tests do).
         self.kept = PrefixCache(cache_budget_bytes)
         self.kv = BatchCache(backend, max_batch, self.kept)  # the batch's cache: rows allocated once
+        self.batch = SamplingBatch(max_batch, self.vocab_size)  # the batch's sampling state, row by row
         self.active: list[Sequence] = []
         self.prefilling: list[Prefill] = []  # admitted, prompt being fed; oldest first
         self.waiting: list[Sequence] = []
@@ -135,12 +137,12 @@ class Engine:
                 # end the batch with the error rather than let the thread die with callers waiting
                 for seq in self.active + [p.seq for p in self.prefilling]:
                     self._end(seq, "error", e)
-                self.active, self.prefilling = [], []
-                self.kv.free()
+                self._drop_batch()
+                self.prefilling = []
         for seq in self.waiting + self.active + [p.seq for p in self.prefilling]:
             self._end(seq, "cancelled")
-        self.waiting, self.active, self.prefilling = [], [], []
-        self.kv.free()
+        self._drop_batch()
+        self.waiting, self.prefilling = [], []
 
     def _read_inbox(self, block: bool) -> bool:
         """Apply every message waiting (and wait for one when idle); False once closed."""
@@ -215,6 +217,7 @@ class Engine:
         """Move a fed prompt into the next row of the batch (one row copied); returns the row."""
         row = len(self.active)
         self.kv.join(row, p.cache, p.done)
+        self.batch.add(row, p.seq.sampling)
         self.prefilling.remove(p)
         self.active.append(p.seq)
         return row
@@ -237,12 +240,18 @@ class Engine:
         except Exception as e:  # the network call failed: every row in it ends with the error
             for seq in self.active:
                 self._end(seq, "error", e)
-            self.active = []
-            self.kv.free()
+            self._drop_batch()
             return
-        firsts = sample(logits[:, 0], [s.sampling for s in self.active])
+        firsts = sample(logits[:, 0], self.batch)
         for row in reversed(range(len(self.active))):
             self._verify(row, bases[row], firsts[row], logits[row, 1:], drafts.get(row, []))
+
+    def _drop_batch(self) -> None:
+        """Every active row out at once (they failed or were cancelled), and the cache let go."""
+        for row in range(len(self.active)):
+            self.batch.clear(row)
+        self.active = []
+        self.kv.free()
 
     def _drafts(self) -> dict[int, list[int]]:
         """{row: drafted tokens} for the rows that speculate this step (none in a busy batch)."""
@@ -310,6 +319,7 @@ class Engine:
         length = int(self.kv.cache.lengths[row])
         kept = (seq.prompt + seq.tokens)[:length]  # the last sampled token was never fed
         self.kv.leave(row, last, seq.conversation, kept if seq.finish_reason != "error" else None)
+        self.batch.leave(row, last)  # the sampling state follows the cache rows
         self.active[row] = self.active[last]
         self.active.pop()
         self._end(seq, None, error)
