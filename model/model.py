@@ -52,7 +52,14 @@ class StaticCache:
         shape = (rows, n_kv_heads, capacity, head_dim)
         return cls([torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)],
                    [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)],
-                   torch.zeros(rows, dtype=torch.long))
+                   cls.new_lengths(rows))
+
+    @staticmethod
+    @torch.inference_mode(False)
+    def new_lengths(rows: int) -> torch.Tensor:
+        """(rows,) int64 zeros, a plain tensor even when made under inference_mode: the caller
+        advances it outside the forward too."""
+        return torch.zeros(rows, dtype=torch.long)
 
     @property
     def num_rows(self) -> int:

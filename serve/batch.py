@@ -35,6 +35,7 @@ class SamplingBatch:
     batch of one) and alone calls its methods. A SamplingRow in a batch points at it (`.batch`,
     `.row`, set by the batch only) so that the tokens it accepts land in its row."""
 
+    @torch.inference_mode(False)  # plain tensors whoever makes it: the owner writes them in any mode
     def __init__(self, max_rows: int, vocab_size: int):
         self.max_rows, self.vocab_size = max_rows, vocab_size
         for name, _, dtype, off in SETTINGS:  # (R,) each: temperature (0 = greedy), top_k (0 = off), ...
