@@ -59,9 +59,9 @@ def decode_run(backend, tok, rows: int, steps: int, constrained: bool) -> tuple[
     first = [prefill(backend, cache, r, ids) for r in range(rows)]
     masked, spent = [0.0], grammar.grammar_masks
 
-    def timed(logits, matchers):  # time the mask where sample() calls it
+    def timed(logits, matchers, *bitmask):  # time the mask where sample() calls it
         t = time.perf_counter()
-        out = spent(logits, matchers)
+        out = spent(logits, matchers, *bitmask)
         masked[0] += time.perf_counter() - t
         return out
 

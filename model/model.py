@@ -30,24 +30,36 @@ KVCache = list[tuple[torch.Tensor, torch.Tensor]]
 
 class StaticCache:
     """The in-place KV cache: per layer a key and a value buffer of shape (rows, n_kv_heads,
-    capacity, head_dim); row r holds its first lengths[r] positions (right padding: each row's
-    valid prefix starts at 0, as ONNX Runtime's GroupQueryAttention reads its shared buffer).
+    capacity, head_dim) and dtype `dtype`; row r holds its first lengths[r] positions (right
+    padding: each row's valid prefix starts at 0, as ONNX Runtime's GroupQueryAttention reads its
+    shared buffer). `lengths` is a (rows,) int64 tensor on the CPU.
 
-    forward() writes T new positions of every row at lengths[r]..lengths[r]+T-1 (index_put_,
-    in place) and attends over the first max(lengths)+T positions, a view; the caller advances
-    `lengths` once the step is taken. `rows(a, b)` is a view of rows a..b-1 sharing the buffers.
-    Buffers start as zeros, never torch.empty: a masked key's weight is 0, but 0 * NaN is NaN.
+    Attention reaches the buffers only through write() (T new positions of every row, in place)
+    and read() (the first `upto` positions, views); forward() writes at lengths[r]..lengths[r]+T-1
+    and the caller advances `lengths` once the step is taken. `rows(a, b)` is a view of rows
+    a..b-1 sharing the buffers and the lengths. Which rows belong to whom, and copies between
+    rows, are the serving layer's business (serve/kv.py). Buffers start as zeros, never
+    torch.empty: a masked key's weight is 0, but 0 * NaN is NaN.
     """
 
-    def __init__(self, k: list[torch.Tensor], v: list[torch.Tensor], lengths: list[int]):
+    def __init__(self, k: list[torch.Tensor], v: list[torch.Tensor], lengths: torch.Tensor):
         self.k, self.v, self.lengths = k, v, lengths
+        self.dtype = k[0].dtype
 
     @classmethod
     def zeros(cls, n_layers: int, rows: int, n_kv_heads: int, capacity: int, head_dim: int,
               device=None, dtype=torch.float32) -> "StaticCache":
         shape = (rows, n_kv_heads, capacity, head_dim)
         return cls([torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)],
-                   [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)], [0] * rows)
+                   [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)],
+                   cls.new_lengths(rows))
+
+    @staticmethod
+    @torch.inference_mode(False)
+    def new_lengths(rows: int) -> torch.Tensor:
+        """(rows,) int64 zeros, a plain tensor even when made under inference_mode: the caller
+        advances it outside the forward too."""
+        return torch.zeros(rows, dtype=torch.long)
 
     @property
     def num_rows(self) -> int:
@@ -62,46 +74,23 @@ class StaticCache:
         k = self.k[0]
         return 2 * len(self.k) * k.shape[1] * k.shape[3] * k.element_size()
 
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> None:
+        """k, v (B, n_kv_heads, T, head_dim) into rows 0..B-1 of `layer` at positions (B, T), in place."""
+        rows = torch.arange(k.shape[0], device=k.device)[:, None]  # (B, 1)
+        self.k[layer][rows, :, positions] = k.transpose(1, 2)  # (B, T, n_kv_heads, hd) at [b, :, pos]
+        self.v[layer][rows, :, positions] = v.transpose(1, 2)
+
+    def read(self, layer: int, upto: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of `layer`'s first `upto` positions: (B, n_kv_heads, upto, head_dim) views."""
+        return self.k[layer][:, :, :upto], self.v[layer][:, :, :upto]
+
     def k_v_interleaved(self) -> list[torch.Tensor]:
         """Layer 0 key, layer 0 value, layer 1 key, ...: the ONNX graph's input order."""
         return [t for kv in zip(self.k, self.v) for t in kv]
 
     def rows(self, start: int, stop: int) -> "StaticCache":
-        """Rows start..stop-1: views of the same buffers, a copy of their lengths."""
+        """Rows start..stop-1: views of the same buffers and of the same lengths."""
         return StaticCache([k[start:stop] for k in self.k], [v[start:stop] for v in self.v], self.lengths[start:stop])
-
-    def resized(self, rows: int, capacity: int) -> "StaticCache":
-        """A cache with at least `rows` rows and `capacity` positions holding this one's contents
-        (one copy; callers grow in large steps so that this is rare)."""
-        rows, capacity = max(rows, self.num_rows), max(capacity, self.capacity)
-        if (rows, capacity) == (self.num_rows, self.capacity):
-            return self
-        k0 = self.k[0]
-        out = StaticCache.zeros(len(self.k), rows, k0.shape[1], capacity, k0.shape[3], k0.device, k0.dtype)
-        used = max(self.lengths, default=0)
-        for old, new in zip(self.k + self.v, out.k + out.v):
-            new[:self.num_rows, :, :used] = old[:, :, :used]
-        out.lengths[:self.num_rows] = self.lengths
-        return out
-
-    def copy_row(self, src: int, dst: int) -> None:
-        n = self.lengths[src]
-        for buf in self.k + self.v:
-            buf[dst, :, :n] = buf[src, :, :n]
-        self.lengths[dst] = n
-
-    def row_views(self, row: int, n: int) -> list[torch.Tensor]:
-        """The first n positions of a row, as views: (n_kv_heads, n, head_dim) per buffer, keys first."""
-        return [buf[row, :, :n] for buf in self.k + self.v]
-
-    def save_row(self, row: int, n: int) -> list[torch.Tensor]:
-        """row_views, copied out."""
-        return [t.clone() for t in self.row_views(row, n)]
-
-    def load_row(self, row: int, saved: list[torch.Tensor], n: int) -> None:
-        for buf, s in zip(self.k + self.v, saved):
-            buf[row, :, :n] = s[:, :n]
-        self.lengths[row] = n
 
 
 class RMSNorm(nn.Module):
@@ -174,16 +163,13 @@ class Attention(nn.Module):
 
 
     def attend_static(self, q, k, v, mask, past: "StaticLayer") -> torch.Tensor:
-        """Write k, v into the static buffers at each row's positions, attend over the used prefix
+        """Write k, v into the cache at each row's positions, attend over the used prefix
         (mask (B, 1, rep*T, L), already grouped: model.forward_static).
         Grouped-query attention without repeating the cache: query head h = kv*rep + r reads KV head
         kv (HF repeat_kv order), so (B, n_heads, T, hd) is viewed as (B, n_kv_heads, rep*T, hd)."""
         B, _, T, hd = q.shape
-        rows = torch.arange(B, device=q.device)[:, None]  # (B, 1)
-        past.k[rows, :, past.positions] = k.transpose(1, 2)  # (B, T, n_kv_heads, hd) at [b, :, pos]
-        past.v[rows, :, past.positions] = v.transpose(1, 2)
-        L = mask.shape[-1]
-        keys, values = past.k[:, :, :L], past.v[:, :, :L]  # (B, n_kv_heads, L, hd): views, no copy
+        past.cache.write(past.layer, k, v, past.positions)
+        keys, values = past.cache.read(past.layer, mask.shape[-1])  # (B, n_kv_heads, L, hd): views, no copy
         rep = self.n_heads // self.n_kv_heads
         qg = q.reshape(B, self.n_kv_heads, rep * T, hd)
         y = F.scaled_dot_product_attention(qg, keys, values, attn_mask=mask)  # (B, n_kv_heads, rep*T, hd)
@@ -191,10 +177,10 @@ class Attention(nn.Module):
 
 
 class StaticLayer:
-    """One layer's buffers of a StaticCache and the positions (B, T) this step writes."""
+    """One layer of a StaticCache and the positions (B, T) this step writes."""
 
-    def __init__(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor):
-        self.k, self.v, self.positions = k, v, positions
+    def __init__(self, cache: StaticCache, layer: int, positions: torch.Tensor):
+        self.cache, self.layer, self.positions = cache, layer, positions
 
 
 class FeedForward(nn.Module):
@@ -310,9 +296,8 @@ class CogniMamba(nn.Module):
         cache.lengths[b]. Writes the new keys/values in place; returns logits (B, T or 1, vocab)."""
         B, T = input_ids.shape
         dev = input_ids.device
-        lengths = torch.tensor(cache.lengths, device=dev)[:, None]  # (B, 1)
-        positions = lengths + torch.arange(T, device=dev)  # (B, T)
-        L = max(cache.lengths) + T
+        positions = cache.lengths.to(dev)[:, None] + torch.arange(T, device=dev)  # (B, T)
+        L = int(cache.lengths.max()) + T
         if L > cache.capacity:
             raise ValueError(f"the static cache holds {cache.capacity} positions; this step needs {L}")
         mask = torch.arange(L, device=dev)[None, None] <= positions[:, :, None]  # (B, T, L)
@@ -321,8 +306,8 @@ class CogniMamba(nn.Module):
         mask = mask[:, None, None].expand(B, 1, rep, T, L).reshape(B, 1, rep * T, L)
         x = self.tok_embeddings(input_ids)  # (B, T, dim)
         cos, sin = rope_cos_sin(positions, self.inv_freq, x.dtype)
-        for layer, k, v in zip(self.layers, cache.k, cache.v):
-            x, _ = layer(x, cos, sin, mask, StaticLayer(k, v, positions))
+        for i, layer in enumerate(self.layers):
+            x, _ = layer(x, cos, sin, mask, StaticLayer(cache, i, positions))
         return self.logits(x, last_only)
 
     def empty_cache(self, batch_size: int = 1, device=None, dtype=torch.float32) -> KVCache:

@@ -15,6 +15,8 @@ import torch
 from model.model import StaticCache
 from serve.generate import (PREFILL_CHUNK, Backend, Sequence, capacity_for, decode_step, prefill,
                             start)
+from serve.batch import SamplingBatch
+from serve.kv import BatchCache
 from serve.prefix_cache import PrefixCache
 from serve.sampling import GREEDY, SamplingConfig, sample
 from serve.speculate import DRAFT_MAX, NgramDrafter
@@ -53,7 +55,8 @@ class Engine:
     speculation, while the batch has at most `speculate_rows` rows, a row whose context proposes
     a draft has it verified in the same step: serve/speculate.py, `_step`), and lets
     finished or cancelled rows leave: the last row moves into the freed one, so the active rows
-    stay a contiguous view (one row copied per departure, nothing per step). Chunks fall where
+    stay a contiguous view (one row copied per departure, nothing per step); the batch's
+    `max_batch` rows are allocated once (serve/kv.py's BatchCache), so a joining row is one row copy. Chunks fall where
     `prefill` puts them, so a sequence's numbers do not depend on what runs beside it. A departing
     row's tokens and cache are kept (serve/prefix_cache.py: LRU under `cache_budget_bytes`, shared
     by every request without being taken from its owner), so a chat's next turn prefills only what
@@ -70,11 +73,12 @@ class Engine:
         self.max_seq_len, self.vocab_size = backend.max_seq_len, backend.vocab_size
         self.inbox: queue.Queue = queue.Queue()  # ("submit" | "cancel", seq) or ("close", None)
         # Owned by the engine's thread; others may only read them once it is idle (tests do).
-        self.cache: StaticCache | None = None
+        self.kept = PrefixCache(cache_budget_bytes)
+        self.kv = BatchCache(backend, max_batch, self.kept)  # the batch's cache: rows allocated once
+        self.batch = SamplingBatch(max_batch, self.vocab_size)  # the batch's sampling state, row by row
         self.active: list[Sequence] = []
         self.prefilling: list[Prefill] = []  # admitted, prompt being fed; oldest first
         self.waiting: list[Sequence] = []
-        self.kept = PrefixCache(cache_budget_bytes)
         self.steps = 0  # decode steps taken (network calls for decoding): tests count batching by it
         self.queued = 0  # sequences waiting for a row, as of the last iteration (read by anyone)
         self.closed = False
@@ -133,15 +137,17 @@ class Engine:
                 # end the batch with the error rather than let the thread die with callers waiting
                 for seq in self.active + [p.seq for p in self.prefilling]:
                     self._end(seq, "error", e)
-                self.active, self.prefilling, self.cache = [], [], None
+                self._drop_batch()
+                self.prefilling = []
         for seq in self.waiting + self.active + [p.seq for p in self.prefilling]:
             self._end(seq, "cancelled")
-        self.waiting, self.active, self.prefilling, self.cache = [], [], [], None
+        self._drop_batch()
+        self.waiting, self.prefilling = [], []
 
     def _read_inbox(self, block: bool) -> bool:
         """Apply every message waiting (and wait for one when idle); False once closed."""
         if block:
-            self.cache = None  # idle: give the memory back
+            self.kv.free()  # idle: give the memory back
         try:
             message = self.inbox.get(block=block)
             while True:
@@ -177,10 +183,8 @@ class Engine:
 
     def _own_cache(self, seq: Sequence) -> Prefill:
         """`seq` with its own one-row cache, holding what a kept cache shares with its prompt."""
-        cache = self.backend.new_cache(1, capacity_for(len(seq.prompt) + seq.cfg.max_new_tokens, self.max_seq_len))
-        reuse, saved = self.kept.match(seq.prompt) if seq.reuse_cache else (0, None)
-        if saved is not None:
-            cache.load_row(0, saved.tensors, reuse)  # a copy: the kept cache stays its owner's
+        capacity = capacity_for(len(seq.prompt) + seq.cfg.max_new_tokens, self.max_seq_len)
+        cache, reuse = self.kv.prefill_cache(seq.prompt, capacity, seq.reuse_cache)
         seq.reused_tokens = reuse
         seq.drafter = NgramDrafter(seq.prompt) if self.speculate and seq.speculate else None
         return Prefill(seq, cache, reuse)
@@ -210,14 +214,10 @@ class Engine:
                 self._emit(row, sample(logits[None], [p.seq.sampling])[0])
 
     def _join(self, p: Prefill) -> int:
-        """Move a fed prompt into the next row of the batch; returns the row. Into an empty batch
-        its own cache becomes the batch's (no copy)."""
+        """Move a fed prompt into the next row of the batch (one row copied); returns the row."""
         row = len(self.active)
-        if row == 0:
-            self.cache = p.cache
-        else:
-            self.cache = self.cache.resized(row + 1, p.cache.capacity)
-            self.cache.load_row(row, p.cache.row_views(0, p.done), p.done)
+        self.kv.join(row, p.cache, p.done)
+        self.batch.add(row, p.seq.sampling)
         self.prefilling.remove(p)
         self.active.append(p.seq)
         return row
@@ -230,21 +230,28 @@ class Engine:
         with T > 1 are what both backends take: ORT's GroupQueryAttention refuses several new
         tokens per row beside other rows, and padding every row to T would cost them all)."""
         drafts = self._drafts()
-        bases = self.cache.lengths[:len(self.active)]  # each row's length before its last token
+        bases = self.kv.cache.lengths[:len(self.active)].tolist()  # each row's length before its last token
         try:
             if len(self.active) == 1 and drafts:
                 logits = self._forward_row(0, [self.active[0].tokens[-1]] + drafts[0])[None]  # (1, 1+k, vocab)
             else:
-                logits = decode_step(self.backend, self.cache, self.active)[:, None]  # (B, 1, vocab)
+                logits = decode_step(self.backend, self.kv.cache, self.active)[:, None]  # (B, 1, vocab)
             self.steps += 1
         except Exception as e:  # the network call failed: every row in it ends with the error
             for seq in self.active:
                 self._end(seq, "error", e)
-            self.active, self.cache = [], None
+            self._drop_batch()
             return
-        firsts = sample(logits[:, 0], [s.sampling for s in self.active])
+        firsts = sample(logits[:, 0], self.batch)
         for row in reversed(range(len(self.active))):
             self._verify(row, bases[row], firsts[row], logits[row, 1:], drafts.get(row, []))
+
+    def _drop_batch(self) -> None:
+        """Every active row out at once (they failed or were cancelled), and the cache let go."""
+        for row in range(len(self.active)):
+            self.batch.clear(row)
+        self.active = []
+        self.kv.free()
 
     def _drafts(self) -> dict[int, list[int]]:
         """{row: drafted tokens} for the rows that speculate this step (none in a busy batch)."""
@@ -253,14 +260,14 @@ class Engine:
         drafts = {}
         for row, seq in enumerate(self.active):
             # the draft and the token after it must fit the row's budget and the cache
-            room = min(seq.cfg.max_new_tokens - len(seq.tokens), self.cache.capacity - self.cache.lengths[row]) - 1
+            room = min(seq.cfg.max_new_tokens - len(seq.tokens), self.kv.cache.capacity - int(self.kv.cache.lengths[row])) - 1
             if seq.drafter is not None and room > 0 and (draft := seq.drafter.propose(seq.tokens, min(DRAFT_MAX, room))):
                 drafts[row] = draft
         return drafts
 
     def _forward_row(self, row: int, tokens: list[int]) -> torch.Tensor:
         """Feed `tokens` after what row `row` holds, alone; (T, vocab) logits. Lengths unchanged."""
-        return self.backend.forward(torch.tensor([tokens]), self.cache.rows(row, row + 1), last_only=False)[0]
+        return self.backend.forward(torch.tensor([tokens]), self.kv.cache.rows(row, row + 1), last_only=False)[0]
 
     def _verify(self, row: int, base: int, token: int, later: torch.Tensor, draft: list[int]) -> None:
         """Emit a row's token, then, while it equals the drafted one, the token the row samples
@@ -281,7 +288,7 @@ class Engine:
                         self._leave(row, e)
                         return
                 token = sample(later[j - 1][None], [seq.sampling])[0]
-            self.cache.lengths[row] = base + j + 1  # its last token and the j drafted ones agreed
+            self.kv.cache.lengths[row] = base + j + 1  # its last token and the j drafted ones agreed
             agreed = j < len(draft) and token == draft[j]
             if not self._emit(row, token) or not agreed:
                 break
@@ -304,31 +311,15 @@ class Engine:
         return False
 
     def _leave(self, row: int, error: BaseException | None = None) -> None:
-        """Take a finished row (or one that failed with `error`) out of the batch, keeping its cache."""
-        seq = self.active[row]
+        """Take a finished row (or one that failed with `error`) out of the batch, keeping its cache
+        for the conversation's next turn: the last row moves into the freed one."""
+        seq, last = self.active[row], len(self.active) - 1
         if error is not None:
             seq.finish_reason = "error"
-        handed_over = self._keep(seq, self.cache.lengths[row], row)
-        last = len(self.active) - 1
-        if row != last:
-            self.cache.copy_row(last, row)
-            self.active[row] = self.active[last]
+        length = int(self.kv.cache.lengths[row])
+        kept = (seq.prompt + seq.tokens)[:length]  # the last sampled token was never fed
+        self.kv.leave(row, last, seq.conversation, kept if seq.finish_reason != "error" else None)
+        self.batch.leave(row, last)  # the sampling state follows the cache rows
+        self.active[row] = self.active[last]
         self.active.pop()
-        self.cache.lengths[last] = 0
-        if handed_over:
-            self.cache = None  # its memory now belongs to the kept cache; a new sequence gets a new one
         self._end(seq, None, error)
-
-    # ---- kept caches (cross-turn reuse)
-    def _keep(self, seq: Sequence, length: int, row: int) -> bool:
-        """Keep a departing row's tokens and cache for the conversation's next turn. The last
-        sequence of a one-row cache hands the buffers over as they are (views, no copy: a long chat
-        alone would otherwise hold its cache twice at this moment); True if it did."""
-        tokens = (seq.prompt + seq.tokens)[:length]  # the last sampled token was never fed
-        hand_over = self.cache.num_rows == 1 and len(self.active) == 1
-        nbytes = (self.cache.capacity if hand_over else length) * self.cache.bytes_per_token  # memory held
-        if seq.finish_reason == "error" or length == 0:
-            return False
-        # (n_kv_heads, length, head_dim) per layer, keys then values: views of a handed-over buffer
-        tensors = (lambda: self.cache.row_views(row, length)) if hand_over else (lambda: self.cache.save_row(row, length))
-        return self.kept.keep(seq.conversation, tokens, nbytes, tensors) and hand_over

@@ -24,6 +24,7 @@ from typing import Iterable, Iterator, Protocol
 import torch
 
 from model.model import CogniMamba, StaticCache
+from serve.kv import check_dtype, new_cache
 from serve.sampling import GREEDY, SamplingConfig, SamplingRow, sample
 
 PREFILL_CHUNK = 512  # prompt tokens per network call: bounds the (T x context) attention scores
@@ -82,12 +83,16 @@ class Backend(Protocol):
     device: str  # what actually runs it: "cpu", "cuda", "CPUExecutionProvider", ...
     max_seq_len: int
     vocab_size: int
+    cache_dtypes: tuple[torch.dtype, ...]  # the KV cache dtypes its graph takes, the default first
 
-    def new_cache(self, rows: int, capacity: int) -> StaticCache: ...
+    def new_cache(self, rows: int, capacity: int, dtype: torch.dtype | None = None) -> StaticCache:
+        """A zeroed cache (serve/kv.py's new_cache); a dtype not in cache_dtypes is refused."""
+        ...
 
     def forward(self, tokens: torch.Tensor, cache: StaticCache, last_only: bool) -> torch.Tensor:
         """tokens (B, T) continue rows 0..B-1 of `cache` (B == cache.num_rows); writes their keys and
-        values in place; returns float32 logits (B, T or 1, vocab) on the CPU."""
+        values in place (through StaticCache.write); returns float32 logits (B, T or 1, vocab) on
+        the CPU. A cache whose dtype is not in cache_dtypes is refused with a ValueError."""
         ...
 
 
@@ -101,13 +106,14 @@ class TorchBackend:
         self.device = str(self.param.device)
         self.max_seq_len = model.cfg.max_seq_len
         self.vocab_size = model.cfg.vocab_size
+        self.cache_dtypes = (self.param.dtype,)  # attention writes keys in the weights' dtype
 
-    def new_cache(self, rows: int, capacity: int) -> StaticCache:
-        c = self.model.cfg
-        return StaticCache.zeros(c.n_layers, rows, c.n_kv_heads, capacity, c.head_dim, self.param.device, self.param.dtype)
+    def new_cache(self, rows: int, capacity: int, dtype: torch.dtype | None = None) -> StaticCache:
+        return new_cache(self, rows, capacity, self.param.device, dtype)
 
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, cache: StaticCache, last_only: bool) -> torch.Tensor:
+        check_dtype(self, cache.dtype)
         logits, _ = self.model(tokens.to(self.param.device), past_key_values=cache, last_only=last_only)
         return logits.float().cpu()
 
@@ -119,12 +125,11 @@ def capacity_for(n: int, max_seq_len: int) -> int:
 def prefill(backend: Backend, cache: StaticCache, row: int, ids: list[int], chunk: int = PREFILL_CHUNK) -> torch.Tensor:
     """Feed `ids` after what row `row` already holds, PREFILL_CHUNK tokens per call (memory stays
     bounded however long the prompt); returns the last position's logits (vocab,)."""
-    view = cache.rows(row, row + 1)
+    view = cache.rows(row, row + 1)  # shares the buffers and cache.lengths
     for start in range(0, len(ids), chunk):
         part = ids[start:start + chunk]
         logits = backend.forward(torch.tensor([part]), view, last_only=True)
         view.lengths[0] += len(part)
-    cache.lengths[row] = view.lengths[0]
     return logits[0, -1]
 
 
@@ -133,8 +138,7 @@ def decode_step(backend: Backend, cache: StaticCache, seqs: list[Sequence]) -> t
     n = len(seqs)
     view = cache.rows(0, n)
     logits = backend.forward(torch.tensor([[s.tokens[-1]] for s in seqs]), view, last_only=True)
-    for i in range(n):
-        cache.lengths[i] += 1
+    cache.lengths[:n] += 1
     return logits[:, -1]  # (n, vocab)
 
 

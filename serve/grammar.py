@@ -5,7 +5,7 @@ every step, so its text parses whatever the model would have preferred.
                                        that list their properties allow no others (closed())
     lark_grammar(lark)                 a Lark grammar (llguidance's dialect, %json allowed) -> grammar text
     new_matcher(tok, vocab, grammar)   one row's matcher, forked from a compiled grammar cached by its text
-    grammar_masks(logits, matchers)    the batched mask: rows with a matcher lose every token it forbids
+    grammar_masks(logits, matchers, bitmask)  the batched mask: rows with a matcher lose every token it forbids
     token_bytes(tok, vocab, ids)       the exact bytes of each token (logprobs need them)
 
 The library is llguidance (onnxruntime-genai's and llama.cpp's), not xgrammar (vLLM's and SGLang's),
@@ -115,21 +115,23 @@ def _executor():
     return llguidance.LLExecutor()
 
 
-def grammar_masks(logits: torch.Tensor, matchers: list) -> torch.Tensor:
+def grammar_masks(logits: torch.Tensor, matchers: list, bitmask: torch.Tensor | None = None) -> torch.Tensor:
     """logits (B, vocab) with -inf wherever a row's matcher forbids the token; rows whose matcher is
-    None are left alone. Several rows fill their masks in parallel (llguidance's executor)."""
+    None are left alone. Several rows fill their masks in parallel (llguidance's executor). bitmask:
+    a (>= b, ceil(vocab/32)) int32 buffer to fill (the batch's, reused every step); None: a new one."""
     from llguidance.torch import allocate_token_bitmask, fill_next_token_bitmask, fill_next_token_bitmask_par
 
     rows = [i for i, m in enumerate(matchers) if m is not None]
     if not rows:
         return logits
     V = logits.shape[-1]
-    bitmask = allocate_token_bitmask(len(rows), V)  # (b, ceil(V/32)) int32, bit j of word w: token 32w+j
+    if bitmask is None:
+        bitmask = allocate_token_bitmask(len(rows), V)  # bit j of word w: token 32w+j
     if len(rows) == 1:
         fill_next_token_bitmask(matchers[rows[0]], bitmask, 0)
     else:
         fill_next_token_bitmask_par(_executor(), [(matchers[i], k) for k, i in enumerate(rows)], bitmask)
-    allowed = ((bitmask[:, :, None] >> _SHIFTS) & 1).bool().flatten(1)[:, :V]  # (b, V)
+    allowed = ((bitmask[:len(rows), :, None] >> _SHIFTS) & 1).bool().flatten(1)[:, :V]  # (b, V)
     logits = logits.clone()
     logits[rows] = logits[rows].masked_fill(~allowed, float("-inf"))
     return logits

@@ -26,6 +26,7 @@ from model.checkpoint import read_meta
 from model.config import ModelConfig
 from model.model import StaticCache
 from model.tokenizer import load_tokenizer
+from serve.kv import check_dtype, new_cache
 
 PROVIDER_ORDER = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
 
@@ -98,6 +99,7 @@ class OrtBackend:
         self.past_names = all_kv_names(PAST, self.cfg.n_layers)
         self.present_names = all_kv_names(PRESENT, self.cfg.n_layers)
         self.kv_dtype = np.float16 if self.meta["dtype"] == "fp16" else np.float32
+        self.cache_dtypes = (torch.float16 if self.kv_dtype == np.float16 else torch.float32,)  # the graph's past/present
         self.min_past = 0  # TensorRT's shape profiles start at 1 (serve/tensorrt.py)
 
     def providers(self, directory: str | Path, device: str | None) -> list:
@@ -105,12 +107,11 @@ class OrtBackend:
         return pick_providers(device)
 
     # ---- the Backend contract (serve/generate.py)
-    def new_cache(self, rows: int, capacity: int) -> StaticCache:
-        c = self.cfg
-        return StaticCache.zeros(c.n_layers, rows, c.n_kv_heads, capacity, c.head_dim,
-                                 self.io_device, torch.float16 if self.kv_dtype == np.float16 else torch.float32)
+    def new_cache(self, rows: int, capacity: int, dtype: torch.dtype | None = None) -> StaticCache:
+        return new_cache(self, rows, capacity, self.io_device, dtype)
 
     def forward(self, tokens: torch.Tensor, cache: StaticCache, last_only: bool) -> torch.Tensor:
+        check_dtype(self, cache.dtype)  # the binder hands ORT raw pointers typed as kv_dtype
         if self.shared_buffer:
             return self._forward_shared(tokens, cache, last_only)
         return self._forward_concat(tokens, cache, last_only)
@@ -123,12 +124,12 @@ class OrtBackend:
         """Past and present bound to the same (B, n_kv_heads, capacity, head_dim) buffers; mask row b
         is 1 over its valid tokens and the new ones (right padding)."""
         B, T = tokens.shape
-        total = max(cache.lengths) + T
+        total = int(cache.lengths.max()) + T
         if total > cache.capacity:
             raise ValueError(f"the cache holds {cache.capacity} positions; this step needs {total}")
         if T > 1 and B > 1:
             raise ValueError("GroupQueryAttention takes several new tokens (a prefill) only one row at a time")
-        mask = (np.arange(total)[None] < np.array(cache.lengths)[:, None] + T).astype(np.int64)  # (B, total)
+        mask = (torch.arange(total)[None] < cache.lengths[:, None] + T).long().numpy()  # (B, total) int64
         binding = self._binding(tokens, mask, 1 if last_only else T)
         for name, out, buf in zip(self.past_names, self.present_names, cache.k_v_interleaved()):
             self._bind(binding, name, buf)
@@ -141,9 +142,9 @@ class OrtBackend:
         a row's slots beyond its own length masked out; the T new positions come back at the end of
         present and are copied into the cache at each row's length."""
         B, T = tokens.shape
-        P = max(max(cache.lengths), self.min_past)
-        lengths = np.array(cache.lengths)
-        mask = np.concatenate([np.arange(P)[None] < lengths[:, None], np.ones((B, T), bool)], 1).astype(np.int64)
+        P = max(int(cache.lengths.max()), self.min_past)
+        lengths = cache.lengths  # (B,) int64
+        mask = torch.cat([torch.arange(P)[None] < lengths[:, None], torch.ones(B, T, dtype=torch.bool)], 1).long().numpy()
         binding = self._binding(tokens, mask, 1 if last_only else T)
         pasts = [buf[:, :, :P].contiguous() for buf in cache.k_v_interleaved()]
         presents = [torch.empty(B, buf.shape[1], P + T, buf.shape[3], dtype=buf.dtype, device=buf.device)
@@ -153,7 +154,7 @@ class OrtBackend:
             self._bind(binding, out, present, output=True)
         self.session.run_with_iobinding(binding)
         rows = torch.arange(B)[:, None]
-        positions = torch.tensor(lengths)[:, None] + torch.arange(T)  # (B, T)
+        positions = lengths[:, None] + torch.arange(T)  # (B, T)
         for buf, present in zip(cache.k_v_interleaved(), presents):
             buf[rows, :, positions] = present[:, :, P:].transpose(1, 2)  # (B, T, n_kv_heads, head_dim)
         return torch.from_numpy(binding.get_outputs()[0].numpy().astype(np.float32, copy=False))

@@ -3,10 +3,11 @@
     SamplingConfig                what a request asks for (temperature 0 = greedy, top-k, top-p,
                                   min-p, repetition/presence/frequency penalties, logit bias,
                                   logprobs, budget, seed), validated once
-    SamplingRow                   one row's state for the sampler: its settings, its own random
-                                  generator, the tokens its context holds (for the penalties), its
-                                  grammar matcher (serve/grammar.py), its logprobs so far
-    sample(logits, rows)          (B, vocab) -> B tokens
+    SamplingRow                   one row for the sampler: its settings, its own random generator,
+                                  its grammar matcher (serve/grammar.py), its logprobs so far
+    SamplingBatch                 (serve/batch.py) the rows' settings, seen tokens, counts, bias and
+                                  grammar bitmask in preallocated (max_rows, ...) tensors
+    sample(logits, batch)         (B, vocab) -> B tokens
 
 Order of the logit changes (each row its own): logit_bias is added, the repetition penalty
 (CTRL) shrinks tokens of the whole context, presence/frequency penalties subtract for tokens of the
@@ -14,8 +15,8 @@ reply, the grammar mask sets forbidden tokens to -inf. Greedy rows take the argm
 rows divide by the temperature, then min-p, top-k and top-p truncate. Logprobs are the log-softmax
 of the changed logits divided by the temperature (1 for greedy rows), before truncation.
 
-The sampler sees rows, never requests: the engine hands it one SamplingRow per batch row, as
-vLLM's sampler takes its SamplingMetadata, so a row's draws depend on nothing but its own row.
+The sampler sees rows, never requests: the engine hands it its SamplingBatch, as vLLM's sampler
+takes its SamplingMetadata, so a row's draws depend on nothing but its own row.
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from model.sampling_fields import FIELDS, GENERATION_DEFAULTS, LOGIT_BIAS_RANGE
+from serve.batch import SamplingBatch, batch_of
 
 
 @dataclass
@@ -68,34 +70,43 @@ GREEDY = SamplingConfig(temperature=0.0, top_k=0, top_p=1.0, repetition_penalty=
 
 
 class SamplingRow:
-    """A row's sampling state: settings, its own generator (sampled rows only), which tokens its
-    context holds (repetition penalty) and how often each is in the reply (presence/frequency
-    penalties), its grammar matcher (None: unconstrained) and its tokens' logprobs (when asked)."""
+    """A row's sampling identity: settings, its own generator (sampled rows only), its grammar
+    matcher (None: unconstrained) and its tokens' logprobs (when asked). Its per-step state (which
+    tokens its context holds, how often each is in the reply) lives in the SamplingBatch that holds
+    it (serve/batch.py: `batch`, `row`, set by that batch alone): a batch of one of its own from
+    start(), then the engine's once it joins."""
 
     def __init__(self, cfg: SamplingConfig = GREEDY, grammar=None):
         self.cfg, self.grammar = cfg, grammar
         self.grammar_failed = False  # the matcher refused a token (only if the mask was bypassed)
-        self.counts: torch.Tensor | None = None  # (vocab,) float
         self.logprobs: list[TokenLogprob] = []  # one per drawn token, stop tokens included
         self.generator = None
         if cfg.temperature > 0:
             self.generator = torch.Generator()
             self.generator.manual_seed(cfg.seed if cfg.seed is not None else int(torch.randint(2**62, (1,))))
-        self.seen: torch.Tensor | None = None  # (vocab,) bool
+        self.batch: SamplingBatch | None = None
+        self.row = 0
 
     def start(self, prompt: list[int], vocab_size: int) -> None:
-        if self.cfg.repetition_penalty != 1.0:
-            self.seen = torch.zeros(vocab_size, dtype=torch.bool)
-            self.seen[torch.tensor([t for t in prompt if 0 <= t < vocab_size], dtype=torch.long)] = True
-        if self.cfg.presence_penalty or self.cfg.frequency_penalty:
-            self.counts = torch.zeros(vocab_size)
+        """Hold the row in a batch of one of its own, the prompt's tokens seen."""
+        SamplingBatch(1, vocab_size).add(0, self, prompt)
+
+    @property
+    def seen(self) -> torch.Tensor | None:
+        """(vocab,) bool: the context's tokens, when the repetition penalty is on."""
+        on = self.batch is not None and self.cfg.repetition_penalty != 1.0
+        return self.batch.seen[self.row] if on else None
+
+    @property
+    def counts(self) -> torch.Tensor | None:
+        """(vocab,) float: each token's count in the reply, when presence/frequency penalties are on."""
+        on = self.batch is not None and bool(self.cfg.presence_penalty or self.cfg.frequency_penalty)
+        return self.batch.counts[self.row] if on else None
 
     def saw(self, token: int) -> None:
         """The row accepted `token` into its reply."""
-        if self.seen is not None:
-            self.seen[token] = True
-        if self.counts is not None:
-            self.counts[token] += 1
+        if self.batch is not None:
+            self.batch.saw(self.row, token)
         if self.grammar is not None and not self.grammar.consume_token(token):
             self.grammar_failed = True
 
@@ -183,24 +194,18 @@ def candidate_probs(sorted_logits: torch.Tensor, temperature: torch.Tensor, top_
     return torch.softmax(logits.masked_fill(drop, float("-inf")), -1)
 
 
-def apply_penalties(logits: torch.Tensor, seqs: list[SamplingRow]) -> torch.Tensor:
-    """logit_bias, then the repetition penalty (the whole context), then presence/frequency (the reply)."""
-    B, V = logits.shape
-    if any(s.cfg.logit_bias for s in seqs):
-        bias = torch.zeros(B, V)
-        for i, s in enumerate(seqs):
-            for token, value in s.cfg.logit_bias:
-                if token < V:
-                    bias[i, token] = value
-        logits = logits + bias
-    penalty = torch.tensor([[s.cfg.repetition_penalty] for s in seqs])  # (B, 1)
+def apply_penalties(logits: torch.Tensor, batch: SamplingBatch, rows: slice) -> torch.Tensor:
+    """logit_bias, then the repetition penalty (the whole context), then presence/frequency (the
+    reply); logits (B, vocab) of the batch's `rows`. A change no row asks for is skipped; the others
+    leave a row that does not ask for them exactly as it was (x + 0, x / 1, x - 0)."""
+    if bool(batch.has_bias[rows].any()):
+        logits = logits + batch.bias[rows]  # (B, vocab)
+    penalty = batch.repetition[rows, None]  # (B, 1)
     if bool((penalty != 1.0).any()):
-        seen = torch.stack([s.seen if s.seen is not None else torch.zeros(V, dtype=torch.bool) for s in seqs])
-        logits = apply_repetition_penalty(logits, seen, penalty)
-    if any(s.counts is not None for s in seqs):
-        counts = torch.stack([s.counts if s.counts is not None else torch.zeros(V) for s in seqs])  # (B, V)
-        presence = torch.tensor([[s.cfg.presence_penalty] for s in seqs])
-        frequency = torch.tensor([[s.cfg.frequency_penalty] for s in seqs])
+        logits = apply_repetition_penalty(logits, batch.seen[rows], penalty)
+    presence, frequency = batch.presence[rows, None], batch.frequency[rows, None]  # (B, 1)
+    if bool(((presence != 0) | (frequency != 0)).any()):
+        counts = batch.counts[rows]  # (B, vocab)
         logits = logits - presence * (counts > 0) - frequency * counts
     return logits
 
@@ -213,48 +218,55 @@ def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
     return logits.masked_fill(logits < cut, float("-inf"))
 
 
-def record_logprobs(logits: torch.Tensor, tokens: list[int], seqs: list[SamplingRow]) -> None:
+def record_logprobs(logits: torch.Tensor, tokens: list[int], batch: SamplingBatch, rows: slice) -> None:
     """Each asking row keeps its token's logprob and its top alternatives, from the distribution it was
     drawn from: the changed logits divided by its temperature (1 when greedy), before truncation."""
-    rows = [i for i, s in enumerate(seqs) if s.cfg.logprobs is not None]
-    if not rows:
+    wanted = batch.logprobs[rows]  # (B,) -1 = off
+    asking = (wanted >= 0).nonzero()[:, 0]  # (b,)
+    if len(asking) == 0:
         return
-    temperature = torch.tensor([[seqs[i].cfg.temperature or 1.0] for i in rows])
-    logp = torch.log_softmax(logits[rows] / temperature, -1)  # (b, vocab)
-    k = max(seqs[i].cfg.logprobs for i in rows)
+    t = batch.temperature[rows][asking, None]  # (b, 1)
+    logp = torch.log_softmax(logits[asking] / torch.where(t > 0, t, 1.0), -1)  # (b, vocab)
+    k = int(wanted[asking].max())
     top_lp, top_ids = logp.topk(k, -1) if k else (logp[:, :0], logp[:, :0].long())
-    for r, i in enumerate(rows):
-        n = seqs[i].cfg.logprobs
+    for r, (i, n) in enumerate(zip(asking.tolist(), wanted[asking].tolist())):  # the entries: per row
         top = list(zip(top_ids[r, :n].tolist(), top_lp[r, :n].tolist()))
-        seqs[i].logprobs.append(TokenLogprob(tokens[i], float(logp[r, tokens[i]]), top))
+        batch.rows[rows.start + i].logprobs.append(TokenLogprob(tokens[i], float(logp[r, tokens[i]]), top))
 
 
-def sample(logits: torch.Tensor, seqs: list[SamplingRow]) -> list[int]:
-    """logits (B, vocab) float32 -> one token per row, each row with its own settings. A row draws
-    one uniform number from its own generator (inverse-CDF sampling over its candidates, largest
-    first), so its tokens do not depend on which other rows share the batch."""
-    logits = apply_penalties(logits, seqs)
-    if any(s.grammar is not None for s in seqs):
+def draw(logits: torch.Tensor, batch: SamplingBatch, rows: torch.Tensor) -> torch.Tensor:
+    """(b, vocab) changed logits of the batch's sampled `rows` (b,) -> their tokens (b,). Each row
+    draws one uniform number from its own generator (inverse-CDF sampling over its candidates,
+    largest first), so its tokens do not depend on which other rows share the batch."""
+    temperature, top_k, top_p = batch.temperature[rows, None], batch.top_k[rows, None], batch.top_p[rows, None]  # (b, 1)
+    min_p = batch.min_p[rows, None]
+    if bool((min_p > 0).any()):  # cut in temperature-scaled space, as the probabilities are
+        logits = apply_min_p(logits / temperature, min_p) * temperature
+    values, ids, log_norm = top_candidates(logits, top_k, temperature, top_p)
+    probs = candidate_probs(values, temperature, top_k, top_p, log_norm)
+    cdf = probs.cumsum(-1)  # (b, C)
+    u = torch.cat([torch.rand(1, generator=batch.rows[i].generator) for i in rows.tolist()])[:, None] * cdf[:, -1:]
+    # right=True: the first index whose cdf exceeds u, which never lands on a zero-probability token
+    drawn = torch.searchsorted(cdf, u, right=True)[:, 0]
+    last_nonzero = probs.shape[-1] - 1 - (probs > 0).flip(-1).float().argmax(-1)  # rounding can push u past the end
+    return ids.gather(1, torch.minimum(drawn, last_nonzero)[:, None])[:, 0]
+
+
+def sample(logits: torch.Tensor, rows: SamplingBatch | list[SamplingRow]) -> list[int]:
+    """logits (B, vocab) float32 -> one token per row, each row with its own settings: rows 0..B-1
+    of a SamplingBatch (the engine's), or a list of SamplingRows (one row is read where its batch
+    holds it; several are gathered into a batch of their own: tests and one-off callers)."""
+    batch, first = batch_of(rows, logits.shape[-1])
+    rows = slice(first, first + logits.shape[0])
+    logits = apply_penalties(logits, batch, rows)
+    if bool(batch.has_grammar[rows].any()):
         from serve.grammar import grammar_masks
 
-        logits = grammar_masks(logits, [s.grammar for s in seqs])
+        logits = grammar_masks(logits, [s.grammar if s is not None else None for s in batch.rows[rows]], batch.bitmask)
     tokens = logits.argmax(-1)  # (B,): the greedy rows' answer
-    rows = [i for i, s in enumerate(seqs) if s.cfg.temperature > 0]
-    if rows:
-        picked = [seqs[i].cfg for i in rows]
-        top_k = torch.tensor([[c.top_k] for c in picked])
-        temperature, top_p = torch.tensor([[c.temperature] for c in picked]), torch.tensor([[c.top_p] for c in picked])
-        candidates = logits[rows]
-        if any(c.min_p > 0 for c in picked):  # cut in temperature-scaled space, as the probabilities are
-            candidates = apply_min_p(candidates / temperature, torch.tensor([[c.min_p] for c in picked])) * temperature
-        values, ids, log_norm = top_candidates(candidates, top_k, temperature, top_p)
-        probs = candidate_probs(values, temperature, top_k, top_p, log_norm)
-        cdf = probs.cumsum(-1)  # (b, C)
-        u = torch.cat([torch.rand(1, generator=seqs[i].generator) for i in rows])[:, None] * cdf[:, -1:]
-        # right=True: the first index whose cdf exceeds u, which never lands on a zero-probability token
-        drawn = torch.searchsorted(cdf, u, right=True)[:, 0]
-        last_nonzero = probs.shape[-1] - 1 - (probs > 0).flip(-1).float().argmax(-1)  # rounding can push u past the end
-        tokens[rows] = ids.gather(1, torch.minimum(drawn, last_nonzero)[:, None])[:, 0]
+    sampled = (batch.temperature[rows] > 0).nonzero()[:, 0]  # (b,)
+    if len(sampled):
+        tokens[sampled] = draw(logits[sampled], batch, sampled + first)
     tokens = tokens.tolist()
-    record_logprobs(logits, tokens, seqs)
+    record_logprobs(logits, tokens, batch, rows)
     return tokens

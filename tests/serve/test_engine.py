@@ -9,6 +9,7 @@ import torch
 
 from serve.engine import Engine
 from serve.generate import CAPACITY_STEP, Sequence, TorchBackend, generate
+from serve.kv import copy_row, grown as more_positions
 from serve.sampling import SamplingConfig
 from model.model import StaticCache
 
@@ -71,13 +72,13 @@ def test_in_place_cache_equals_the_concatenating_one(nano_model):
 @torch.inference_mode()
 def test_static_cache_rows_resize_and_move_keep_contents(nano_model):
     cfg = nano_model.cfg
-    cache = StaticCache.zeros(cfg.n_layers, 2, cfg.n_kv_heads, 8, cfg.head_dim)
+    cache = StaticCache.zeros(cfg.n_layers, 4, cfg.n_kv_heads, 8, cfg.head_dim)
     nano_model(torch.tensor([[1, 2, 3]]), past_key_values=cache.rows(1, 2))
     cache.lengths[1] = 3
-    grown = cache.resized(4, 16)
-    assert grown.num_rows == 4 and grown.capacity == 16 and grown.lengths == [0, 3, 0, 0]
+    grown = more_positions(cache, 16)
+    assert grown.num_rows == 4 and grown.capacity == 16 and grown.lengths.tolist() == [0, 3, 0, 0]
     assert torch.equal(grown.k[0][1, :, :3], cache.k[0][1, :, :3])
-    grown.copy_row(1, 3)
+    copy_row(grown, 1, 3)
     assert torch.equal(grown.v[2][3, :, :3], cache.v[2][1, :, :3]) and grown.lengths[3] == 3
     with pytest.raises(ValueError, match="holds 8 positions"):
         nano_model(torch.zeros(1, 6, dtype=torch.long), past_key_values=cache.rows(1, 2))
@@ -192,9 +193,10 @@ def test_a_sequence_that_refuses_reuse_prefills_its_whole_prompt(nano_model):
 def test_kept_caches_are_evicted_least_recently_used_first(nano_model):
     backend = TorchBackend(nano_model)
     per_token = backend.new_cache(1, 1).bytes_per_token
-    # a chat alone hands its whole buffer over (capacity 256 positions, no copy): room for two of them
+    # a chat alone in a one-row batch hands its whole buffer over (capacity 256 positions, no copy):
+    # room for two of them
     budget = (2 * CAPACITY_STEP + 50) * per_token
-    engine = Engine(backend, max_batch=2, cache_budget_bytes=budget)
+    engine = Engine(backend, max_batch=1, cache_budget_bytes=budget)
     chats = {name: [i] * 20 for i, name in enumerate(("a", "b", "c"), start=1)}
     for name, prompt in chats.items():
         list(engine.run(Sequence(prompt, greedy(5), conversation=name)))
@@ -291,3 +293,33 @@ def test_a_long_prompt_is_fed_between_decode_steps(nano_model, monkeypatch):
     assert steps_during_prefill >= 200 // 32 - 1, steps_during_prefill
     assert got_long == alone_long
     assert first + list(running) == list(generate(backend, [1, 2, 3], greedy(400)))
+
+
+def test_a_backend_refuses_a_cache_dtype_its_graph_does_not_take(nano_model):
+    backend = TorchBackend(nano_model)
+    with pytest.raises(ValueError, match="takes a float32 KV cache, not float16"):
+        backend.new_cache(1, 8, torch.float16)
+    with pytest.raises(ValueError, match="takes a float32 KV cache"):
+        backend.forward(torch.tensor([[1]]), StaticCache.zeros(1, 1, 1, 8, 2, dtype=torch.float16), last_only=True)
+
+
+def test_the_batch_cache_allocates_its_rows_once(nano_model):
+    """A row joining a batch is copied into rows made when the first one joined: no buffer is remade."""
+    engine = Engine(TorchBackend(nano_model), max_batch=4)
+    joins = []  # (row, rows of the batch cache, its first buffer's address) at each join
+    real_join = engine.kv.join
+
+    def join(row, own, n):
+        real_join(row, own, n)
+        joins.append((row, engine.kv.cache.num_rows, engine.kv.cache.k[0].data_ptr()))
+
+    engine.kv.join = join
+    seqs = [Sequence([i + 1] * 10, greedy(8)) for i in range(4)]
+    for s in seqs:
+        engine.submit(s)
+    for s in seqs:
+        while s.out.get() is not None:
+            pass
+    assert {rows for _, rows, _ in joins} == {4} and any(row > 0 for row, _, _ in joins)
+    assert all(ptr == joins[i - 1][2] for i, (row, _, ptr) in enumerate(joins) if row > 0)
+    engine.close()
