@@ -23,7 +23,7 @@ from starlette.datastructures import Headers
 from starlette.responses import Response
 from starlette.websockets import WebSocketClose
 
-from serve.api import ApiError
+from serve.protocol import ApiError
 
 API_PATHS = ("/v1/", "/health", "/metrics")
 EXPOSED = "X-Cogni-Notice"  # the API's own header, which a browser hides from scripts unless exposed
