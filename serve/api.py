@@ -1,17 +1,9 @@
 """An OpenAI-compatible HTTP API, served by app.py on the page's own port.
 
-    POST /v1/chat/completions   a chat's next message, streamed (server-sent events) or not:
-                                messages, model, max_tokens (max_completion_tokens), temperature,
-                                top_p, seed, stop, stream, stream_options, response_format, tools,
-                                tool_choice, parallel_tool_calls, logprobs, top_logprobs,
-                                presence_penalty, frequency_penalty, logit_bias, and as extra
-                                fields top_k, min_p, repetition_penalty, cache_prompt
-    POST /v1/completions        a text's continuation, streamed or not: prompt, echo, logprobs
-                                (0-5 alternatives), and the sampling fields above
-    GET  /v1/models             the model this server runs: context length, generation defaults
-    GET  /v1/models/{id}        the same for one model id
-    GET  /health                200 once the model is loaded, 503 before (as llama.cpp's server)
-    GET  /metrics               Prometheus text format (serve/metrics.py)
+ROUTES, near the end of this file, is the one list of the routes: the list that ends this docstring
+is made from it when the module loads (help(serve.api) shows it), and so are the 404 text, the
+fallback routes that answer a wrong path or method in OpenAI's shape, and the paths whose Origin
+serve/access.py checks (API_PREFIXES), so a route added to the table is guarded like the others.
 
     curl http://127.0.0.1:7860/v1/chat/completions -H 'Content-Type: application/json' \
          -d '{"model": "SmolLM2-135M-Instruct", "messages": [{"role": "user", "content": "Hi!"}]}'
@@ -19,7 +11,7 @@
 Generation goes through the same Engine as the browser chat (serve/engine.py): API requests are
 batched with the page's chats, and a request reuses the cache of the longest common prefix a
 finished one left (unless it says "cache_prompt": false). A field the request leaves out takes
-the model's own value (model/config.py generation_defaults), not OpenAI's temperature 1; min_p
+the model's own value (model/sampling_fields.py generation_defaults), not OpenAI's temperature 1; min_p
 and the penalties are off (0) and logit_bias is empty unless asked for.
 
 Structured output and tool calls are serve/tools.py's: response_format (json_object, json_schema)
@@ -28,16 +20,19 @@ calls tools comes back as OpenAI's tool_calls (finish_reason "tool_calls"; strea
 A chat may hold assistant messages with tool_calls and the tool results (role "tool") that answer
 them; a tool result may be the last message. logprobs are the sampler's (serve/logprobs.py).
 
-Request bodies are serve/protocol.py's pydantic models: strictly typed, a field not declared refused
-with a 400 naming it. Errors use OpenAI's format, {"error": {"message", "type", "param", "code"}},
-never a traceback.
+Request bodies are serve/protocol.py's pydantic models (their fields are the routes' fields):
+strictly typed, a field not declared refused with a 400 naming it. Errors use OpenAI's format,
+{"error": {"message", "type", "param", "code"}}, never a traceback; the replies are serve/replies.py's.
 An API key is required when the server is reachable from other machines (app.py decides; see
-api_access); Host and Origin rules are serve/access.py's.
+serve/access.py api_access); Host and Origin rules are serve/access.py's.
+
+The routes:
 """
 from __future__ import annotations
 
 import hmac
 import json
+from functools import partial
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
@@ -60,17 +55,6 @@ MAX_BODY_BYTES = 8 * MAX_CHAT_CHARS + 65536
 # OpenAI routes this server does not build: a clear 404 in OpenAI's shape (a 5xx would make the
 # openai client retry), not the page's own "Not Found".
 NOT_BUILT = {"/v1/responses": "the Responses API", "/v1/embeddings": "embeddings"}
-
-
-def api_access(host: str, api_key: str | None) -> tuple[bool, str]:
-    """(serve the API?, the start-up log line). Open without a key only on the loopback address."""
-    local = host in ("127.0.0.1", "localhost", "::1")
-    if api_key:
-        return True, "OpenAI-compatible API on /v1 (an API key is required: Authorization: Bearer KEY)"
-    if local:
-        return True, "OpenAI-compatible API on /v1 (local only, no key)"
-    return False, (f"OpenAI-compatible API is off: bound to {host} without an API key. Turn it on with "
-                   f"--api-key KEY or the {API_KEY_ENV} environment variable")
 
 
 def check_output(output: Output, tokenizer, vocab_size: int) -> None:
@@ -229,17 +213,31 @@ def answering(handler, route: str, metrics: Metrics):
     return endpoint
 
 
+# (method, path, handler, what it answers): the one list of the API's routes.
+ROUTES = (
+    ("POST", "/v1/chat/completions", Api.chat_completions,
+     "a chat's next message, streamed (server-sent events) or not; fields: serve/protocol.py ChatRequest"),
+    ("POST", "/v1/completions", Api.completions,
+     "a text's continuation, streamed or not; fields: serve/protocol.py CompletionRequest"),
+    ("GET", "/v1/models", Api.list_models, "the model this server runs: context length, generation defaults"),
+    ("GET", "/v1/models/{model:path}", Api.get_model, "the same for one model id"),
+    ("GET", "/health", Api.health, "200 once the model is loaded, 503 before (as llama.cpp's server)"),
+    ("GET", "/metrics", Api.metrics_text, "Prometheus text format (serve/metrics.py)"),
+)
+# What the routes' paths begin with: everything under /v1/, and each route outside it by its own path.
+API_PREFIXES = tuple(dict.fromkeys("/v1/" if path.startswith("/v1/") else path for _, path, _, _ in ROUTES))
+__doc__ += "\n".join(f"    {method:<5}{path:<28}{what}" for method, path, _, what in ROUTES) + "\n"
+
+
 def make_router(models, spec: str, backend: str, api_key: str | None = None, max_waiting: int = 32) -> APIRouter:
     """The API's routes for the model `spec` on `backend`, loaded through `models` (a ModelCache).
     Anything else under /v1 (and a wrong method on a route) answers in OpenAI's error format."""
     api = Api(models, spec, backend, api_key, max_waiting)
     router = APIRouter()
-    for path, method, handler in (("/v1/models", "GET", api.list_models), ("/v1/models/{model:path}", "GET", api.get_model),
-                                  ("/v1/chat/completions", "POST", api.chat_completions),
-                                  ("/v1/completions", "POST", api.completions),
-                                  ("/health", "GET", api.health), ("/metrics", "GET", api.metrics_text)):
-        router.add_api_route(path, answering(handler, path, api.metrics), methods=[method])
+    for method, path, handler, _ in ROUTES:
+        router.add_api_route(path, answering(partial(handler, api), path, api.metrics), methods=[method])
     served = list(router.routes)
+    listed = ", ".join(f"{method} {path}" for method, path, _, _ in ROUTES if path.startswith("/v1/") and "{" not in path)
 
     async def elsewhere(request: Request):
         path = request.url.path
@@ -249,10 +247,9 @@ def make_router(models, spec: str, backend: str, api_key: str | None = None, max
         if path in NOT_BUILT:
             raise ApiError(404, f"{path} ({NOT_BUILT[path]}) is not served here; use /v1/chat/completions",
                            code="not_implemented")
-        raise ApiError(404, f"there is no route {path} (GET /v1/models, POST /v1/chat/completions, "
-                            "POST /v1/completions)", code="unknown_url")
+        raise ApiError(404, f"there is no route {path} ({listed})", code="unknown_url")
 
     everything = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"]
-    for path in ("/v1/{rest:path}", "/health", "/metrics"):
+    for path in (prefix + "{rest:path}" if prefix.endswith("/") else prefix for prefix in API_PREFIXES):
         router.add_api_route(path, answering(elsewhere, "unknown", api.metrics), methods=everything)
     return router

@@ -13,7 +13,8 @@ from fastapi.testclient import TestClient  # noqa: E402
 from model.sampling_fields import GENERATION_DEFAULTS, generation_defaults  # noqa: E402
 from serve.generate import generate  # noqa: E402
 from serve.sampling import SamplingConfig  # noqa: E402
-from serve.api import api_access, make_router  # noqa: E402
+from serve.access import api_access  # noqa: E402
+from serve.api import make_router  # noqa: E402
 from serve.chat import MAX_MESSAGE_CHARS  # noqa: E402
 from serve.models import ModelCache  # noqa: E402
 
