@@ -131,7 +131,7 @@ def _stop(stop) -> list[str]:
 
 def _logit_bias(bias) -> tuple[tuple[int, float], ...]:
     """OpenAI's {"token id": bias} -> SamplingConfig's pairs; the vocabulary's size is checked once
-    the model is loaded (Api.admit)."""
+    the model is loaded (serve/api.py Api._admit)."""
     lo, hi = LOGIT_BIAS_RANGE
     if bias is None:
         return ()
