@@ -35,8 +35,8 @@ import uvicorn
 from fastapi import FastAPI
 
 from model.sampling_fields import FIELDS, generation_defaults
-from serve.access import Access
-from serve.api import API_KEY_ENV, api_access, make_router
+from serve.access import Access, api_access
+from serve.api import API_KEY_ENV, make_router
 from webui.chat import respond
 from serve.models import (BACKEND_CHOICES, BACKEND_LABELS, CACHE_BUDGET_MB, DEFAULT, MAX_BATCH, ModelCache, list_models,
                           loaded_line, model_card)

@@ -1,5 +1,7 @@
-"""Who may talk to the server from a browser: the Host and Origin checks and CORS, as Ollama does them.
+"""Who may talk to the server: the API key rule, and from a browser the Host and Origin checks and
+CORS, as Ollama does them. "Loopback" is is_loopback's everywhere here.
 
+    api_access(host, api_key)   -> (serve the API?, the start-up line): without a key only on loopback
     app = Access(app, bound="127.0.0.1", allowed_hosts=[], cors_origins=[])   # ASGI middleware
 
 - Host (every route, the page's too): a server bound to a loopback address answers only requests
@@ -7,10 +9,11 @@
   `allowed_hosts` ("*" for any). Otherwise DNS rebinding lets a remote page read the loopback API's
   replies: its own name, resolved to 127.0.0.1, makes the server same-origin to it. A server bound
   to another address is reached by any name anyway (and its API needs a key): no Host check.
-- Origin (the API's routes): a request a browser sends with an Origin is refused (403) unless the
-  origin is a loopback one, in `cors_origins` ("*" for any) or the server's own (same Host).
-  Allowed origins get the CORS headers on the preflight and on the actual responses, so a
-  browser client the user allows can read them. Requests without an Origin (curl, SDKs) pass.
+- Origin (the API's routes: serve/api.py API_PREFIXES, made from its ROUTES): a request a browser
+  sends with an Origin is refused (403) unless the origin is a loopback one, in `cors_origins`
+  ("*" for any) or the server's own (same Host). Allowed origins get the CORS headers on the
+  preflight and on the actual responses, so a browser client the user allows can read them.
+  Requests without an Origin (curl, SDKs) pass.
 The API takes JSON bodies only (serve/api.py read_json: 415), so a page cannot skip the preflight
 with a text/plain POST.
 """
@@ -23,9 +26,9 @@ from starlette.datastructures import Headers
 from starlette.responses import Response
 from starlette.websockets import WebSocketClose
 
-from serve.api import ApiError
+from serve.api import API_KEY_ENV, API_PREFIXES
+from serve.protocol import ApiError
 
-API_PATHS = ("/v1/", "/health", "/metrics")
 EXPOSED = "X-Cogni-Notice"  # the API's own header, which a browser hides from scripts unless exposed
 
 
@@ -40,6 +43,16 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def api_access(host: str, api_key: str | None) -> tuple[bool, str]:
+    """(serve the API?, the start-up log line). Open without a key only on a loopback address."""
+    if api_key:
+        return True, "OpenAI-compatible API on /v1 (an API key is required: Authorization: Bearer KEY)"
+    if is_loopback(host):
+        return True, "OpenAI-compatible API on /v1 (local only, no key)"
+    return False, (f"OpenAI-compatible API is off: bound to {host} without an API key. Turn it on with "
+                   f"--api-key KEY or the {API_KEY_ENV} environment variable")
+
+
 def host_name(authority: str) -> str:
     """'example.com:7860' -> 'example.com', '[::1]:7860' -> '::1'."""
     try:
@@ -49,7 +62,13 @@ def host_name(authority: str) -> str:
 
 
 class Access:
-    """ASGI middleware: the Host check for everything, Origin and CORS for the API's routes."""
+    """ASGI middleware: the Host check for everything, Origin and CORS for the API's routes.
+
+    Not Starlette's TrustedHostMiddleware and CORSMiddleware, which state other rules: the first
+    takes name patterns only (no 127.0.0.0/8 or ::1 by address, no "check only when bound to
+    loopback") and answers a plain-text 400; the second covers every path, not only the API's,
+    lets a request from a refused origin through (it only leaves out the headers, so the server
+    still generates for any page) and has no "the server's own origin" rule."""
 
     def __init__(self, app, bound: str, allowed_hosts=(), cors_origins=()):
         self.app, self.check_host = app, is_loopback(bound) and "*" not in allowed_hosts
@@ -80,7 +99,7 @@ class Access:
                                        "start it with --allowed-hosts NAME to allow it", "permission_error",
                                   code="host_not_allowed").response()(scope, receive, send)
         origin = headers.get("origin")
-        if scope["type"] != "http" or origin is None or not scope["path"].startswith(API_PATHS):
+        if scope["type"] != "http" or origin is None or not scope["path"].startswith(API_PREFIXES):
             return await self.app(scope, receive, send)
         if not self.origin_ok(origin, authority):
             return await ApiError(403, f"the origin {origin!r} may not use this API; start the server with "

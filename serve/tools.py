@@ -2,7 +2,7 @@
 
     parse_output(body)            -> Output (or FieldError naming the field): the tools, the choice, the
                                   JSON schema, and the grammar text that constrains the reply
-    tool_message(m, i)            an assistant message with tool_calls, or a tool result, checked
+    tool_message(m)               an assistant message with tool_calls, or a tool result, checked
     prompt_messages(tok, msgs, output)  messages (and tools) as the model's chat template takes them
     ToolCallStream                the reply's text pieces -> OpenAI deltas: content, or tool calls
 
@@ -36,11 +36,12 @@ TOOLS_PROMPT = (  # Qwen2.5's template's words for the same format
 
 
 class FieldError(ValueError):
-    """A bad request field; `param` names it (the API answers 400 with it)."""
+    """A bad request field; `param` names it, from where the request model's validator was called
+    (serve/protocol.py's `invalid` makes it the API's 400)."""
 
-    def __init__(self, param: str, message: str):
+    def __init__(self, param: str, message: str, code: str | None = None):
         super().__init__(message)
-        self.param = param
+        self.param, self.code = param, code
 
 
 @dataclass
@@ -130,12 +131,12 @@ def parse_output(body: dict) -> Output:
     return Output(tools, choice, parallel, is_json, schema)
 
 
-def tool_message(m: dict, i: int) -> dict:
+def tool_message(m: dict) -> dict:
     """An assistant message with tool_calls (content may be null) or a tool result, as the API
     passes it on: content a string, arguments parsed."""
     if m["role"] == "tool":
         if not isinstance(m.get("content"), str):
-            raise FieldError(f"messages[{i}].content", "a tool message's content must be a string")
+            raise FieldError("content", "a tool message's content must be a string")
         return {"role": "tool", "content": m["content"], "tool_call_id": str(m.get("tool_call_id", ""))}
     calls = []
     for j, c in enumerate(m["tool_calls"] if isinstance(m.get("tool_calls"), list) else [None]):
@@ -144,7 +145,7 @@ def tool_message(m: dict, i: int) -> dict:
             args = json.loads(f["arguments"]) if isinstance(f.get("arguments"), str) else f.get("arguments", {})
             name = f["name"]
         except (TypeError, KeyError, AttributeError, ValueError):
-            raise FieldError(f"messages[{i}].tool_calls[{j}]",
+            raise FieldError(f"tool_calls[{j}]",
                              "a tool call must be {id, type: function, function: {name, arguments: a JSON string}}") from None
         calls.append({"id": c.get("id", ""), "type": "function", "function": {"name": name, "arguments": args}})
     content = m.get("content")

@@ -13,7 +13,8 @@ from fastapi.testclient import TestClient  # noqa: E402
 from model.sampling_fields import GENERATION_DEFAULTS, generation_defaults  # noqa: E402
 from serve.generate import generate  # noqa: E402
 from serve.sampling import SamplingConfig  # noqa: E402
-from serve.api import api_access, make_router  # noqa: E402
+from serve.access import api_access  # noqa: E402
+from serve.api import make_router  # noqa: E402
 from serve.chat import MAX_MESSAGE_CHARS  # noqa: E402
 from serve.models import ModelCache  # noqa: E402
 
@@ -421,7 +422,7 @@ def test_metrics_count_requests_tokens_and_latencies(models, nano_dir):
 def long_dir(model_folder):
     """A random nano model with an 8,192-token context that never picks a stop token greedily:
     its output rows for the stop ids are zero (logit 0, below the largest of the 500 others)."""
-    from .conftest import TEXTS
+    from tests.conftest import TEXTS
 
     return model_folder(TEXTS, bpe_vocab=400, silent_stops=True, name="long", max_seq_len=8192, tie_embeddings=False)
 
@@ -432,7 +433,7 @@ def test_a_client_that_hangs_up_frees_its_row_within_one_step(long_dir):
     import httpx
     import uvicorn
 
-    from .conftest import free_port
+    from tests.conftest import free_port
 
     # one token per step (no speculation, which may accept several), so tokens count the steps
     models = ModelCache(log=lambda msg: None, speculate=False)

@@ -20,7 +20,7 @@ from model.model import CogniMamba  # noqa: E402
 from model.tokenizer import train_bpe  # noqa: E402
 from serve.api import make_router  # noqa: E402
 from serve.models import ModelCache  # noqa: E402
-from tests.webui.conftest import TEXTS  # noqa: E402
+from tests.conftest import TEXTS  # noqa: E402
 
 # Bounded strings and numbers: a random model would otherwise write one string until the budget ends.
 SCHEMA = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 8},
