@@ -50,9 +50,15 @@ def narrower_temperature():
 def test_a_range_changed_in_the_table_moves_every_front_end(narrower_temperature, capsys):
     import app
     from serve import cli
+    from serve.protocol import ApiError, ChatRequest
 
     with pytest.raises(ValueError, match=r"temperature must be in \[0, 1.5\]"):
         SamplingConfig(temperature=1.8)
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "temperature": 1.8}
+    with pytest.raises(ApiError, match=r"temperature must be in \[0, 1.5\]") as refused:
+        ChatRequest.parse(body)
+    assert refused.value.status == 400 and refused.value.param == "temperature"
+    ChatRequest.parse({**body, "temperature": 1.4})
     slider = next(i for i in app.sampling_inputs(GENERATION_DEFAULTS) if i.label == narrower_temperature.label)
     assert slider.maximum == 1.5
     assert cli.main(model="/no/such/model", temperature=1.8) == 2  # refused before anything loads
