@@ -129,18 +129,21 @@ def build_demo(models: ModelCache, model: str = DEFAULT, backend: str = "onnx", 
         with gr.Tab("Chat"):
             gr.ChatInterface(partial(respond, models=models), additional_inputs=settings, additional_inputs_accordion=gr.Accordion(
                 "Settings: system prompt, backend, model, sampling", open=False, render=False),
+                chatbot=gr.Chatbot(label="Chat", height=480, render=False),
                 examples=[[e] for e in EXAMPLES], cache_examples=False, api_name="chat")
         with gr.Tab("Parity: PyTorch vs ONNX Runtime"):
-            gr.Markdown("One prompt, greedy, through both backends (the model chosen in Settings).")
+            gr.Markdown("One prompt, greedy, through both backends (the model chosen in Settings): the variant "
+                        "ONNX Runtime serves against PyTorch's fp32 arithmetic on the same weights.")
             with gr.Row():
                 prompt = gr.Textbox(EXAMPLES[0], label="Prompt", scale=4)
                 n_tokens = gr.Slider(1, 128, value=24, step=1, precision=0, label="Tokens", scale=1)
             run = gr.Button("Compare", variant="primary")
             verdict = gr.Markdown(label="Verdict")
             with gr.Row():
-                torch_out = gr.Textbox(label="PyTorch eager", lines=6)
-                onnx_out = gr.Textbox(label="ONNX Runtime", lines=6)
-            figures = gr.JSON(label="Figures")
+                torch_out = gr.Textbox(label="PyTorch eager (fp32 arithmetic)", lines=6)
+                onnx_out = gr.Textbox(label="ONNX Runtime (the served variant)", lines=6)
+            with gr.Accordion("Token ids and figures", open=False):
+                figures = gr.JSON(label="Figures")
             run.click(partial(parity_panel, models=models), [prompt, model_box, n_tokens], [torch_out, onnx_out, verdict, figures],
                       api_name="parity")
         with gr.Tab("Model card"):

@@ -130,6 +130,18 @@ def shown_path(path) -> str:
         return str(Path(*p.parts[-2:])) if len(p.parts) > 2 else p.name
 
 
+def weights_from(meta: dict) -> str:
+    """Where a model's weights came from: the source file or folder (as shown_path shows it), or for
+    an ONNX export the model it was exported from, which its onnx_meta.json names."""
+    if meta.get("source"):
+        return shown_path(meta["source"])
+    onnx = meta.get("onnx") or {}
+    if onnx.get("source_name"):
+        where = f", exported from {onnx['source_path']}" if onnx.get("source_path") else ""
+        return f"{onnx['source_name']} ({onnx.get('source_format') or 'our'} weights, sha256 {str(onnx.get('source_sha256'))[:12]}…{where})"
+    return "not recorded (an export from before the exporter recorded its source)"
+
+
 def loaded_line(spec: str, meta: dict, engine) -> str:
     """One line for the top of the page: which model runs where."""
     params = f", {meta['num_params'] / 1e6:.1f}M parameters" if isinstance(meta.get("num_params"), int) else ""
@@ -158,7 +170,7 @@ def model_card(spec: str, meta: dict, engine=None) -> str:
         ("parameters", f"{meta['num_params']:,}" if isinstance(meta.get("num_params"), int) else "?"),
         ("dtype", onnx.get("dtype") or meta.get("dtype", "?")),
         ("quantization", quant),
-        ("weights from", shown_path(meta.get("source") or meta.get("source_name", "?"))),
+        ("weights from", weights_from(meta)),
     ]
     if meta.get("variant"):
         rows.append(("variant", f"{meta['variant']['name']}: {meta['variant']['why']}"))
@@ -171,4 +183,10 @@ def model_card(spec: str, meta: dict, engine=None) -> str:
                                           f"top-1 agreement {onnx['parity']['top1_agreement']:.3f}"))
     if engine is not None:
         rows.append(("running on", f"{BACKEND_LABELS.get(engine.name, engine.name)} ({engine.device})"))
-    return "| model card | |\n|---|---|\n" + "\n".join(f"| {k} | {str(v).replace('|', '/')} |" for k, v in rows)
+    return "| model card | |\n|---|---|\n" + "\n".join(f"| {k} | {cell(v)} |" for k, v in rows)
+
+
+def cell(value) -> str:
+    """A Markdown table cell: a | inside it would end the cell, so it is escaped and "max |dlogit|"
+    reads as written."""
+    return str(value).replace("|", r"\|")

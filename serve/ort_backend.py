@@ -204,9 +204,8 @@ def pick_variant(src: Path, provider: str, dtype: str | None, quantize: str | No
     if meta.get("source_format") == "gguf" and types - set(GGUF_UNQUANTIZED) and types <= set(GGUF_SUPPORTED + GGUF_UNQUANTIZED) \
             and Path(meta.get("source", "")).is_file():
         return "fp32", "gguf", (f"the GGUF's own {'/'.join(sorted(types - set(GGUF_UNQUANTIZED)))} blocks as llama.cpp runs "
-                                "them (int8 activations): the source's quality (held-out perplexity within 0.5% of "
-                                "fp32) at 4-bit speed")
-    return "fp32", None, "fp32: the weights as they are (export with --quantize int4 or int8 for speed)"
+                                "them: the source's quality (held-out perplexity within 0.5% of fp32) at 4-bit speed")
+    return "fp32", None, "the weights as they are (export with --quantize int4 or int8 for speed)"
 
 
 def open_export(d: Path, device: str | None = None, why: str = "an export folder, run as it is"):

@@ -284,3 +284,29 @@ def test_importing_app_builds_no_page():
     finally:
         gr.Blocks.__init__ = real
     assert built == [] and not hasattr(app, "demo")
+
+
+def test_the_parity_verdict_explains_itself():
+    """Which side is which, what agreement the variant's quantization leads to expect (its export's
+    own parity figures), and where and why the replies part, in sentences rather than ids."""
+    from webui.parity import expectation, explanation
+
+    r = {"tokens_agree": False, "first_difference": 3, "margin": 0.12, "max_abs_logit_diff": 1.4,
+         "torch": {"tokens": [1] * 7}, "onnx": {"tokens": [1] * 24}, "variant": "GGUF blocks, int8 activations",
+         "export_parity": {"top1_agreement": 0.917, "max_abs_logit_diff": 1.4}}
+    said = explanation(r)
+    assert "part at token 3" in said and "PyTorch produced 7 tokens, ONNX Runtime 24" in said and "0.12" in said
+    expected = expectation(r)
+    assert "GGUF blocks, int8 activations" in expected and "91.7%" in expected and "nearly tie" in expected
+    r.update(tokens_agree=True, first_difference=None, export_parity={"top1_agreement": 1.0, "max_abs_logit_diff": 1e-6})
+    assert "agree" in explanation(r) and "should agree" in expectation(r)
+
+
+def test_the_model_card_names_an_exports_source_and_keeps_bars():
+    meta = {"model": {}, "onnx": {"source_name": "SmolLM2-135M-Instruct", "source_format": "gguf",
+                                  "source_sha256": "358da6717641f0bbe861", "dtype": "fp32",
+                                  "parity": {"max_abs_logit_diff": 1.4, "top1_agreement": 0.917}},
+            "variant": {"name": "fp32", "why": "the weights as they are"}}
+    card = model_card("exports/x", meta)
+    assert "| weights from | SmolLM2-135M-Instruct (gguf weights, sha256 358da6717641" in card
+    assert r"max \|dlogit\|" in card and "fp32: fp32" not in card
