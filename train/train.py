@@ -8,8 +8,10 @@
     torchrun --nnodes 2 --node_rank 0 --nproc_per_node 8 --master_addr HOST --master_port 29500 train/train.py ...
 
 Writes into --out: latest.pt (every eval), best_model.pt (lowest validation loss),
-checkpoint_epoch_N.pt (after each pass over the training tokens), model/ (the best weights as our
-model folder: chat and export load it directly), metrics.jsonl, loss_curve.png, and the tokenizer.
+checkpoint_epoch_N.pt (after a pass over the training tokens, at most one per --eval-interval steps,
+the newest two kept), model/ (the best weights as our model folder: chat and export load it
+directly), metrics.jsonl, loss_curve.png, and the tokenizer. A run stops before a checkpoint would
+fill the disk.
 Checkpoints hold only tensors and plain Python values: torch.load(..., weights_only=True) reads them.
 """
 import sys
@@ -117,6 +119,17 @@ RESUME_OVERRIDES = ("max_steps", "eval_interval", "eval_batches", "lr")
 
 class NonFiniteLoss(RuntimeError):
     pass
+
+
+class DiskFull(RuntimeError):
+    pass
+
+
+# Epoch checkpoints kept at once: the newest two, so a damaged newest one still has a fallback.
+KEEP_EPOCH_CHECKPOINTS = 2
+# Free space a checkpoint write leaves untouched beyond the checkpoint's own size (metrics, the
+# model folder's swap, other programs): stop while the last good checkpoint is still whole.
+DISK_MARGIN = 256 * 2**20
 
 
 # -------------------------------------------------------------------------------------------------
@@ -405,11 +418,52 @@ def make_state(run: Run, model: CogniMamba) -> State:
     return state
 
 
+def tensor_bytes(obj) -> int:
+    """Bytes of the tensors in a nested dict/list: what torch.save writes, less a little framing."""
+    if isinstance(obj, torch.Tensor):
+        return obj.nelement() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(v) for v in obj)
+    return 0
+
+
+def check_free_space(path: Path, size: int) -> None:
+    """Stop the run before a write of `size` bytes into path's folder could fill the disk: a full
+    disk fails the write (the old file stays), but also starves metrics and every other program."""
+    free = shutil.disk_usage(path.parent).free
+    if free < size + DISK_MARGIN:
+        raise DiskFull(f"{free / 2**20:,.0f} MiB free beside {path}, but the write needs about {size / 2**20:,.0f} MiB "
+                       f"+ {DISK_MARGIN / 2**20:.0f} MiB to spare: stopped; the last checkpoint is intact. Free some "
+                       "space, then --resume")
+
+
+def epoch_checkpoint_due(step: int, steps_per_epoch: int, eval_interval: int) -> bool:
+    """An epoch ended at `step` and its span crossed a multiple of eval_interval: at most one epoch
+    checkpoint per eval interval. A chat file of 40 rows makes every step an epoch, and saving each
+    (1.6 GB for the default model) wrote 47 GB in 30 steps; latest.pt, every eval_interval steps,
+    already keeps such a run resumable."""
+    return step % steps_per_epoch == 0 and (step - steps_per_epoch) // eval_interval < step // eval_interval
+
+
+def save_epoch_checkpoint(run: Run, state: State, epoch: int) -> None:
+    """checkpoint_epoch_N.pt; the oldest beyond KEEP_EPOCH_CHECKPOINTS go once the new one is whole."""
+    path = run.out / f"checkpoint_epoch_{epoch}.pt"
+    save_checkpoint(run, state, path.name)
+    if not path.is_file():  # not written (a warning said why): keep the older ones
+        return
+    epochs = sorted(run.out.glob("checkpoint_epoch_*.pt"), key=lambda p: int(p.stem.rsplit("_", 1)[1]))
+    for old in epochs[:-KEEP_EPOCH_CHECKPOINTS]:
+        old.unlink(missing_ok=True)
+
+
 def save_checkpoint(run: Run, state: State, name: str) -> None:
     ckpt = {"model": state.raw_model.state_dict(), "optimizer": state.optimizer.state_dict(),
             "scaler": state.scaler.state_dict(), "rng": rng_state(state.batch_gen), "step": state.step,
             "best_val": state.best_val, "model_config": state.raw_model.cfg.to_dict(),
             "train_config": dataclasses.asdict(run.cfg)}
+    check_free_space(run.out / name, tensor_bytes(ckpt))
     try:
         atomic_save(ckpt, run.out / name)
     except OSError as e:  # e.g. a full disk: the previous checkpoint is intact; keep training
@@ -425,6 +479,7 @@ def eval_and_save(run: Run, state: State, tokenizer, val_data) -> float:
     if val_loss < state.best_val:
         state.best_val = val_loss
         save_checkpoint(run, state, "best_model.pt")
+        check_free_space(run.out / "model", tensor_bytes(state.raw_model.state_dict()))
         save_model(run.out / "model", state.raw_model, tokenizer, source=f"trained: {run.out}",
                    extra={"step": state.step, "val_loss": val_loss}, force=True)  # our own run's folder
     save_checkpoint(run, state, "latest.pt")
@@ -483,8 +538,8 @@ def fit(run: Run, state: State, tokenizer, train_data, val_data, max_steps: int,
                 bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}")
                 bar.update(1)
                 t_last = now
-                if state.step % steps_per_epoch == 0:
-                    save_checkpoint(run, state, f"checkpoint_epoch_{state.step // steps_per_epoch}.pt")
+                if epoch_checkpoint_due(state.step, steps_per_epoch, cfg.eval_interval):
+                    save_epoch_checkpoint(run, state, state.step // steps_per_epoch)
         if run.master:
             eval_and_save(run, state, tokenizer, val_data)
     except KeyboardInterrupt:
@@ -607,9 +662,10 @@ def parse_args(argv=None) -> dict:
     return {**config, **args}
 
 
-if __name__ == "__main__":
+def cli(argv=None) -> None:
+    """The command: a known failure is one line on stderr and exit 2 (3 for a non-finite loss)."""
     try:
-        main(**parse_args())
+        main(**parse_args(argv))
     except NonFiniteLoss as e:
         print(f"error: {e}. Nothing after the last good checkpoint was saved. Try a lower --lr (or more "
               "--warmup-steps), --precision fp32 or bf16 instead of fp16, or a smaller --grad-clip; "
@@ -621,3 +677,7 @@ if __name__ == "__main__":
     except OSError as e:  # a read-only or full disk: name the path
         print(f"error: cannot write {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
         sys.exit(2)
+
+
+if __name__ == "__main__":
+    cli()

@@ -3,6 +3,7 @@ non-finite loss stops the run with valid JSON logs, --out never swallows someone
 and --resume honours the flags that can change mid-run."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -126,3 +127,41 @@ def test_import_changes_nothing():
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
                        env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert r.returncode == 0, r.stderr[-1500:]
+
+
+def _du(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+def test_an_epoch_per_step_does_not_fill_the_disk(tiny_txt, tmp_path):
+    """A small file makes every step an epoch: epoch checkpoints come at most once per eval
+    interval and only the newest two stay, so the folder holds a few checkpoints, not one a step."""
+    out = tmp_path / "run"
+    trainer.main(**{**BASE, "eval_interval": 2}, data=str(tiny_txt), max_steps=8, out=str(out))
+    ckpt = (out / "latest.pt").stat().st_size
+    epochs = sorted(p.name for p in out.glob("checkpoint_epoch_*.pt"))
+    assert epochs == ["checkpoint_epoch_6.pt", "checkpoint_epoch_8.pt"]
+    # latest, best, two epoch checkpoints and the model folder (a third of a checkpoint: no optimizer)
+    assert _du(out) < 5 * ckpt, f"{_du(out):,} bytes for checkpoints of {ckpt:,}"
+
+
+def test_low_free_space_stops_before_a_checkpoint(tiny_txt, tmp_path, monkeypatch, capsys):
+    """Free space below a checkpoint's size: the run stops with one line, the last good checkpoint whole."""
+    real, calls = shutil.disk_usage, []
+
+    def filling_up(path):
+        calls.append(path)
+        usage = real(path)
+        return usage if len(calls) <= 3 else usage._replace(free=10 * 2**20)  # the step-0 eval writes 3 things
+
+    monkeypatch.setattr(trainer.shutil, "disk_usage", filling_up)
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as stop:
+        trainer.cli(["--preset", "nano", "--tokenizer", "char", "--batch-size", "4", "--seq-len", "32",
+                     "--eval-interval", "2", "--eval-batches", "2", "--max-steps", "6", "--data", str(tiny_txt),
+                     "--out", str(out)])
+    assert stop.value.code == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "MiB free" in errors[0] and "--resume" in errors[0], errors
+    assert torch.load(out / "latest.pt", weights_only=True)["step"] == 0  # the last good checkpoint stays
+    assert not list(out.glob("checkpoint_epoch_*.pt")) and not list(out.glob(".*.tmp"))
