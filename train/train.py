@@ -28,6 +28,7 @@ import math  # noqa: E402
 import os  # noqa: E402
 import shutil  # noqa: E402
 import time  # noqa: E402
+import typing  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -103,6 +104,9 @@ class TrainConfig:
             ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v <= high and (v > low if open_low else v >= low)
             if not ok:
                 raise ValueError(f"{flag(name)} must be a finite number in {'(' if open_low else '['}{low}, {high}], got {v!r}")
+        for name in ("compile", "activation_checkpointing", "resume", "sft", "force"):
+            if not isinstance(getattr(self, name), bool):  # "false" is a non-empty string, hence true
+                raise ValueError(f"{flag(name)} must be true or false, got {getattr(self, name)!r}")
         if self.precision not in ("auto", "bf16", "fp16", "fp32"):
             raise ValueError(f"--precision must be auto, bf16, fp16 or fp32, got {self.precision!r}")
         for name in ("preset", "data", "tokenizer", "out", "init_from"):
@@ -650,16 +654,33 @@ def parse_args(argv=None) -> dict:
     p.add_argument("--seed", type=int, help="random seed")
     p.add_argument("--force", action="store_true", default=None, help="start over in an --out that holds another run or other files (deletes them)")
     args = {k: v for k, v in vars(p.parse_args(argv)).items() if v is not None}
-    config = {}
-    if "config" in args:
-        try:
-            config = json.loads(Path(args.pop("config")).read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            p.error(f"--config: {e}")
-        unknown = set(config) - {f.name for f in dataclasses.fields(TrainConfig)}
-        if unknown:
-            p.error(f"--config: unknown keys {sorted(unknown)}")
+    config = read_config(args.pop("config")) if "config" in args else {}
     return {**config, **args}
+
+
+def read_config(path: str) -> dict:
+    """A --config file: a JSON object of TrainConfig's keys, each of its field's type (a whole number
+    also serves a float; null only where the field allows it). One ValueError naming the key."""
+    try:
+        config = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"--config {path}: {e}") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"--config {path} must hold a JSON object of options, got {type(config).__name__}")
+    fields = {f.name: f.type for f in dataclasses.fields(TrainConfig)}
+    for key, value in config.items():
+        if key not in fields:
+            raise ValueError(f"--config {path}: unknown key {key!r}; known: {', '.join(fields)}")
+        allowed = typing.get_args(fields[key]) or (fields[key],)
+        if isinstance(value, bool) or value is None:  # bool before int: True is an int to Python
+            ok = type(value) in allowed
+        else:
+            ok = isinstance(value, allowed) or (type(value) is int and float in allowed)
+        if not ok:
+            names = " or ".join({bool: "true or false", int: "a whole number", float: "a number", str: "a string",
+                                 type(None): "null"}[t] for t in allowed)
+            raise ValueError(f"--config {path}: {key!r} must be {names}, got {json.dumps(value)}")
+    return config
 
 
 def cli(argv=None) -> None:

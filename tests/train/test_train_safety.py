@@ -165,3 +165,47 @@ def test_low_free_space_stops_before_a_checkpoint(tiny_txt, tmp_path, monkeypatc
     assert len(errors) == 1 and "MiB free" in errors[0] and "--resume" in errors[0], errors
     assert torch.load(out / "latest.pt", weights_only=True)["step"] == 0  # the last good checkpoint stays
     assert not list(out.glob("checkpoint_epoch_*.pt")) and not list(out.glob(".*.tmp"))
+
+
+def _cli_in_process(capsys, argv) -> tuple[int, list[str]]:
+    """trainer.cli as the command runs it -> (exit code, its 'error:' lines)."""
+    with pytest.raises(SystemExit) as stop:
+        trainer.cli(argv)
+    return stop.value.code, [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+
+
+def test_a_string_in_config_is_not_true(tiny_txt, tmp_path, capsys):
+    """{"force": "false"} used to count as true and delete --out."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / ".cogni-mamba-writer").write_text('{"writer": "training run"}\n')
+    (run / "latest.pt").write_bytes(b"weeks of training")
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"force": "false", "preset": "nano", "tokenizer": "char", "seq_len": 32}))
+    code, errors = _cli_in_process(capsys, ["--config", str(config), "--data", str(tiny_txt), "--max-steps", "1",
+                                            "--out", str(run)])
+    assert code == 2 and len(errors) == 1 and "'force' must be true or false" in errors[0], errors
+    assert (run / "latest.pt").read_bytes() == b"weeks of training"
+
+
+@pytest.mark.parametrize("config, key", [
+    ({"compile": "no"}, "'compile'"), ({"sft": 1}, "'sft'"), ({"preset": None}, "'preset'"),
+    ({"batch_size": "8"}, "'batch_size'"), ({"max_steps": True}, "'max_steps'"), ({"forse": True}, "'forse'"),
+    (["nano"], "JSON object"),
+])
+def test_config_values_are_typed(tiny_txt, tmp_path, capsys, config, key):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(config))
+    code, errors = _cli_in_process(capsys, ["--config", str(path), "--preset", "nano", "--tokenizer", "char",
+                                            "--seq-len", "32", "--data", str(tiny_txt), "--max-steps", "1",
+                                            "--out", str(tmp_path / "o")])
+    assert code == 2 and len(errors) == 1 and key in errors[0], errors
+    assert not (tmp_path / "o").exists()  # refused before any work
+
+
+def test_config_null_where_allowed_and_switch_types_in_main(tmp_path):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({"max_steps": None, "lr": 1, "compile": False}))
+    assert trainer.read_config(str(path)) == {"max_steps": None, "lr": 1, "compile": False}
+    with pytest.raises(ValueError, match="--force must be true or false"):  # main's callers too
+        trainer.main(**BASE, data="unused", out=str(tmp_path / "o"), force="false")
