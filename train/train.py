@@ -10,8 +10,9 @@
 Writes into --out: latest.pt (every eval), best_model.pt (lowest validation loss),
 checkpoint_epoch_N.pt (after a pass over the training tokens, at most one per --eval-interval steps,
 the newest two kept), model/ (the best weights as our model folder: chat and export load it
-directly), metrics.jsonl, loss_curve.png, and the tokenizer. A run stops before a checkpoint would
-fill the disk.
+directly), metrics.jsonl, loss_curve.png, the tokenizer, and .train.lock (locked while a run writes
+the folder: a second run or --resume of it is refused). A run stops before a checkpoint would fill
+the disk.
 Checkpoints hold only tensors and plain Python values: torch.load(..., weights_only=True) reads them.
 """
 import sys
@@ -23,6 +24,7 @@ if __name__ == "__main__":  # `python train/train.py` puts train/ on sys.path; t
 import argparse  # noqa: E402
 import contextlib  # noqa: E402
 import dataclasses  # noqa: E402
+import fcntl  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 import os  # noqa: E402
@@ -134,6 +136,8 @@ KEEP_EPOCH_CHECKPOINTS = 2
 # Free space a checkpoint write leaves untouched beyond the checkpoint's own size (metrics, the
 # model folder's swap, other programs): stop while the last good checkpoint is still whole.
 DISK_MARGIN = 256 * 2**20
+# Inside the run folder; flock'ed by the process writing the folder (lock_run).
+LOCK_NAME = ".train.lock"
 
 
 # -------------------------------------------------------------------------------------------------
@@ -313,9 +317,10 @@ class State:
     best_val: float = float("inf")
 
 
-def setup_run(kwargs: dict) -> Run:
+def setup_run(kwargs: dict, held: contextlib.ExitStack) -> Run:
     """The flags -> a Run: DDP under torchrun (one process per device, each with its slice of every
-    global batch), the precision, and for --resume the checkpoint and the run's own settings."""
+    global batch), the precision, and for --resume the checkpoint and the run's own settings. The
+    master process locks the run folder into `held` before reading or changing anything in it."""
     cfg = TrainConfig(**kwargs)
     ddp = int(os.environ.get("WORLD_SIZE", 1)) > 1
     rank, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if ddp else (0, 1)
@@ -328,11 +333,27 @@ def setup_run(kwargs: dict) -> Run:
     amp_dtype, use_scaler = pick_precision(cfg.precision, device)
     run = Run(cfg, Path(cfg.out).expanduser(), device, rank, world, amp_dtype, use_scaler, None)
     if cfg.resume:
+        if run.master and run.out.is_dir():  # no folder: load_checkpoint says so
+            held.enter_context(lock_run(run.out))
         run.resume_ckpt = load_checkpoint(run.out)
         run.cfg = resumed_config(run, kwargs)
     elif run.master:
-        prepare_out(run.out, cfg)
+        prepare_out(run.out, cfg, held)
     return run
+
+
+@contextlib.contextmanager
+def lock_run(out: Path):
+    """An exclusive flock on out/LOCK_NAME for the block: one process writes a run folder at a time
+    (two would interleave checkpoints and metrics, and --force would delete a running run). The
+    kernel drops the lock when its process dies, so a killed run leaves no stale lock to clear."""
+    with open(out / LOCK_NAME, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ValueError(f"--out {out} is being written by another run (it holds {out / LOCK_NAME}); wait for "
+                             "it to end, or choose another --out") from None
+        yield
 
 
 def resumed_config(run: Run, kwargs: dict) -> TrainConfig:
@@ -561,7 +582,12 @@ def fit(run: Run, state: State, tokenizer, train_data, val_data, max_steps: int,
 
 
 def main(**kwargs) -> dict:
-    run = setup_run(kwargs)
+    with contextlib.ExitStack() as held:  # the run folder's lock, until the run ends however it ends
+        return train_run(setup_run(kwargs, held))
+
+
+def train_run(run: Run) -> dict:
+    """Build the model and data for a set-up run, train, and report."""
     out, ckpt = run.out, run.resume_ckpt
     if ckpt is not None and ckpt["step"] >= (run.cfg.max_steps or 0):
         run.log(f"{out} finished at step {ckpt['step']} of {run.cfg.max_steps}: nothing to do. "
@@ -604,18 +630,23 @@ def _append(path: Path, row: dict) -> None:
         f.write(json.dumps(row, allow_nan=False) + "\n")
 
 
-def prepare_out(out: Path, cfg: TrainConfig) -> None:
+def prepare_out(out: Path, cfg: TrainConfig, held: contextlib.ExitStack) -> None:
     """A new run's folder: refuse to mix it into another run or into anyone's folder (check_output_dir),
-    unless --force, which deletes what is there. The marker says this folder is a training run."""
+    unless --force, which deletes what is there: after taking the folder's lock, so never under a
+    running run. The marker says this folder is a training run."""
     init_from = Path(cfg.init_from).expanduser()
     sources = [init_from] if cfg.init_from and init_from.exists() else []
     if folder_writer(out) == "training run" and not cfg.force:
         raise ValueError(f"--out {out} holds a training run: --resume continues it, another --out starts a new "
                          "one, --force deletes it and starts over")
     check_output_dir(out, "training run", cfg.force, sources)
-    if out.exists() and cfg.force:
-        shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
+    held.enter_context(lock_run(out))
+    for old in out.iterdir() if cfg.force else ():  # the lock file stays: it is what the lock is held on
+        if old.is_dir() and not old.is_symlink():
+            shutil.rmtree(old)
+        elif old.name != LOCK_NAME:
+            old.unlink()
     (out / WRITER_MARKER).write_text(json.dumps({"writer": "training run"}) + "\n")
 
 

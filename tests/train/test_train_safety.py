@@ -209,3 +209,31 @@ def test_config_null_where_allowed_and_switch_types_in_main(tmp_path):
     assert trainer.read_config(str(path)) == {"max_steps": None, "lr": 1, "compile": False}
     with pytest.raises(ValueError, match="--force must be true or false"):  # main's callers too
         trainer.main(**BASE, data="unused", out=str(tmp_path / "o"), force="false")
+
+
+def test_a_locked_run_folder_is_refused(tiny_txt, tmp_path, capsys):
+    """While a run holds its folder's lock, neither --resume nor --force may touch the folder."""
+    import fcntl
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / ".cogni-mamba-writer").write_text('{"writer": "training run"}\n')
+    (run / "latest.pt").write_bytes(b"being written")
+    with open(run / trainer.LOCK_NAME, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # the running run's lock
+        for extra in (["--resume"], ["--force", "--data", str(tiny_txt), "--max-steps", "1"]):
+            code, errors = _cli_in_process(capsys, ["--out", str(run), "--preset", "nano", "--tokenizer", "char",
+                                                    "--seq-len", "32", *extra])
+            assert code == 2 and len(errors) == 1 and "being written by another run" in errors[0], (extra, errors)
+            assert (run / "latest.pt").read_bytes() == b"being written"
+
+
+def test_the_lock_is_released_when_a_run_ends(tiny_txt, tmp_path):
+    import fcntl
+
+    out = tmp_path / "run"
+    trainer.main(**BASE, data=str(tiny_txt), max_steps=1, out=str(out))
+    with open(out / trainer.LOCK_NAME, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # raises BlockingIOError if still held
+    trainer.main(**BASE, data=str(tiny_txt), max_steps=2, out=str(out), force=True)  # --force empties, lock file kept
+    assert torch.load(out / "latest.pt", weights_only=True)["step"] == 2 and (out / trainer.LOCK_NAME).is_file()
