@@ -8,8 +8,11 @@
     torchrun --nnodes 2 --node_rank 0 --nproc_per_node 8 --master_addr HOST --master_port 29500 train/train.py ...
 
 Writes into --out: latest.pt (every eval), best_model.pt (lowest validation loss),
-checkpoint_epoch_N.pt (after each pass over the training tokens), model/ (the best weights as our
-model folder: chat and export load it directly), metrics.jsonl, loss_curve.png, and the tokenizer.
+checkpoint_epoch_N.pt (after a pass over the training tokens, at most one per --eval-interval steps,
+the newest two kept), model/ (the best weights as our model folder: chat and export load it
+directly), metrics.jsonl, loss_curve.png, the tokenizer, and .train.lock (locked while a run writes
+the folder: a second run or --resume of it is refused). A run stops before a checkpoint would fill
+the disk.
 Checkpoints hold only tensors and plain Python values: torch.load(..., weights_only=True) reads them.
 """
 import sys
@@ -21,11 +24,13 @@ if __name__ == "__main__":  # `python train/train.py` puts train/ on sys.path; t
 import argparse  # noqa: E402
 import contextlib  # noqa: E402
 import dataclasses  # noqa: E402
+import fcntl  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 import os  # noqa: E402
 import shutil  # noqa: E402
 import time  # noqa: E402
+import typing  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -101,6 +106,9 @@ class TrainConfig:
             ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v <= high and (v > low if open_low else v >= low)
             if not ok:
                 raise ValueError(f"{flag(name)} must be a finite number in {'(' if open_low else '['}{low}, {high}], got {v!r}")
+        for name in ("compile", "activation_checkpointing", "resume", "sft", "force"):
+            if not isinstance(getattr(self, name), bool):  # "false" is a non-empty string, hence true
+                raise ValueError(f"{flag(name)} must be true or false, got {getattr(self, name)!r}")
         if self.precision not in ("auto", "bf16", "fp16", "fp32"):
             raise ValueError(f"--precision must be auto, bf16, fp16 or fp32, got {self.precision!r}")
         for name in ("preset", "data", "tokenizer", "out", "init_from"):
@@ -117,6 +125,19 @@ RESUME_OVERRIDES = ("max_steps", "eval_interval", "eval_batches", "lr")
 
 class NonFiniteLoss(RuntimeError):
     pass
+
+
+class DiskFull(RuntimeError):
+    pass
+
+
+# Epoch checkpoints kept at once: the newest two, so a damaged newest one still has a fallback.
+KEEP_EPOCH_CHECKPOINTS = 2
+# Free space a checkpoint write leaves untouched beyond the checkpoint's own size (metrics, the
+# model folder's swap, other programs): stop while the last good checkpoint is still whole.
+DISK_MARGIN = 256 * 2**20
+# Inside the run folder; flock'ed by the process writing the folder (lock_run).
+LOCK_NAME = ".train.lock"
 
 
 # -------------------------------------------------------------------------------------------------
@@ -296,9 +317,10 @@ class State:
     best_val: float = float("inf")
 
 
-def setup_run(kwargs: dict) -> Run:
+def setup_run(kwargs: dict, held: contextlib.ExitStack) -> Run:
     """The flags -> a Run: DDP under torchrun (one process per device, each with its slice of every
-    global batch), the precision, and for --resume the checkpoint and the run's own settings."""
+    global batch), the precision, and for --resume the checkpoint and the run's own settings. The
+    master process locks the run folder into `held` before reading or changing anything in it."""
     cfg = TrainConfig(**kwargs)
     ddp = int(os.environ.get("WORLD_SIZE", 1)) > 1
     rank, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if ddp else (0, 1)
@@ -311,11 +333,27 @@ def setup_run(kwargs: dict) -> Run:
     amp_dtype, use_scaler = pick_precision(cfg.precision, device)
     run = Run(cfg, Path(cfg.out).expanduser(), device, rank, world, amp_dtype, use_scaler, None)
     if cfg.resume:
+        if run.master and run.out.is_dir():  # no folder: load_checkpoint says so
+            held.enter_context(lock_run(run.out))
         run.resume_ckpt = load_checkpoint(run.out)
         run.cfg = resumed_config(run, kwargs)
     elif run.master:
-        prepare_out(run.out, cfg)
+        prepare_out(run.out, cfg, held)
     return run
+
+
+@contextlib.contextmanager
+def lock_run(out: Path):
+    """An exclusive flock on out/LOCK_NAME for the block: one process writes a run folder at a time
+    (two would interleave checkpoints and metrics, and --force would delete a running run). The
+    kernel drops the lock when its process dies, so a killed run leaves no stale lock to clear."""
+    with open(out / LOCK_NAME, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ValueError(f"--out {out} is being written by another run (it holds {out / LOCK_NAME}); wait for "
+                             "it to end, or choose another --out") from None
+        yield
 
 
 def resumed_config(run: Run, kwargs: dict) -> TrainConfig:
@@ -405,11 +443,52 @@ def make_state(run: Run, model: CogniMamba) -> State:
     return state
 
 
+def tensor_bytes(obj) -> int:
+    """Bytes of the tensors in a nested dict/list: what torch.save writes, less a little framing."""
+    if isinstance(obj, torch.Tensor):
+        return obj.nelement() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(v) for v in obj)
+    return 0
+
+
+def check_free_space(path: Path, size: int) -> None:
+    """Stop the run before a write of `size` bytes into path's folder could fill the disk: a full
+    disk fails the write (the old file stays), but also starves metrics and every other program."""
+    free = shutil.disk_usage(path.parent).free
+    if free < size + DISK_MARGIN:
+        raise DiskFull(f"{free / 2**20:,.0f} MiB free beside {path}, but the write needs about {size / 2**20:,.0f} MiB "
+                       f"+ {DISK_MARGIN / 2**20:.0f} MiB to spare: stopped; the last checkpoint is intact. Free some "
+                       "space, then --resume")
+
+
+def epoch_checkpoint_due(step: int, steps_per_epoch: int, eval_interval: int) -> bool:
+    """An epoch ended at `step` and its span crossed a multiple of eval_interval: at most one epoch
+    checkpoint per eval interval. A chat file of 40 rows makes every step an epoch, and saving each
+    (1.6 GB for the default model) wrote 47 GB in 30 steps; latest.pt, every eval_interval steps,
+    already keeps such a run resumable."""
+    return step % steps_per_epoch == 0 and (step - steps_per_epoch) // eval_interval < step // eval_interval
+
+
+def save_epoch_checkpoint(run: Run, state: State, epoch: int) -> None:
+    """checkpoint_epoch_N.pt; the oldest beyond KEEP_EPOCH_CHECKPOINTS go once the new one is whole."""
+    path = run.out / f"checkpoint_epoch_{epoch}.pt"
+    save_checkpoint(run, state, path.name)
+    if not path.is_file():  # not written (a warning said why): keep the older ones
+        return
+    epochs = sorted(run.out.glob("checkpoint_epoch_*.pt"), key=lambda p: int(p.stem.rsplit("_", 1)[1]))
+    for old in epochs[:-KEEP_EPOCH_CHECKPOINTS]:
+        old.unlink(missing_ok=True)
+
+
 def save_checkpoint(run: Run, state: State, name: str) -> None:
     ckpt = {"model": state.raw_model.state_dict(), "optimizer": state.optimizer.state_dict(),
             "scaler": state.scaler.state_dict(), "rng": rng_state(state.batch_gen), "step": state.step,
             "best_val": state.best_val, "model_config": state.raw_model.cfg.to_dict(),
             "train_config": dataclasses.asdict(run.cfg)}
+    check_free_space(run.out / name, tensor_bytes(ckpt))
     try:
         atomic_save(ckpt, run.out / name)
     except OSError as e:  # e.g. a full disk: the previous checkpoint is intact; keep training
@@ -425,6 +504,7 @@ def eval_and_save(run: Run, state: State, tokenizer, val_data) -> float:
     if val_loss < state.best_val:
         state.best_val = val_loss
         save_checkpoint(run, state, "best_model.pt")
+        check_free_space(run.out / "model", tensor_bytes(state.raw_model.state_dict()))
         save_model(run.out / "model", state.raw_model, tokenizer, source=f"trained: {run.out}",
                    extra={"step": state.step, "val_loss": val_loss}, force=True)  # our own run's folder
     save_checkpoint(run, state, "latest.pt")
@@ -483,8 +563,8 @@ def fit(run: Run, state: State, tokenizer, train_data, val_data, max_steps: int,
                 bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}")
                 bar.update(1)
                 t_last = now
-                if state.step % steps_per_epoch == 0:
-                    save_checkpoint(run, state, f"checkpoint_epoch_{state.step // steps_per_epoch}.pt")
+                if epoch_checkpoint_due(state.step, steps_per_epoch, cfg.eval_interval):
+                    save_epoch_checkpoint(run, state, state.step // steps_per_epoch)
         if run.master:
             eval_and_save(run, state, tokenizer, val_data)
     except KeyboardInterrupt:
@@ -502,7 +582,12 @@ def fit(run: Run, state: State, tokenizer, train_data, val_data, max_steps: int,
 
 
 def main(**kwargs) -> dict:
-    run = setup_run(kwargs)
+    with contextlib.ExitStack() as held:  # the run folder's lock, until the run ends however it ends
+        return train_run(setup_run(kwargs, held))
+
+
+def train_run(run: Run) -> dict:
+    """Build the model and data for a set-up run, train, and report."""
     out, ckpt = run.out, run.resume_ckpt
     if ckpt is not None and ckpt["step"] >= (run.cfg.max_steps or 0):
         run.log(f"{out} finished at step {ckpt['step']} of {run.cfg.max_steps}: nothing to do. "
@@ -545,18 +630,23 @@ def _append(path: Path, row: dict) -> None:
         f.write(json.dumps(row, allow_nan=False) + "\n")
 
 
-def prepare_out(out: Path, cfg: TrainConfig) -> None:
+def prepare_out(out: Path, cfg: TrainConfig, held: contextlib.ExitStack) -> None:
     """A new run's folder: refuse to mix it into another run or into anyone's folder (check_output_dir),
-    unless --force, which deletes what is there. The marker says this folder is a training run."""
+    unless --force, which deletes what is there: after taking the folder's lock, so never under a
+    running run. The marker says this folder is a training run."""
     init_from = Path(cfg.init_from).expanduser()
     sources = [init_from] if cfg.init_from and init_from.exists() else []
     if folder_writer(out) == "training run" and not cfg.force:
         raise ValueError(f"--out {out} holds a training run: --resume continues it, another --out starts a new "
                          "one, --force deletes it and starts over")
     check_output_dir(out, "training run", cfg.force, sources)
-    if out.exists() and cfg.force:
-        shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
+    held.enter_context(lock_run(out))
+    for old in out.iterdir() if cfg.force else ():  # the lock file stays: it is what the lock is held on
+        if old.is_dir() and not old.is_symlink():
+            shutil.rmtree(old)
+        elif old.name != LOCK_NAME:
+            old.unlink()
     (out / WRITER_MARKER).write_text(json.dumps({"writer": "training run"}) + "\n")
 
 
@@ -595,21 +685,39 @@ def parse_args(argv=None) -> dict:
     p.add_argument("--seed", type=int, help="random seed")
     p.add_argument("--force", action="store_true", default=None, help="start over in an --out that holds another run or other files (deletes them)")
     args = {k: v for k, v in vars(p.parse_args(argv)).items() if v is not None}
-    config = {}
-    if "config" in args:
-        try:
-            config = json.loads(Path(args.pop("config")).read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            p.error(f"--config: {e}")
-        unknown = set(config) - {f.name for f in dataclasses.fields(TrainConfig)}
-        if unknown:
-            p.error(f"--config: unknown keys {sorted(unknown)}")
+    config = read_config(args.pop("config")) if "config" in args else {}
     return {**config, **args}
 
 
-if __name__ == "__main__":
+def read_config(path: str) -> dict:
+    """A --config file: a JSON object of TrainConfig's keys, each of its field's type (a whole number
+    also serves a float; null only where the field allows it). One ValueError naming the key."""
     try:
-        main(**parse_args())
+        config = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"--config {path}: {e}") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"--config {path} must hold a JSON object of options, got {type(config).__name__}")
+    fields = {f.name: f.type for f in dataclasses.fields(TrainConfig)}
+    for key, value in config.items():
+        if key not in fields:
+            raise ValueError(f"--config {path}: unknown key {key!r}; known: {', '.join(fields)}")
+        allowed = typing.get_args(fields[key]) or (fields[key],)
+        if isinstance(value, bool) or value is None:  # bool before int: True is an int to Python
+            ok = type(value) in allowed
+        else:
+            ok = isinstance(value, allowed) or (type(value) is int and float in allowed)
+        if not ok:
+            names = " or ".join({bool: "true or false", int: "a whole number", float: "a number", str: "a string",
+                                 type(None): "null"}[t] for t in allowed)
+            raise ValueError(f"--config {path}: {key!r} must be {names}, got {json.dumps(value)}")
+    return config
+
+
+def cli(argv=None) -> None:
+    """The command: a known failure is one line on stderr and exit 2 (3 for a non-finite loss)."""
+    try:
+        main(**parse_args(argv))
     except NonFiniteLoss as e:
         print(f"error: {e}. Nothing after the last good checkpoint was saved. Try a lower --lr (or more "
               "--warmup-steps), --precision fp32 or bf16 instead of fp16, or a smaller --grad-clip; "
@@ -621,3 +729,7 @@ if __name__ == "__main__":
     except OSError as e:  # a read-only or full disk: name the path
         print(f"error: cannot write {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
         sys.exit(2)
+
+
+if __name__ == "__main__":
+    cli()

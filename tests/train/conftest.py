@@ -21,6 +21,14 @@ def corpus_txt(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_txt(tmp_path_factory):
+    """Five sentences: with --batch-size 4 --seq-len 32 (128 tokens a step) every step is an epoch."""
+    path = tmp_path_factory.mktemp("tiny") / "tiny.txt"
+    path.write_text("\n\n".join(f"the little fox ran {i} times to the big red house." for i in range(5)))
+    return path
+
+
+@pytest.fixture(scope="session")
 def lines_txt(tmp_path_factory):
     """~200 KB of one sentence per line and no blank line (many corpora come so)."""
     rng = random.Random(5)

@@ -3,6 +3,7 @@ non-finite loss stops the run with valid JSON logs, --out never swallows someone
 and --resume honours the flags that can change mid-run."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -126,3 +127,113 @@ def test_import_changes_nothing():
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
                        env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert r.returncode == 0, r.stderr[-1500:]
+
+
+def _du(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+def test_an_epoch_per_step_does_not_fill_the_disk(tiny_txt, tmp_path):
+    """A small file makes every step an epoch: epoch checkpoints come at most once per eval
+    interval and only the newest two stay, so the folder holds a few checkpoints, not one a step."""
+    out = tmp_path / "run"
+    trainer.main(**{**BASE, "eval_interval": 2}, data=str(tiny_txt), max_steps=8, out=str(out))
+    ckpt = (out / "latest.pt").stat().st_size
+    epochs = sorted(p.name for p in out.glob("checkpoint_epoch_*.pt"))
+    assert epochs == ["checkpoint_epoch_6.pt", "checkpoint_epoch_8.pt"]
+    # latest, best, two epoch checkpoints and the model folder (a third of a checkpoint: no optimizer)
+    assert _du(out) < 5 * ckpt, f"{_du(out):,} bytes for checkpoints of {ckpt:,}"
+
+
+def test_low_free_space_stops_before_a_checkpoint(tiny_txt, tmp_path, monkeypatch, capsys):
+    """Free space below a checkpoint's size: the run stops with one line, the last good checkpoint whole."""
+    real, calls = shutil.disk_usage, []
+
+    def filling_up(path):
+        calls.append(path)
+        usage = real(path)
+        return usage if len(calls) <= 3 else usage._replace(free=10 * 2**20)  # the step-0 eval writes 3 things
+
+    monkeypatch.setattr(trainer.shutil, "disk_usage", filling_up)
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as stop:
+        trainer.cli(["--preset", "nano", "--tokenizer", "char", "--batch-size", "4", "--seq-len", "32",
+                     "--eval-interval", "2", "--eval-batches", "2", "--max-steps", "6", "--data", str(tiny_txt),
+                     "--out", str(out)])
+    assert stop.value.code == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "MiB free" in errors[0] and "--resume" in errors[0], errors
+    assert torch.load(out / "latest.pt", weights_only=True)["step"] == 0  # the last good checkpoint stays
+    assert not list(out.glob("checkpoint_epoch_*.pt")) and not list(out.glob(".*.tmp"))
+
+
+def _cli_in_process(capsys, argv) -> tuple[int, list[str]]:
+    """trainer.cli as the command runs it -> (exit code, its 'error:' lines)."""
+    with pytest.raises(SystemExit) as stop:
+        trainer.cli(argv)
+    return stop.value.code, [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+
+
+def test_a_string_in_config_is_not_true(tiny_txt, tmp_path, capsys):
+    """{"force": "false"} used to count as true and delete --out."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / ".cogni-mamba-writer").write_text('{"writer": "training run"}\n')
+    (run / "latest.pt").write_bytes(b"weeks of training")
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"force": "false", "preset": "nano", "tokenizer": "char", "seq_len": 32}))
+    code, errors = _cli_in_process(capsys, ["--config", str(config), "--data", str(tiny_txt), "--max-steps", "1",
+                                            "--out", str(run)])
+    assert code == 2 and len(errors) == 1 and "'force' must be true or false" in errors[0], errors
+    assert (run / "latest.pt").read_bytes() == b"weeks of training"
+
+
+@pytest.mark.parametrize("config, key", [
+    ({"compile": "no"}, "'compile'"), ({"sft": 1}, "'sft'"), ({"preset": None}, "'preset'"),
+    ({"batch_size": "8"}, "'batch_size'"), ({"max_steps": True}, "'max_steps'"), ({"forse": True}, "'forse'"),
+    (["nano"], "JSON object"),
+])
+def test_config_values_are_typed(tiny_txt, tmp_path, capsys, config, key):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(config))
+    code, errors = _cli_in_process(capsys, ["--config", str(path), "--preset", "nano", "--tokenizer", "char",
+                                            "--seq-len", "32", "--data", str(tiny_txt), "--max-steps", "1",
+                                            "--out", str(tmp_path / "o")])
+    assert code == 2 and len(errors) == 1 and key in errors[0], errors
+    assert not (tmp_path / "o").exists()  # refused before any work
+
+
+def test_config_null_where_allowed_and_switch_types_in_main(tmp_path):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({"max_steps": None, "lr": 1, "compile": False}))
+    assert trainer.read_config(str(path)) == {"max_steps": None, "lr": 1, "compile": False}
+    with pytest.raises(ValueError, match="--force must be true or false"):  # main's callers too
+        trainer.main(**BASE, data="unused", out=str(tmp_path / "o"), force="false")
+
+
+def test_a_locked_run_folder_is_refused(tiny_txt, tmp_path, capsys):
+    """While a run holds its folder's lock, neither --resume nor --force may touch the folder."""
+    import fcntl
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / ".cogni-mamba-writer").write_text('{"writer": "training run"}\n')
+    (run / "latest.pt").write_bytes(b"being written")
+    with open(run / trainer.LOCK_NAME, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # the running run's lock
+        for extra in (["--resume"], ["--force", "--data", str(tiny_txt), "--max-steps", "1"]):
+            code, errors = _cli_in_process(capsys, ["--out", str(run), "--preset", "nano", "--tokenizer", "char",
+                                                    "--seq-len", "32", *extra])
+            assert code == 2 and len(errors) == 1 and "being written by another run" in errors[0], (extra, errors)
+            assert (run / "latest.pt").read_bytes() == b"being written"
+
+
+def test_the_lock_is_released_when_a_run_ends(tiny_txt, tmp_path):
+    import fcntl
+
+    out = tmp_path / "run"
+    trainer.main(**BASE, data=str(tiny_txt), max_steps=1, out=str(out))
+    with open(out / trainer.LOCK_NAME, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # raises BlockingIOError if still held
+    trainer.main(**BASE, data=str(tiny_txt), max_steps=2, out=str(out), force=True)  # --force empties, lock file kept
+    assert torch.load(out / "latest.pt", weights_only=True)["step"] == 2 and (out / trainer.LOCK_NAME).is_file()
