@@ -274,7 +274,8 @@ def plot_losses(metrics_path: Path, png: Path) -> None:
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(png, dpi=110)
+    with atomic_file(png) as tmp:  # a run stopped mid-save keeps the previous curve whole
+        fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
 
 
@@ -499,6 +500,7 @@ def eval_and_save(run: Run, state: State, tokenizer, val_data) -> float:
     """Validation loss; the best weights so far as best_model.pt and the model folder; latest.pt."""
     val_loss = evaluate(state.raw_model, val_data, run.cfg, run.device, run.amp_dtype)
     _append(run.out / "metrics.jsonl", {"step": state.step, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 20))})
+    plot_losses(run.out / "metrics.jsonl", run.out / "loss_curve.png")  # the curve so far: a stopped run keeps it
     if not math.isfinite(val_loss):
         raise NonFiniteLoss(f"the validation loss is {val_loss} at step {state.step}")
     if val_loss < state.best_val:

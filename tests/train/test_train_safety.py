@@ -165,6 +165,7 @@ def test_low_free_space_stops_before_a_checkpoint(tiny_txt, tmp_path, monkeypatc
     assert len(errors) == 1 and "MiB free" in errors[0] and "--resume" in errors[0], errors
     assert torch.load(out / "latest.pt", weights_only=True)["step"] == 0  # the last good checkpoint stays
     assert not list(out.glob("checkpoint_epoch_*.pt")) and not list(out.glob(".*.tmp"))
+    assert (out / "loss_curve.png").is_file()  # written at every evaluation: a stopped run keeps its curve
 
 
 def _cli_in_process(capsys, argv) -> tuple[int, list[str]]:
