@@ -32,7 +32,8 @@ from __future__ import annotations
 
 import hmac
 import json
-from functools import partial
+import re
+from functools import lru_cache, partial
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
@@ -96,6 +97,42 @@ def check_key(request: Request, api_key: str | None) -> None:
                        code="invalid_api_key")
 
 
+@lru_cache(maxsize=16)
+def renders_names(tokenizer) -> bool:
+    """Whether the chat template writes a message's `name`: a probe name shows in what it renders."""
+    probe = "cogni-name-probe"
+    try:
+        return probe in tokenizer.render_chat([{"role": "user", "content": "hi", "name": probe}])
+    except ValueError:  # a template that refuses a lone user message reads no names either
+        return False
+
+
+def named(tokenizer, messages: list[dict]) -> list[dict]:
+    """Messages as the template takes them: a `name` kept where the template renders names, else
+    written before the content ("name: content"), so the model still reads who spoke."""
+    if renders_names(tokenizer) or not any("name" in m for m in messages):
+        return messages
+    out = []
+    for m in messages:
+        m = dict(m)
+        if (name := m.pop("name", None)) and m.get("content"):
+            m["content"] = f"{name}: {m['content']}"
+        out.append(m)
+    return out
+
+
+def template_notice(req: ChatRequest, template: str) -> str:
+    """reasoning_effort and chat_template_kwargs are not passed to the template: a notice where it
+    has no use for them (the model has no such mode), a 400 where it reads one (it would change the reply)."""
+    asked = [*(["reasoning_effort"] if req.reasoning_effort is not None else []), *(req.chat_template_kwargs or {})]
+    for key in asked:
+        if re.search(rf"\b{re.escape(key)}\b", template):
+            param = key if key == "reasoning_effort" else f"chat_template_kwargs.{key}"
+            raise ApiError(400, f"{param} is read by this model's chat template, but this server does not pass it "
+                                "to the template", param=param, code="unsupported_parameter")
+    return f"ignored {', '.join(asked)}: this model's chat template has no such mode" if asked else ""
+
+
 def model_entry(name: str, engine: Engine, meta: dict) -> dict:
     """OpenAI's model object, with the context length and the defaults a request's missing fields take."""
     d = generation_defaults(meta)
@@ -157,9 +194,11 @@ class Api:
 
     async def chat_completions(self, request: Request):
         engine, tokenizer, name, req, cfg, notice = await self._admit(request, ChatRequest)
+        notice = "; ".join(n for n in (notice, template_notice(req, tokenizer.chat_template)) if n)
+
         # the template and the tokenizer, off the event loop
-        turn = await run_in_threadpool(ChatTurn, engine, tokenizer, req.messages, cfg, ChatStats(), None, req.stop,
-                                       req.cache_prompt is not False, req.output)
+        turn = await run_in_threadpool(ChatTurn, engine, tokenizer, named(tokenizer, req.messages), cfg, ChatStats(),
+                                       None, req.stop, req.cache_prompt is not False, req.output)
         reply = ChatReply(engine, turn, name, req, notice, self.metrics, tokenizer)
         return reply.stream() if req.stream else await reply.full(request)
 

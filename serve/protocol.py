@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 from functools import partial
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi.responses import JSONResponse
 from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, StrictBool, StrictInt,
@@ -38,6 +38,8 @@ MAX_COMPLETION_LOGPROBS = 5  # OpenAI's limit for /v1/completions' logprobs
 IGNORED = frozenset({"user", "metadata", "store", "service_tier", "prompt_cache_key", "safety_identifier"})
 # Fields not built here, accepted only at the values that change nothing (clients send the defaults).
 UNBUILT = {"n": (1,), "best_of": (1,), "modalities": (["text"],), "suffix": ("",)}
+# OpenAI's pattern for a participant's name: it cannot break the "name: content" it may become.
+NAME_PATTERN = r"^[^\s<|\\/>]{1,64}$"
 # The fields serve/tools.py's parse_output reads.
 OUTPUT_FIELDS = ("response_format", "tools", "tool_choice", "parallel_tool_calls")
 
@@ -213,6 +215,7 @@ def _text(content):
 class Message(Wire):
     role: Annotated[StrictStr, BeforeValidator(_role)]
     content: Annotated[StrictStr | None, BeforeValidator(_text)] = None
+    name: Annotated[StrictStr, Field(pattern=NAME_PATTERN)] | None = None  # a participant's (serve/api.py named)
     tool_calls: list | None = None  # an assistant's (content may be null then)
     tool_call_id: Any = None  # a tool result's
     _turn: dict = PrivateAttr(default_factory=dict)
@@ -220,8 +223,7 @@ class Message(Wire):
     @model_validator(mode="after")
     def _one_turn(self):
         calls = self.role == "assistant" and bool(self.tool_calls)
-        keys = {"role", "content", "tool_call_id"} if self.role == "tool" else {"role", "content", "tool_calls"} \
-            if calls else {"role", "content"}
+        keys = {"role", "content", "name"} | ({"tool_call_id"} if self.role == "tool" else {"tool_calls"} if calls else set())
         if other := sorted(self.model_fields_set - keys):
             raise FieldError(other[0], f"{other[0]} is not supported by this server in a {self.role} message",
                              "unsupported_parameter")
@@ -231,6 +233,8 @@ class Message(Wire):
             raise FieldError("content", "a message needs content")
         else:
             self._turn = {"role": self.role, "content": self.content}
+        if self.name is not None:
+            self._turn["name"] = self.name
         return self
 
     @property
@@ -270,6 +274,8 @@ class ChatRequest(Options):
     tool_choice: Any = None
     parallel_tool_calls: Any = None
     modalities: Unbuilt("modalities") = None
+    reasoning_effort: Literal["none", "minimal", "low", "medium", "high", "xhigh"] | None = None  # OpenAI's
+    chat_template_kwargs: dict[StrictStr, Any] | None = None  # vLLM's: variables for the chat template
     _output: Output = PrivateAttr(default_factory=Output)
 
     @model_validator(mode="after")
@@ -320,3 +326,4 @@ class CompletionRequest(Options):
 
     def alternatives(self) -> int | None:
         return self.logprobs
+

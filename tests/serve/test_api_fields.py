@@ -1,0 +1,75 @@
+"""What clients send beside the sampling fields: named messages (LangChain's), reasoning_effort and
+chat_template_kwargs, through the real clients."""
+import copy
+
+import pytest
+
+openai = pytest.importorskip("openai")
+
+from serve.api import named, template_notice  # noqa: E402
+from serve.models import ModelCache  # noqa: E402
+from serve.protocol import ApiError, ChatRequest  # noqa: E402
+from tests.serve.test_api import HI, greedy_reference, guarded_client, make_client, post  # noqa: E402
+
+# A ChatML template that writes a message's name, as some models' templates do.
+NAMED_TEMPLATE = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + (' ' + message['name'] if "
+                  "message['name'] is defined else '') + '\n' + message['content'] + '<|im_end|>\n'}}{% endfor %}"
+                  "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
+@pytest.fixture(scope="module")
+def models(nano_dir):
+    return ModelCache(log=lambda msg: None)
+
+
+@pytest.fixture(scope="module")
+def client(models, nano_dir):
+    return make_client(models, nano_dir)[0]
+
+
+def test_a_named_langchain_message_reaches_the_prompt_and_reasoning_effort_is_a_notice(models, nano_dir):
+    """Our template renders no names: the name is written before the content, so the greedy reply is
+    the one to "Alice: ..."; reasoning_effort is accepted, ignored, and said so."""
+    langchain_openai = pytest.importorskip("langchain_openai")
+    from langchain_core.messages import HumanMessage
+
+    _, http = make_client(models, nano_dir)
+    llm = langchain_openai.ChatOpenAI(model="nano", base_url="http://testserver/v1", api_key="unused", http_client=http,
+                                      max_retries=0, temperature=0, max_tokens=8, reasoning_effort="low",
+                                      include_response_headers=True)
+    got = llm.invoke([HumanMessage("the quick brown fox", name="Alice")])
+    expected, _ = greedy_reference(models, nano_dir, [{"role": "user", "content": "Alice: the quick brown fox"}], 8)
+    assert got.content == expected
+    assert "reasoning_effort" in got.response_metadata["headers"]["x-cogni-notice"]
+
+
+def test_the_notice_is_in_the_body_and_a_bad_name_or_effort_is_a_400(client):
+    r = client.chat.completions.create(model="nano", messages=[{"role": "user", "content": "hi", "name": "bob"}],
+                                       max_tokens=2, reasoning_effort="high",
+                                       extra_body={"chat_template_kwargs": {"enable_thinking": False}})
+    assert r.model_extra["notices"] == ["ignored reasoning_effort, enable_thinking: this model's chat template has "
+                                        "no such mode"]
+    for bad, param in [({"messages": [{"role": "user", "content": "hi", "name": "a b"}]}, "messages[0].name"),
+                       ({"reasoning_effort": "hgih"}, "reasoning_effort"),
+                       ({"chat_template_kwargs": ["x"]}, "chat_template_kwargs")]:
+        with pytest.raises(openai.BadRequestError) as e:
+            client.chat.completions.create(model="nano", messages=HI, max_tokens=2, extra_body=bad)
+        assert e.value.body["param"] == param
+
+
+def test_names_go_to_a_template_that_renders_them(models, nano_dir):
+    _, tok, _ = models.get(str(nano_dir), "torch")
+    messages = [{"role": "user", "content": "hi", "name": "bob"}, {"role": "assistant", "content": "yo"}]
+    assert named(tok, messages) == [{"role": "user", "content": "bob: hi"}, {"role": "assistant", "content": "yo"}]
+    own = copy.copy(tok)
+    own.chat_template = NAMED_TEMPLATE
+    assert named(own, messages) is messages and "<|im_start|>user bob\nhi" in own.render_chat(messages)
+
+
+def test_a_template_kwarg_the_template_reads_is_refused_not_ignored():
+    req = ChatRequest.parse({"model": "m", "messages": HI, "chat_template_kwargs": {"enable_thinking": True}})
+    with pytest.raises(ApiError) as e:
+        template_notice(req, "{% if enable_thinking %}<think>{% endif %}")
+    assert e.value.param == "chat_template_kwargs.enable_thinking"
+    assert template_notice(req, NAMED_TEMPLATE) == "ignored enable_thinking: this model's chat template has no such mode"
+
