@@ -33,6 +33,7 @@ from __future__ import annotations
 import hmac
 import json
 import re
+from dataclasses import replace
 from functools import lru_cache, partial
 
 from fastapi import APIRouter, Request
@@ -48,6 +49,7 @@ from serve.metrics import Metrics
 from serve.models import display_name
 from serve.protocol import ApiError, ChatRequest, CompletionRequest, Options
 from serve.replies import ChatReply, CompletionReply
+from serve.sampling import SamplingConfig
 from serve.tools import Output
 
 API_KEY_ENV = "COGNI_MAMBA_API_KEY"
@@ -133,6 +135,14 @@ def template_notice(req: ChatRequest, template: str) -> str:
     return f"ignored {', '.join(asked)}: this model's chat template has no such mode" if asked else ""
 
 
+def seeded(cfg: SamplingConfig, n: int | None) -> list[SamplingConfig]:
+    """One config per choice: seed, seed + 1, ... where the request gave a seed (choices that differ
+    and repeat), else each row draws its own random seed."""
+    if cfg.seed is None:
+        return [cfg] * (n or 1)
+    return [replace(cfg, seed=(cfg.seed + i) % 2**63) for i in range(n or 1)]
+
+
 def model_entry(name: str, engine: Engine, meta: dict) -> dict:
     """OpenAI's model object, with the context length and the defaults a request's missing fields take."""
     d = generation_defaults(meta)
@@ -196,10 +206,11 @@ class Api:
         engine, tokenizer, name, req, cfg, notice = await self._admit(request, ChatRequest)
         notice = "; ".join(n for n in (notice, template_notice(req, tokenizer.chat_template)) if n)
 
-        # the template and the tokenizer, off the event loop
-        turn = await run_in_threadpool(ChatTurn, engine, tokenizer, named(tokenizer, req.messages), cfg, ChatStats(),
-                                       None, req.stop, req.cache_prompt is not False, req.output)
-        reply = ChatReply(engine, turn, name, req, notice, self.metrics, tokenizer)
+        def turns() -> list[ChatTurn]:  # the template and the tokenizer, off the event loop
+            messages = named(tokenizer, req.messages)
+            return [ChatTurn(engine, tokenizer, messages, c, ChatStats(), None, req.stop, req.cache_prompt is not False,
+                             req.output) for c in seeded(cfg, req.n)]
+        reply = ChatReply(engine, await run_in_threadpool(turns), name, req, notice, self.metrics, tokenizer)
         return reply.stream() if req.stream else await reply.full(request)
 
     async def completions(self, request: Request):
@@ -210,9 +221,10 @@ class Api:
         else:
             ids = req.prompt
         check_prompt(ids, engine)
-        turn = ChatTurn.from_ids(engine, tokenizer, ids, cfg, ChatStats(), req.stop, req.cache_prompt is not False)
+        turns = [ChatTurn.from_ids(engine, tokenizer, ids, c, ChatStats(), req.stop, req.cache_prompt is not False)
+                 for c in seeded(cfg, req.n)]
         echoed = (req.prompt if isinstance(req.prompt, str) else tokenizer.decode(ids)) if req.echo else ""
-        reply = CompletionReply(engine, turn, name, req, notice, self.metrics, tokenizer, echoed)
+        reply = CompletionReply(engine, turns, name, req, notice, self.metrics, tokenizer, echoed)
         return reply.stream() if req.stream else await reply.full(request)
 
     async def health(self, request: Request):

@@ -37,7 +37,8 @@ MAX_COMPLETION_LOGPROBS = 5  # OpenAI's limit for /v1/completions' logprobs
 # OpenAI fields that do not change the text (bookkeeping and routing): accepted and ignored.
 IGNORED = frozenset({"user", "metadata", "store", "service_tier", "prompt_cache_key", "safety_identifier"})
 # Fields not built here, accepted only at the values that change nothing (clients send the defaults).
-UNBUILT = {"n": (1,), "best_of": (1,), "modalities": (["text"],), "suffix": ("",)}
+UNBUILT = {"best_of": (1,), "modalities": (["text"],), "suffix": ("",)}
+MAX_N = 8  # choices per request: each is a row of the engine's batch (8 rows by default)
 # OpenAI's pattern for a participant's name: it cannot break the "name: content" it may become.
 NAME_PATTERN = r"^[^\s<|\\/>]{1,64}$"
 # The fields serve/tools.py's parse_output reads.
@@ -158,7 +159,7 @@ class Options(Sampling):
     stream_options: StreamOptions | None = None
     cache_prompt: StrictBool | None = None  # llama.cpp's: false = prefill everything, for repeatable greedy replies
     logit_bias: Annotated[Any, AfterValidator(_logit_bias)] = ()
-    n: Unbuilt("n") = None
+    n: Annotated[StrictInt, Field(ge=1, le=MAX_N)] | None = None  # choices, each its own row and seed
 
     @property
     def include_usage(self) -> bool:

@@ -252,7 +252,7 @@ HI = [{"role": "user", "content": "hi"}]
 
 
 @pytest.mark.parametrize("extra, param", [
-    ({"n": 2}, "n"),
+    ({"n": 9}, "n"),  # above the batch's 8 rows
     ({"modalities": ["text", "audio"]}, "modalities"),  # presence_penalty, logprobs, response_format and
     ({"prediction": {"type": "content", "content": "hi"}}, "prediction"),  # tools are built now
     ({"audio": {"voice": "alloy", "format": "wav"}}, "audio"),
@@ -402,7 +402,7 @@ def test_metrics_count_requests_tokens_and_latencies(models, nano_dir):
     client, http = make_client(models, nano_dir)
     for _ in range(2):  # the second reuses the first one's cache: a cache hit
         client.chat.completions.create(model="nano", messages=HI, max_tokens=4, temperature=0)
-    post(http, "/v1/chat/completions", {"model": "nano", "messages": HI, "n": 3})
+    post(http, "/v1/chat/completions", {"model": "nano", "messages": HI, "n": 9})
     r = http.get("/metrics")
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
     from prometheus_client.parser import text_string_to_metric_families
@@ -501,7 +501,7 @@ def test_hosts_and_origins_as_ollama_checks_them(models, nano_dir):
     # configured: that host and that origin too; an error answer carries the CORS headers as well
     http = guarded_client(models, nano_dir, allowed_hosts=["llm.lan"], cors_origins=["https://chat.example"])
     assert http.get("/v1/models", headers={"host": "llm.lan:7860"}).status_code == 200
-    r = post(http, "/v1/chat/completions", {**body, "n": 2}, origin="https://chat.example")
+    r = post(http, "/v1/chat/completions", {**body, "n": 9}, origin="https://chat.example")
     assert r.status_code == 400 and r.headers["access-control-allow-origin"] == "https://chat.example"
     # bound to all addresses the server answers to any name (a Space's), Origins still checked
     http = guarded_client(models, nano_dir, bound="0.0.0.0")

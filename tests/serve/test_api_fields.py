@@ -1,5 +1,5 @@
 """What clients send beside the sampling fields: named messages (LangChain's), reasoning_effort and
-chat_template_kwargs, through the real clients."""
+chat_template_kwargs, and n choices, through the real clients."""
 import copy
 
 import pytest
@@ -72,4 +72,38 @@ def test_a_template_kwarg_the_template_reads_is_refused_not_ignored():
         template_notice(req, "{% if enable_thinking %}<think>{% endif %}")
     assert e.value.param == "chat_template_kwargs.enable_thinking"
     assert template_notice(req, NAMED_TEMPLATE) == "ignored enable_thinking: this model's chat template has no such mode"
+
+
+def test_n_sampled_choices_are_seed_plus_index_and_repeat(client):
+    """Choice i is what a one-choice request with seed + i answers; usage counts every choice."""
+    ask = dict(model="nano", messages=[{"role": "user", "content": "the quick brown fox"}], max_tokens=8,
+               temperature=0.9)
+    three = client.chat.completions.create(n=3, seed=5, **ask)
+    assert [c.index for c in three.choices] == [0, 1, 2]
+    alone = [client.chat.completions.create(seed=5 + i, **ask) for i in range(3)]
+    assert [c.message.content for c in three.choices] == [a.choices[0].message.content for a in alone]
+    assert len({c.message.content for c in three.choices}) > 1  # three seeds of a random model's near-flat logits
+    assert three.usage.completion_tokens == sum(a.usage.completion_tokens for a in alone)
+    assert three.usage.prompt_tokens == alone[0].usage.prompt_tokens
+    again = client.chat.completions.create(n=3, seed=5, **ask)
+    assert [c.message.content for c in again.choices] == [c.message.content for c in three.choices]
+
+
+def test_n_greedy_choices_are_equal_and_streams_carry_each_index(client):
+    ask = dict(model="nano", messages=HI, max_tokens=6, n=2)
+    greedy = client.chat.completions.create(temperature=0, **ask)
+    assert len(greedy.choices) == 2 and greedy.choices[0].message.content == greedy.choices[1].message.content
+    full = client.chat.completions.create(temperature=0.9, seed=11, **ask)
+    texts, finished = {0: "", 1: ""}, set()
+    for chunk in client.chat.completions.create(temperature=0.9, seed=11, stream=True,
+                                                stream_options={"include_usage": True}, **ask):
+        for c in chunk.choices:
+            texts[c.index] += c.delta.content or ""
+            finished |= {c.index} if c.finish_reason else set()
+        usage = chunk.usage
+    assert texts == {c.index: c.message.content for c in full.choices} and finished == {0, 1}
+    assert usage.completion_tokens == full.usage.completion_tokens
+    done = client.completions.create(model="nano", prompt="the quick", max_tokens=4, n=2, temperature=0, echo=True)
+    assert [c.index for c in done.choices] == [0, 1] and done.choices[0].text == done.choices[1].text
+    assert done.choices[0].text.startswith("the quick")
 
