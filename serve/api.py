@@ -47,7 +47,7 @@ from serve.engine import Engine
 from serve.grammar import GrammarError
 from serve.metrics import Metrics
 from serve.models import display_name
-from serve.protocol import ApiError, ChatRequest, CompletionRequest, Options
+from serve.protocol import ApiError, ChatRequest, CompletionRequest, DetokenizeRequest, Options, TokenizeRequest
 from serve.replies import ChatReply, CompletionReply
 from serve.sampling import SamplingConfig
 from serve.tools import Output
@@ -227,6 +227,28 @@ class Api:
         reply = CompletionReply(engine, turns, name, req, notice, self.metrics, tokenizer, echoed)
         return reply.stream() if req.stream else await reply.full(request)
 
+    async def tokenize(self, request: Request):
+        check_key(request, self.api_key)
+        req = TokenizeRequest.parse(await read_json(request))
+        _, tokenizer, _, _ = await self.load()
+        encode = tokenizer.encode_with_special if req.parse_special else tokenizer.encode
+        ids = await run_in_threadpool(encode, req.content)
+        if req.add_special and tokenizer.bos_id is not None:
+            ids = [tokenizer.bos_id] + ids
+        # a piece is the token decoded alone: U+FFFD where it holds part of a character
+        return JSONResponse({"tokens": [{"id": i, "piece": tokenizer.decode([i])} for i in ids] if req.with_pieces
+                             else ids})
+
+    async def detokenize(self, request: Request):
+        check_key(request, self.api_key)
+        req = DetokenizeRequest.parse(await read_json(request))
+        _, tokenizer, _, _ = await self.load()
+        vocab = tokenizer.vocab_size  # the ids the tokenizer can decode (a model may have padding rows beyond)
+        if (bad := next((i for i, t in enumerate(req.tokens) if not 0 <= t < vocab), None)) is not None:
+            raise ApiError(400, f"token id {req.tokens[bad]} is outside the vocabulary (0..{vocab - 1})",
+                           param=f"tokens[{bad}]")
+        return JSONResponse({"content": await run_in_threadpool(tokenizer.decode, req.tokens)})
+
     async def health(self, request: Request):
         if (self.spec, self.backend) not in self.models.loaded:
             raise ApiError(503, "the model is not loaded: it is loading, or its load failed (see the server's log)",
@@ -270,6 +292,9 @@ ROUTES = (
      "a chat's next message, streamed (server-sent events) or not; fields: serve/protocol.py ChatRequest"),
     ("POST", "/v1/completions", Api.completions,
      "a text's continuation, streamed or not; fields: serve/protocol.py CompletionRequest"),
+    ("POST", "/tokenize", Api.tokenize, "text -> token ids (llama.cpp's body: content, add_special, parse_special, "
+                                        "with_pieces); fields: serve/protocol.py TokenizeRequest"),
+    ("POST", "/detokenize", Api.detokenize, "token ids -> text (llama.cpp's body: tokens)"),
     ("GET", "/v1/models", Api.list_models, "the model this server runs: context length, generation defaults"),
     ("GET", "/v1/models/{model:path}", Api.get_model, "the same for one model id"),
     ("GET", "/health", Api.health, "200 once the model is loaded, 503 before (as llama.cpp's server)"),

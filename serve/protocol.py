@@ -4,6 +4,7 @@
     CompletionRequest.parse(body)   the same for /v1/completions
     request.sampling(defaults, n)   -> (SamplingConfig, notice): the model's defaults where left out
     ApiError(status, message, ...)  {"error": {"message", "type", "param", "code"}}, as OpenAI answers
+    TokenizeRequest, DetokenizeRequest  llama.cpp's /tokenize and /detokenize bodies
 
 Every field is declared once, strictly typed (a string where a boolean belongs is a 400), and a
 field not declared is refused with a 400 naming it, as OpenAI answers an unrecognized argument: a
@@ -298,15 +299,19 @@ class ChatRequest(Options):
         return max_seq_len // 2  # chat() keeps at least half the context for the prompt
 
 
+def _short(param: str, text):
+    if isinstance(text, str) and (refusal := too_long(text)):
+        raise ApiError(413, refusal, param=param, code="message_too_long")
+    return text
+
+
 def _prompt(prompt):
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
         prompt = prompt[0]  # a batch of one prompt
     ids = isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt)
     if not (isinstance(prompt, str) or ids):
         raise ValueError("prompt must be a string or a list of token ids (one prompt per request)")
-    if isinstance(prompt, str) and (refusal := too_long(prompt)):
-        raise ApiError(413, refusal, param="prompt", code="message_too_long")
-    return prompt
+    return _short("prompt", prompt)
 
 
 class CompletionRequest(Options):
@@ -328,3 +333,15 @@ class CompletionRequest(Options):
     def alternatives(self) -> int | None:
         return self.logprobs
 
+
+class TokenizeRequest(Wire):
+    """llama.cpp's /tokenize: add_special puts the model's BOS first; parse_special (true) lets
+    control tokens written in the text count as such; with_pieces pairs each id with its text."""
+    content: Annotated[StrictStr, AfterValidator(partial(_short, "content"))]
+    add_special: StrictBool = False
+    parse_special: StrictBool = True
+    with_pieces: StrictBool = False
+
+
+class DetokenizeRequest(Wire):
+    tokens: list[StrictInt]

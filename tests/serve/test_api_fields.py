@@ -1,5 +1,5 @@
 """What clients send beside the sampling fields: named messages (LangChain's), reasoning_effort and
-chat_template_kwargs, and n choices, through the real clients."""
+chat_template_kwargs, n choices, and llama.cpp's /tokenize and /detokenize, through the real clients."""
 import copy
 
 import pytest
@@ -107,3 +107,29 @@ def test_n_greedy_choices_are_equal_and_streams_carry_each_index(client):
     assert [c.index for c in done.choices] == [0, 1] and done.choices[0].text == done.choices[1].text
     assert done.choices[0].text.startswith("the quick")
 
+
+def test_tokenize_round_trips_through_detokenize(models, nano_dir):
+    _, tok, _ = models.get(str(nano_dir), "torch")
+    _, http = make_client(models, nano_dir)
+    text = "hello there<|im_end|> world"
+    ids = post(http, "/tokenize", {"content": text}).json()["tokens"]
+    assert ids == tok.encode_with_special(text) and tok.token_id("<|im_end|>") in ids  # parse_special: true
+    assert post(http, "/detokenize", {"tokens": ids}).json() == {"content": text}
+    plain = post(http, "/tokenize", {"content": text, "parse_special": False, "add_special": True}).json()["tokens"]
+    assert plain == ([tok.bos_id] if tok.bos_id is not None else []) + tok.encode(text)
+    pieces = post(http, "/tokenize", {"content": text, "with_pieces": True}).json()["tokens"]
+    assert [p["id"] for p in pieces] == ids and "".join(p["piece"] for p in pieces) == text
+
+
+def test_tokenize_refuses_what_it_cannot_do_and_is_guarded(models, nano_dir):
+    _, tok, _ = models.get(str(nano_dir), "torch")
+    _, http = make_client(models, nano_dir)
+    r = post(http, "/detokenize", {"tokens": [1, tok.vocab_size]})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "tokens[1]"
+    assert post(http, "/detokenize", {"tokens": [-1]}).json()["error"]["param"] == "tokens[0]"
+    assert post(http, "/tokenize", {"content": "hi", "special": True}).json()["error"]["param"] == "special"
+    assert post(http, "/tokenize", {"content": 5}).json()["error"]["param"] == "content"
+    assert http.get("/tokenize").status_code == 405
+    guarded = guarded_client(models, nano_dir)
+    assert post(guarded, "/tokenize", {"content": "hi"}, origin="https://evil.example").status_code == 403
+    assert post(guarded, "/tokenize", {"content": "hi"}).status_code == 200
