@@ -134,15 +134,16 @@ class ChatReply:
     async def full(self, request: Request) -> Response:
         """The whole reply as one JSON object; a client that hangs up first cancels the generation
         (its rows leave the batch at the engine's next step)."""
-        reply = asyncio.ensure_future(asyncio.gather(*(self.deltas(c) for c in self.choices)))
-        hangup = asyncio.ensure_future(until_disconnected(request))
+        each = [asyncio.ensure_future(self.deltas(c)) for c in self.choices]
+        reply, hangup = asyncio.gather(*each), asyncio.ensure_future(until_disconnected(request))
         try:
             await asyncio.wait({reply, hangup}, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            hangup.cancel()
-            reply.cancel()  # no-op once done
-            await asyncio.gather(reply, hangup, return_exceptions=True)
-        if reply.cancelled():
+            hung_up = not reply.done()
+            for task in (hangup, *each):  # a choice that failed ends the others too; no-op once done
+                task.cancel()
+            await asyncio.gather(reply, hangup, *each, return_exceptions=True)
+        if hung_up:
             return Response(status_code=499)  # nginx's "client closed request": nobody reads it
         if (error := reply.exception()) is not None:
             return ApiError(500, f"generation failed: {type(error).__name__}: {error}", "server_error").response()
