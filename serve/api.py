@@ -12,7 +12,9 @@ Generation goes through the same Engine as the browser chat (serve/engine.py): A
 batched with the page's chats, and a request reuses the cache of the longest common prefix a
 finished one left (unless it says "cache_prompt": false). A field the request leaves out takes
 the model's own value (model/sampling_fields.py generation_defaults), not OpenAI's temperature 1; min_p
-and the penalties are off (0) and logit_bias is empty unless asked for.
+and the penalties are off (0) and logit_bias is empty unless asked for. A request's `n` choices are n
+rows of the batch, seeded seed, seed + 1, ... (`seeded`), so choice i is what n = 1 with seed + i answers.
+A message's `name` reaches the template where it renders names, else the content (`named`).
 
 Structured output and tool calls are serve/tools.py's: response_format (json_object, json_schema)
 and tools with tool_choice constrain the reply by a grammar (serve/grammar.py), and a reply that
