@@ -12,7 +12,9 @@ Generation goes through the same Engine as the browser chat (serve/engine.py): A
 batched with the page's chats, and a request reuses the cache of the longest common prefix a
 finished one left (unless it says "cache_prompt": false). A field the request leaves out takes
 the model's own value (model/sampling_fields.py generation_defaults), not OpenAI's temperature 1; min_p
-and the penalties are off (0) and logit_bias is empty unless asked for.
+and the penalties are off (0) and logit_bias is empty unless asked for. A request's `n` choices are n
+rows of the batch, seeded seed, seed + 1, ... (`seeded`), so choice i is what n = 1 with seed + i answers.
+A message's `name` reaches the template where it renders names, else the content (`named`).
 
 Structured output and tool calls are serve/tools.py's: response_format (json_object, json_schema)
 and tools with tool_choice constrain the reply by a grammar (serve/grammar.py), and a reply that
@@ -32,7 +34,9 @@ from __future__ import annotations
 
 import hmac
 import json
-from functools import partial
+import re
+from dataclasses import replace
+from functools import lru_cache, partial
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
@@ -45,8 +49,9 @@ from serve.engine import Engine
 from serve.grammar import GrammarError
 from serve.metrics import Metrics
 from serve.models import display_name
-from serve.protocol import ApiError, ChatRequest, CompletionRequest, Options
+from serve.protocol import ApiError, ChatRequest, CompletionRequest, DetokenizeRequest, Options, TokenizeRequest
 from serve.replies import ChatReply, CompletionReply
+from serve.sampling import SamplingConfig
 from serve.tools import Output
 
 API_KEY_ENV = "COGNI_MAMBA_API_KEY"
@@ -94,6 +99,50 @@ def check_key(request: Request, api_key: str | None) -> None:
     if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
         raise ApiError(401, "a valid API key is required: Authorization: Bearer KEY", "authentication_error",
                        code="invalid_api_key")
+
+
+@lru_cache(maxsize=16)
+def renders_names(tokenizer) -> bool:
+    """Whether the chat template writes a message's `name`: a probe name shows in what it renders."""
+    probe = "cogni-name-probe"
+    try:
+        return probe in tokenizer.render_chat([{"role": "user", "content": "hi", "name": probe}])
+    except ValueError:  # a template that refuses a lone user message reads no names either
+        return False
+
+
+def named(tokenizer, messages: list[dict]) -> list[dict]:
+    """Messages as the template takes them: a `name` kept where the template renders names, else
+    written before the content ("name: content"), so the model still reads who spoke."""
+    if renders_names(tokenizer) or not any("name" in m for m in messages):
+        return messages
+    out = []
+    for m in messages:
+        m = dict(m)
+        if (name := m.pop("name", None)) and m.get("content"):
+            m["content"] = f"{name}: {m['content']}"
+        out.append(m)
+    return out
+
+
+def template_notice(req: ChatRequest, template: str) -> str:
+    """reasoning_effort and chat_template_kwargs are not passed to the template: a notice where it
+    has no use for them (the model has no such mode), a 400 where it reads one (it would change the reply)."""
+    asked = [*(["reasoning_effort"] if req.reasoning_effort is not None else []), *(req.chat_template_kwargs or {})]
+    for key in asked:
+        if re.search(rf"\b{re.escape(key)}\b", template):
+            param = key if key == "reasoning_effort" else f"chat_template_kwargs.{key}"
+            raise ApiError(400, f"{param} is read by this model's chat template, but this server does not pass it "
+                                "to the template", param=param, code="unsupported_parameter")
+    return f"ignored {', '.join(asked)}: this model's chat template has no such mode" if asked else ""
+
+
+def seeded(cfg: SamplingConfig, n: int | None) -> list[SamplingConfig]:
+    """One config per choice: seed, seed + 1, ... where the request gave a seed (choices that differ
+    and repeat), else each row draws its own random seed."""
+    if cfg.seed is None:
+        return [cfg] * (n or 1)
+    return [replace(cfg, seed=(cfg.seed + i) % 2**63) for i in range(n or 1)]
 
 
 def model_entry(name: str, engine: Engine, meta: dict) -> dict:
@@ -157,10 +206,13 @@ class Api:
 
     async def chat_completions(self, request: Request):
         engine, tokenizer, name, req, cfg, notice = await self._admit(request, ChatRequest)
-        # the template and the tokenizer, off the event loop
-        turn = await run_in_threadpool(ChatTurn, engine, tokenizer, req.messages, cfg, ChatStats(), None, req.stop,
-                                       req.cache_prompt is not False, req.output)
-        reply = ChatReply(engine, turn, name, req, notice, self.metrics, tokenizer)
+        notice = "; ".join(n for n in (notice, template_notice(req, tokenizer.chat_template)) if n)
+
+        def turns() -> list[ChatTurn]:  # the template and the tokenizer, off the event loop
+            messages = named(tokenizer, req.messages)
+            return [ChatTurn(engine, tokenizer, messages, c, ChatStats(), None, req.stop, req.cache_prompt is not False,
+                             req.output) for c in seeded(cfg, req.n)]
+        reply = ChatReply(engine, await run_in_threadpool(turns), name, req, notice, self.metrics, tokenizer)
         return reply.stream() if req.stream else await reply.full(request)
 
     async def completions(self, request: Request):
@@ -171,10 +223,33 @@ class Api:
         else:
             ids = req.prompt
         check_prompt(ids, engine)
-        turn = ChatTurn.from_ids(engine, tokenizer, ids, cfg, ChatStats(), req.stop, req.cache_prompt is not False)
+        turns = [ChatTurn.from_ids(engine, tokenizer, ids, c, ChatStats(), req.stop, req.cache_prompt is not False)
+                 for c in seeded(cfg, req.n)]
         echoed = (req.prompt if isinstance(req.prompt, str) else tokenizer.decode(ids)) if req.echo else ""
-        reply = CompletionReply(engine, turn, name, req, notice, self.metrics, tokenizer, echoed)
+        reply = CompletionReply(engine, turns, name, req, notice, self.metrics, tokenizer, echoed)
         return reply.stream() if req.stream else await reply.full(request)
+
+    async def tokenize(self, request: Request):
+        check_key(request, self.api_key)
+        req = TokenizeRequest.parse(await read_json(request))
+        _, tokenizer, _, _ = await self.load()
+        encode = tokenizer.encode_with_special if req.parse_special else tokenizer.encode
+        ids = await run_in_threadpool(encode, req.content)
+        if req.add_special and tokenizer.bos_id is not None:
+            ids = [tokenizer.bos_id] + ids
+        # a piece is the token decoded alone: U+FFFD where it holds part of a character
+        return JSONResponse({"tokens": [{"id": i, "piece": tokenizer.decode([i])} for i in ids] if req.with_pieces
+                             else ids})
+
+    async def detokenize(self, request: Request):
+        check_key(request, self.api_key)
+        req = DetokenizeRequest.parse(await read_json(request))
+        _, tokenizer, _, _ = await self.load()
+        vocab = tokenizer.vocab_size  # the ids the tokenizer can decode (a model may have padding rows beyond)
+        if (bad := next((i for i, t in enumerate(req.tokens) if not 0 <= t < vocab), None)) is not None:
+            raise ApiError(400, f"token id {req.tokens[bad]} is outside the vocabulary (0..{vocab - 1})",
+                           param=f"tokens[{bad}]")
+        return JSONResponse({"content": await run_in_threadpool(tokenizer.decode, req.tokens)})
 
     async def health(self, request: Request):
         if (self.spec, self.backend) not in self.models.loaded:
@@ -219,6 +294,9 @@ ROUTES = (
      "a chat's next message, streamed (server-sent events) or not; fields: serve/protocol.py ChatRequest"),
     ("POST", "/v1/completions", Api.completions,
      "a text's continuation, streamed or not; fields: serve/protocol.py CompletionRequest"),
+    ("POST", "/tokenize", Api.tokenize, "text -> token ids (llama.cpp's body: content, add_special, parse_special, "
+                                        "with_pieces); fields: serve/protocol.py TokenizeRequest"),
+    ("POST", "/detokenize", Api.detokenize, "token ids -> text (llama.cpp's body: tokens)"),
     ("GET", "/v1/models", Api.list_models, "the model this server runs: context length, generation defaults"),
     ("GET", "/v1/models/{model:path}", Api.get_model, "the same for one model id"),
     ("GET", "/health", Api.health, "200 once the model is loaded, 503 before (as llama.cpp's server)"),

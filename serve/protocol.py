@@ -4,6 +4,7 @@
     CompletionRequest.parse(body)   the same for /v1/completions
     request.sampling(defaults, n)   -> (SamplingConfig, notice): the model's defaults where left out
     ApiError(status, message, ...)  {"error": {"message", "type", "param", "code"}}, as OpenAI answers
+    TokenizeRequest, DetokenizeRequest  llama.cpp's /tokenize and /detokenize bodies
 
 Every field is declared once, strictly typed (a string where a boolean belongs is a 400), and a
 field not declared is refused with a 400 naming it, as OpenAI answers an unrecognized argument: a
@@ -20,7 +21,7 @@ from __future__ import annotations
 
 import json
 from functools import partial
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi.responses import JSONResponse
 from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, StrictBool, StrictInt,
@@ -37,7 +38,10 @@ MAX_COMPLETION_LOGPROBS = 5  # OpenAI's limit for /v1/completions' logprobs
 # OpenAI fields that do not change the text (bookkeeping and routing): accepted and ignored.
 IGNORED = frozenset({"user", "metadata", "store", "service_tier", "prompt_cache_key", "safety_identifier"})
 # Fields not built here, accepted only at the values that change nothing (clients send the defaults).
-UNBUILT = {"n": (1,), "best_of": (1,), "modalities": (["text"],), "suffix": ("",)}
+UNBUILT = {"best_of": (1,), "modalities": (["text"],), "suffix": ("",)}
+MAX_N = 8  # choices per request: each is a row of the engine's batch (8 rows by default)
+# OpenAI's pattern for a participant's name: it cannot break the "name: content" it may become.
+NAME_PATTERN = r"^[^\s<|\\/>]{1,64}$"
 # The fields serve/tools.py's parse_output reads.
 OUTPUT_FIELDS = ("response_format", "tools", "tool_choice", "parallel_tool_calls")
 
@@ -156,7 +160,7 @@ class Options(Sampling):
     stream_options: StreamOptions | None = None
     cache_prompt: StrictBool | None = None  # llama.cpp's: false = prefill everything, for repeatable greedy replies
     logit_bias: Annotated[Any, AfterValidator(_logit_bias)] = ()
-    n: Unbuilt("n") = None
+    n: Annotated[StrictInt, Field(ge=1, le=MAX_N)] | None = None  # choices, each its own row and seed
 
     @property
     def include_usage(self) -> bool:
@@ -213,6 +217,7 @@ def _text(content):
 class Message(Wire):
     role: Annotated[StrictStr, BeforeValidator(_role)]
     content: Annotated[StrictStr | None, BeforeValidator(_text)] = None
+    name: Annotated[StrictStr, Field(pattern=NAME_PATTERN)] | None = None  # a participant's (serve/api.py named)
     tool_calls: list | None = None  # an assistant's (content may be null then)
     tool_call_id: Any = None  # a tool result's
     _turn: dict = PrivateAttr(default_factory=dict)
@@ -220,8 +225,7 @@ class Message(Wire):
     @model_validator(mode="after")
     def _one_turn(self):
         calls = self.role == "assistant" and bool(self.tool_calls)
-        keys = {"role", "content", "tool_call_id"} if self.role == "tool" else {"role", "content", "tool_calls"} \
-            if calls else {"role", "content"}
+        keys = {"role", "content", "name"} | ({"tool_call_id"} if self.role == "tool" else {"tool_calls"} if calls else set())
         if other := sorted(self.model_fields_set - keys):
             raise FieldError(other[0], f"{other[0]} is not supported by this server in a {self.role} message",
                              "unsupported_parameter")
@@ -231,6 +235,8 @@ class Message(Wire):
             raise FieldError("content", "a message needs content")
         else:
             self._turn = {"role": self.role, "content": self.content}
+        if self.name is not None:
+            self._turn["name"] = self.name
         return self
 
     @property
@@ -270,6 +276,8 @@ class ChatRequest(Options):
     tool_choice: Any = None
     parallel_tool_calls: Any = None
     modalities: Unbuilt("modalities") = None
+    reasoning_effort: Literal["none", "minimal", "low", "medium", "high", "xhigh"] | None = None  # OpenAI's
+    chat_template_kwargs: dict[StrictStr, Any] | None = None  # vLLM's: variables for the chat template
     _output: Output = PrivateAttr(default_factory=Output)
 
     @model_validator(mode="after")
@@ -291,15 +299,19 @@ class ChatRequest(Options):
         return max_seq_len // 2  # chat() keeps at least half the context for the prompt
 
 
+def _short(param: str, text):
+    if isinstance(text, str) and (refusal := too_long(text)):
+        raise ApiError(413, refusal, param=param, code="message_too_long")
+    return text
+
+
 def _prompt(prompt):
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
         prompt = prompt[0]  # a batch of one prompt
     ids = isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt)
     if not (isinstance(prompt, str) or ids):
         raise ValueError("prompt must be a string or a list of token ids (one prompt per request)")
-    if isinstance(prompt, str) and (refusal := too_long(prompt)):
-        raise ApiError(413, refusal, param="prompt", code="message_too_long")
-    return prompt
+    return _short("prompt", prompt)
 
 
 class CompletionRequest(Options):
@@ -320,3 +332,16 @@ class CompletionRequest(Options):
 
     def alternatives(self) -> int | None:
         return self.logprobs
+
+
+class TokenizeRequest(Wire):
+    """llama.cpp's /tokenize: add_special puts the model's BOS first; parse_special (true) lets
+    control tokens written in the text count as such; with_pieces pairs each id with its text."""
+    content: Annotated[StrictStr, AfterValidator(partial(_short, "content"))]
+    add_special: StrictBool = False
+    parse_special: StrictBool = True
+    with_pieces: StrictBool = False
+
+
+class DetokenizeRequest(Wire):
+    tokens: list[StrictInt]

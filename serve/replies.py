@@ -1,11 +1,13 @@
 """The replies of the generating routes: one JSON object, or server-sent events, over the same engine call.
 
-    ChatReply(engine, turn, name, request, notice, metrics, tokenizer)   /v1/chat/completions
-    CompletionReply(..., echoed)                                         /v1/completions
+    ChatReply(engine, turns, name, request, notice, metrics, tokenizer)   /v1/chat/completions
+    CompletionReply(..., echoed)                                          /v1/completions
     reply.full(request) -> JSONResponse     reply.stream() -> StreamingResponse (text/event-stream)
 
 As vLLM's serving_chat.py splits chat_completion_full_generator from chat_completion_stream_generator:
-both read the engine's text pieces through one ToolCallStream, and every event is framed by `sse`.
+both read the engine's text pieces through one ToolCallStream per choice, and every event is framed
+by `sse`. A request's n choices are n turns (rows of the engine's batch): the full reply waits for
+all of them, the stream interleaves their chunks as they come, each chunk naming its choice's index.
 """
 from __future__ import annotations
 
@@ -26,6 +28,37 @@ from serve.protocol import ApiError, Options
 from serve.tools import ToolCallStream
 
 
+async def merged(streams: list[AsyncIterator]) -> AsyncIterator:
+    """The items of several async iterators, in the order they come; leaving early (or an error in
+    one) closes them all."""
+    items: asyncio.Queue = asyncio.Queue()
+
+    async def drain(stream):
+        try:
+            async for item in stream:
+                items.put_nowait(item)
+        except Exception as e:
+            items.put_nowait(e)
+        finally:
+            items.put_nowait(drain)  # this stream is done
+            await stream.aclose()
+
+    tasks, left = [asyncio.ensure_future(drain(s)) for s in streams], len(streams)
+    try:
+        while left:
+            item = await items.get()
+            if isinstance(item, Exception):
+                raise item
+            if item is drain:
+                left -= 1
+            else:
+                yield item
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
 def sse(data: dict | str) -> str:
     """One server-sent event: the JSON of `data` (a string, such as OpenAI's closing "[DONE]", as it is)."""
     return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
@@ -38,31 +71,16 @@ async def until_disconnected(request: Request) -> None:
         pass
 
 
-class ChatReply:
-    """One chat completion being answered: the engine's text pieces, and the two ways to send them
-    (one JSON reply, or server-sent events) over the same stats. The pieces pass through a
-    ToolCallStream (serve/tools.py): text becomes content deltas, a call's tags tool_calls deltas.
-    CompletionReply changes only the shape of what is sent."""
-    object, chunk, prefix = "chat.completion", "chat.completion.chunk", "chatcmpl"
+class Choice:
+    """One of a reply's choices: its turn's text pieces, the ToolCallStream they pass through (text
+    becomes content deltas, a call's tags tool_calls deltas), and how far its logprobs have gone out."""
 
-    def __init__(self, engine: Engine, turn: ChatTurn, name: str, request: Options, notice: str, metrics: Metrics,
-                 tokenizer):
-        self.pieces, self.stats, self.name, self.metrics = achat(engine, turn), turn.stats, name, metrics
-        self.ident, self.created = f"{self.prefix}-{uuid.uuid4().hex}", int(time.time())
-        self.request, self.notice = request, notice  # notice: a cap the request met, for the X-Cogni-Notice header
-        self.headers = {"X-Cogni-Notice": notice} if notice else {}
-        self.turn, self.tokenizer, self.vocab_size = turn, tokenizer, engine.vocab_size
-        self.calls = ToolCallStream(request.output.calls)  # the text pieces -> content or tool calls
+    def __init__(self, index: int, engine: Engine, turn: ChatTurn, calls_allowed: bool, text_offset: int = 0):
+        self.index, self.turn, self.stats = index, turn, turn.stats
+        self.pieces = achat(engine, turn)
+        self.calls = ToolCallStream(calls_allowed)
         self.logprobs_sent = 0  # tokens whose logprobs have gone out
-
-    def usage(self) -> dict:
-        s = self.stats
-        return {"prompt_tokens": s.prompt_tokens, "completion_tokens": s.new_tokens,
-                "total_tokens": s.prompt_tokens + s.new_tokens}
-
-    def notices(self) -> dict:
-        found = [n for n in (self.notice, self.stats.notice) if n]
-        return {"notices": found} if found else {}
+        self.text_offset = text_offset  # completions: characters sent before the next logprobs' first token
 
     def finish_reason(self) -> str:
         reason = self.stats.finish_reason
@@ -76,69 +94,105 @@ class ChatReply:
         self.logprobs_sent += len(entries)
         return entries
 
-    def new_logprobs(self) -> dict | None:
+
+class ChatReply:
+    """One chat completion being answered: its choices (one per turn), and the two ways to send
+    them (one JSON reply, or server-sent events) over the same stats. CompletionReply changes only
+    the shape of what is sent."""
+    object, chunk, prefix = "chat.completion", "chat.completion.chunk", "chatcmpl"
+
+    def __init__(self, engine: Engine, turns: list[ChatTurn], name: str, request: Options, notice: str,
+                 metrics: Metrics, tokenizer, echoed: str = ""):
+        self.choices = [Choice(i, engine, turn, request.output.calls, len(echoed)) for i, turn in enumerate(turns)]
+        self.name, self.metrics = name, metrics
+        self.ident, self.created = f"{self.prefix}-{uuid.uuid4().hex}", int(time.time())
+        self.request, self.notice = request, notice  # notice: what the request met, for the X-Cogni-Notice header
+        self.headers = {"X-Cogni-Notice": notice} if notice else {}
+        self.tokenizer, self.vocab_size = tokenizer, engine.vocab_size
+
+    def usage(self) -> dict:
+        """The prompt once (every choice continues the same one), the tokens of every choice."""
+        prompt, new = self.choices[0].stats.prompt_tokens, sum(c.stats.new_tokens for c in self.choices)
+        return {"prompt_tokens": prompt, "completion_tokens": new, "total_tokens": prompt + new}
+
+    def notices(self) -> dict:
+        found = [n for n in (self.notice, self.choices[0].stats.notice) if n]  # one prompt: one trim notice
+        return {"notices": found} if found else {}
+
+    def new_logprobs(self, c: Choice) -> dict | None:
         """OpenAI's chat logprobs of the tokens not yet sent, or None when not asked for."""
-        entries = self.new_entries()
+        entries = c.new_entries()
         return None if entries is None else {"content": chat_logprobs(self.tokenizer, self.vocab_size, entries)}
 
-    async def deltas(self) -> list[dict]:
+    async def deltas(self, c: Choice) -> list[dict]:
         try:
-            return [d async for piece in self.pieces for d in self.calls.push(piece)] + self.calls.finish()
+            return [d async for piece in c.pieces for d in c.calls.push(piece)] + c.calls.finish()
         finally:  # also when cancelled: closing the pieces cancels the generation in the engine
-            await self.pieces.aclose()
-            self.metrics.finished(self.stats)
+            await c.pieces.aclose()
+            self.metrics.finished(c.stats)
 
     async def full(self, request: Request) -> Response:
         """The whole reply as one JSON object; a client that hangs up first cancels the generation
-        (its row leaves the batch at the engine's next step)."""
-        reply = asyncio.ensure_future(self.deltas())
-        hangup = asyncio.ensure_future(until_disconnected(request))
+        (its rows leave the batch at the engine's next step)."""
+        each = [asyncio.ensure_future(self.deltas(c)) for c in self.choices]
+        reply, hangup = asyncio.gather(*each), asyncio.ensure_future(until_disconnected(request))
         try:
             await asyncio.wait({reply, hangup}, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            hangup.cancel()
-            reply.cancel()  # no-op once done
-            await asyncio.gather(reply, hangup, return_exceptions=True)
-        if reply.cancelled():
+            hung_up = not reply.done()
+            for task in (hangup, *each):  # a choice that failed ends the others too; no-op once done
+                task.cancel()
+            await asyncio.gather(reply, hangup, *each, return_exceptions=True)
+        if hung_up:
             return Response(status_code=499)  # nginx's "client closed request": nobody reads it
         if (error := reply.exception()) is not None:
             return ApiError(500, f"generation failed: {type(error).__name__}: {error}", "server_error").response()
         body = {"id": self.ident, "object": self.object, "created": self.created, "model": self.name,
-                "choices": [self.choice(reply.result())], "usage": self.usage(), **self.notices()}
+                "choices": [self.choice(c, deltas) for c, deltas in zip(self.choices, reply.result())],
+                "usage": self.usage(), **self.notices()}
         return JSONResponse(body, headers=self.headers)
 
-    def choice(self, deltas: list[dict]) -> dict:
+    def choice(self, c: Choice, deltas: list[dict]) -> dict:
         text = "".join(d.get("content", "") for d in deltas)
-        message = {"role": "assistant", "content": text if text or not self.calls.calls else None}
-        if self.calls.calls:
-            message["tool_calls"] = self.calls.calls
-        return {"index": 0, "message": message, "finish_reason": self.finish_reason(), "logprobs": self.new_logprobs()}
+        message = {"role": "assistant", "content": text if text or not c.calls.calls else None}
+        if c.calls.calls:
+            message["tool_calls"] = c.calls.calls
+        return {"index": c.index, "message": message, "finish_reason": c.finish_reason(),
+                "logprobs": self.new_logprobs(c)}
 
     def _event(self, choices: list, **extra) -> str:
         return sse({"id": self.ident, "object": self.chunk, "created": self.created, "model": self.name,
                     "choices": choices, **extra})
 
-    def _delta(self, delta: dict | None, finish=None, logprobs=None, **extra) -> str:
-        """A chunk: a delta of content or tool calls (None: the opening one, which names the role)."""
+    def _delta(self, c: Choice, delta: dict | None, finish=None, logprobs=None) -> dict:
+        """A chunk's choice: a delta of content or tool calls (None: the opening one, which names the role)."""
         delta = {"role": "assistant", "content": ""} if delta is None else delta
-        return self._event([{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": logprobs}], **extra)
+        return {"index": c.index, "delta": delta, "finish_reason": finish, "logprobs": logprobs}
+
+    async def choice_events(self, c: Choice) -> AsyncIterator[str]:
+        """One choice's chunks; the last one to finish carries the notices."""
+        try:
+            yield self._event([self._delta(c, None)])
+            async for piece in c.pieces:
+                for delta in c.calls.push(piece):  # tokens held back lend their logprobs to the next delta
+                    yield self._event([self._delta(c, delta, logprobs=self.new_logprobs(c))])
+            for delta in c.calls.finish():
+                yield self._event([self._delta(c, delta, logprobs=self.new_logprobs(c))])
+            last = all(o.stats.finish_reason for o in self.choices if o is not c)
+            yield self._event([self._delta(c, {}, c.finish_reason(), self.new_logprobs(c))],
+                              **(self.notices() if last else {}))
+        finally:  # a client that went away cancels its generation
+            await c.pieces.aclose()
+            self.metrics.finished(c.stats)
 
     async def events(self) -> AsyncIterator[str]:
         try:
-            yield self._delta(None)
-            async for piece in self.pieces:
-                for delta in self.calls.push(piece):  # tokens held back lend their logprobs to the next delta
-                    yield self._delta(delta, logprobs=self.new_logprobs())
-            for delta in self.calls.finish():
-                yield self._delta(delta, logprobs=self.new_logprobs())
-            yield self._delta({}, self.finish_reason(), self.new_logprobs(), **self.notices())
+            async for event in merged([self.choice_events(c) for c in self.choices]):
+                yield event
             if self.request.include_usage:
                 yield self._event([], usage=self.usage())
         except Exception as e:  # mid-stream: the status is sent already; report in the stream
             yield sse({"error": ApiError(500, f"generation failed: {type(e).__name__}: {e}", "server_error").body()})
-        finally:  # a client that went away cancels its generation
-            await self.pieces.aclose()
-            self.metrics.finished(self.stats)
         yield sse("[DONE]")
 
     def stream(self) -> StreamingResponse:
@@ -150,24 +204,23 @@ class CompletionReply(ChatReply):
     logprobs in the completions shape (tokens, token_logprobs, top_logprobs, text_offset)."""
     object, chunk, prefix = "text_completion", "text_completion", "cmpl"  # OpenAI names completion chunks so too
 
-    def __init__(self, engine: Engine, turn: ChatTurn, name: str, request: Options, notice: str, metrics: Metrics,
-                 tokenizer, echoed: str):
-        super().__init__(engine, turn, name, request, notice, metrics, tokenizer)
+    def __init__(self, engine: Engine, turns: list[ChatTurn], name: str, request: Options, notice: str,
+                 metrics: Metrics, tokenizer, echoed: str):
+        super().__init__(engine, turns, name, request, notice, metrics, tokenizer, echoed)
         self.echoed = echoed
-        self.text_offset = len(echoed)  # characters sent before the next logprobs' first token
 
-    def new_logprobs(self) -> dict | None:
-        entries = self.new_entries()
+    def new_logprobs(self, c: Choice) -> dict | None:
+        entries = c.new_entries()
         if entries is None:
             return None
-        logprobs = completion_logprobs(self.tokenizer, self.vocab_size, entries, self.text_offset)
-        self.text_offset += sum(len(t) for t in logprobs["tokens"])
+        logprobs = completion_logprobs(self.tokenizer, self.vocab_size, entries, c.text_offset)
+        c.text_offset += sum(len(t) for t in logprobs["tokens"])
         return logprobs
 
-    def choice(self, deltas: list[dict]) -> dict:
+    def choice(self, c: Choice, deltas: list[dict]) -> dict:
         text = self.echoed + "".join(d.get("content", "") for d in deltas)
-        return {"index": 0, "text": text, "finish_reason": self.finish_reason(), "logprobs": self.new_logprobs()}
+        return {"index": c.index, "text": text, "finish_reason": c.finish_reason(), "logprobs": self.new_logprobs(c)}
 
-    def _delta(self, delta: dict | None, finish=None, logprobs=None, **extra) -> str:
+    def _delta(self, c: Choice, delta: dict | None, finish=None, logprobs=None) -> dict:
         text = self.echoed if delta is None else delta.get("content", "")
-        return self._event([{"index": 0, "text": text, "finish_reason": finish, "logprobs": logprobs}], **extra)
+        return {"index": c.index, "text": text, "finish_reason": finish, "logprobs": logprobs}
