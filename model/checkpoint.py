@@ -175,13 +175,26 @@ def atomic_file(path: Path):
         raise
 
 
+# The dtypes weights are loaded in. Integer, boolean or 8-bit float tensors are quantized or foreign
+# weights this model would compute nonsense with (it has no dequantizer for them).
+WEIGHT_DTYPES = ("F32", "F16", "BF16")
+
+
 def header_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
-    """Tensor name -> shape from a safetensors file's header alone (its data is not read)."""
+    """Tensor name -> shape from a safetensors file's header alone (its data is not read); a tensor
+    of a dtype outside WEIGHT_DTYPES is refused."""
     try:
         with safe_open(str(path), framework="pt") as f:
-            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+            slices = {k: f.get_slice(k) for k in f.keys()}
+            shapes = {k: tuple(t.get_shape()) for k, t in slices.items()}
+            dtypes = {k: t.get_dtype() for k, t in slices.items()}
     except (SafetensorError, OSError, ValueError) as e:
         raise ValueError(f"{path} is damaged or truncated ({e})") from None
+    odd = sorted(k for k, d in dtypes.items() if d not in WEIGHT_DTYPES)
+    if odd:
+        raise ValueError(f"{path}: tensor {odd[0]} has dtype {dtypes[odd[0]]}, which this model cannot load "
+                         f"(weights must be {', '.join(WEIGHT_DTYPES)})")
+    return shapes
 
 
 def check_weights(cfg: ModelConfig, shapes: dict[str, tuple[int, ...]], origin: str) -> None:
@@ -275,7 +288,14 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu",
     """Rebuild model and tokenizer from a folder written by save_model. Returns (model, tokenizer, meta)."""
     directory = Path(directory)
     meta = read_meta(directory)
-    cfg = ModelConfig.from_dict(meta["model"])
+    try:
+        cfg = ModelConfig.from_dict(meta["model"])
+    except ValueError as e:
+        raise ValueError(f"{directory / 'config.json'}: {e}") from None
+    # The tokenizer is small and may be damaged too: checked before the weights are read.
+    tokenizer = load_tokenizer(directory)
+    if tokenizer.vocab_size > cfg.vocab_size:
+        raise ValueError(f"{directory}: tokenizer has {tokenizer.vocab_size} tokens, model only {cfg.vocab_size}")
     weights = directory / "model.safetensors"
     # safetensors checks the header, not the data: random bytes in the data part load as weights
     # and answer nonsense. sha256 (0.38 s for SmolLM2's 513 MB on an AMD EPYC) catches any changed byte; folders
@@ -291,7 +311,4 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu",
     model = build_model(cfg, state, str(directory))
     if dtype is not None:
         model = model.to(dtype)
-    tokenizer = load_tokenizer(directory)
-    if tokenizer.vocab_size > cfg.vocab_size:
-        raise ValueError(f"{directory}: tokenizer has {tokenizer.vocab_size} tokens, model only {cfg.vocab_size}")
     return model.eval(), tokenizer, meta

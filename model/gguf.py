@@ -11,6 +11,7 @@ done again on export, which reads the one name map below backwards.
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -74,10 +75,67 @@ def unpermute_rope(w: np.ndarray, n_heads: int) -> np.ndarray:
 
 
 
-def config_from_gguf(reader) -> ModelConfig:
+# The keys an import reads, with the kind of value each must hold; the first four llama.* keys and
+# the tokenizer's tokens and merges are required. check_gguf reads them all before any tensor is
+# touched, so a damaged header is one line naming its key, not a TypeError or an IndexError from
+# deep inside the import after the weights were dequantized.
+GGUF_INTS = ("llama.block_count", "llama.embedding_length", "llama.attention.head_count", "llama.feed_forward_length",
+             "llama.attention.head_count_kv", "llama.rope.dimension_count", "llama.context_length", "llama.vocab_size")
+GGUF_FLOATS = ("llama.rope.freq_base", "llama.attention.layer_norm_rms_epsilon")
+GGUF_STRINGS = ("tokenizer.ggml.model", "tokenizer.ggml.pre", "tokenizer.chat_template")
+GGUF_REQUIRED = GGUF_INTS[:4] + ("tokenizer.ggml.tokens", "tokenizer.ggml.merges")
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _checked(reader, key: str, ok, wanted: str):
+    value = _field(reader, key)
+    if value is None and key in GGUF_REQUIRED:
+        raise ValueError(f"GGUF key {key} is missing; a llama model needs it")
+    if value is not None and not ok(value):
+        raise ValueError(f"GGUF key {key} must be {wanted}, got {str(value)[:40]!r}")
+    return value
+
+
+def check_gguf(reader) -> None:
+    """Refuse metadata that cannot describe a llama model: required keys, types, positive sizes,
+    head counts that divide, token lists and special token ids inside the vocabulary."""
     arch = _field(reader, "general.architecture")
     if arch != "llama":
         raise ValueError(f"GGUF architecture {arch!r} is not supported; only 'llama' models can be imported")
+    v = {k: _checked(reader, k, lambda x: _is_int(x) and x > 0, "a positive integer") for k in GGUF_INTS}
+    for k in GGUF_FLOATS:
+        _checked(reader, k, lambda x: isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > 0,
+                 "a positive finite number")
+    for k in GGUF_STRINGS:
+        _checked(reader, k, lambda x: isinstance(x, str), "a string")
+    heads, kv = v["llama.attention.head_count"], v["llama.attention.head_count_kv"] or v["llama.attention.head_count"]
+    if v["llama.rope.dimension_count"] is None and v["llama.embedding_length"] % heads:
+        raise ValueError(f"GGUF key llama.attention.head_count ({heads}) does not divide llama.embedding_length "
+                         f"({v['llama.embedding_length']})")
+    if heads % kv:
+        raise ValueError(f"GGUF key llama.attention.head_count_kv ({kv}) does not divide llama.attention.head_count ({heads})")
+    tokens = _checked(reader, "tokenizer.ggml.tokens", lambda x: isinstance(x, list) and all(isinstance(t, str) for t in x),
+                      "a list of strings")
+    if not tokens:
+        raise ValueError("GGUF key tokenizer.ggml.tokens is empty: a vocabulary of 0 tokens")
+    if v["llama.vocab_size"] not in (None, len(tokens)):  # the embedding has one row per token
+        raise ValueError(f"GGUF key llama.vocab_size ({v['llama.vocab_size']}) disagrees with tokenizer.ggml.tokens "
+                         f"({len(tokens)} tokens)")
+    _checked(reader, "tokenizer.ggml.merges", lambda x: isinstance(x, list) and all(isinstance(m, str) and " " in m for m in x),
+             'a list of "left right" strings')
+    _checked(reader, "tokenizer.ggml.token_type", lambda x: isinstance(x, list) and len(x) == len(tokens) and all(map(_is_int, x)),
+             f"a list of {len(tokens)} integers, one per token")
+    _checked(reader, "tokenizer.ggml.add_bos_token", lambda x: isinstance(x, bool), "true or false")
+    for key in reader.fields:  # bos, eos, padding, unknown, eot, fim_*, ...: ids must name a token
+        if key.startswith("tokenizer.ggml.") and key.endswith("_token_id"):
+            _checked(reader, key, lambda x: _is_int(x) and 0 <= x < len(tokens), f"a token id in 0..{len(tokens) - 1}")
+
+
+def config_from_gguf(reader) -> ModelConfig:
+    check_gguf(reader)
     n_heads = int(_field(reader, "llama.attention.head_count"))
     dim = int(_field(reader, "llama.embedding_length"))
     if _field(reader, "llama.rope.scaling.type") not in (None, "none"):
@@ -165,9 +223,11 @@ def tokenizer_from_gguf(reader) -> BPETokenizer:
     # Documents end with <|endoftext|> where the vocabulary has it; the GGUF's eos (<|im_end|> in
     # SmolLM2's) ends a chat reply and stays a stop token.
     doc_end = "<|endoftext|>" if "<|endoftext|>" in special else eos
-    return BPETokenizer(backend, _field(reader, "tokenizer.chat_template"), eos_token=doc_end,
-                        bos_token=tokens[int(bos_id)] if add_bos and bos_id is not None else None,
-                        stop_tokens=[eos, "<|im_end|>", doc_end])
+    tokenizer = BPETokenizer(backend, _field(reader, "tokenizer.chat_template"), eos_token=doc_end,
+                             bos_token=tokens[int(bos_id)] if add_bos and bos_id is not None else None,
+                             stop_tokens=[eos, "<|im_end|>", doc_end])
+    tokenizer.template_origin = "the GGUF's tokenizer.chat_template"
+    return tokenizer
 
 
 def card_from_gguf(reader) -> dict:
@@ -193,8 +253,8 @@ def load_gguf(path: str | Path):
     lookup = per_layer_names(GGUF_TO_OURS, len({t.name.split(".")[1] for t in reader.tensors if t.name.startswith("blk.")}))
     check_weights(cfg, {lookup[t.name]: tuple(reversed([int(n) for n in t.shape])) for t in reader.tensors
                         if t.name in lookup}, str(path))
+    tokenizer = tokenizer_from_gguf(reader)  # small, and may refuse the file: before the weights
     state, qtypes = state_dict_from_gguf(reader, cfg)
-    tokenizer = tokenizer_from_gguf(reader)
     model = build_model(cfg, state, str(path))
     info = {"name": _field(reader, "general.name") or Path(path).stem, "source_format": "gguf",
             "source_quantization": ",".join(qtypes),

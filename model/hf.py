@@ -7,6 +7,7 @@ other activations, RoPE scaling) rather than dropping it.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from safetensors import SafetensorError
@@ -37,9 +38,38 @@ def _name_map(n_layers: int) -> dict[str, str]:
     return per_layer_names(HF_TO_OURS, n_layers)
 
 
+# The config.json sizes config_from_hf reads, each a positive integer; the first five are required.
+HF_SIZES = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size",
+            "num_key_value_heads", "head_dim", "max_position_embeddings")
+
+
+def check_hf_config(hf: dict) -> None:
+    """Refuse a config.json that cannot describe a Llama: missing or mistyped sizes, non-positive
+    numbers, head counts that do not divide. One ValueError naming the key, before any weight."""
+    for key in HF_SIZES:
+        value = hf.get(key)
+        if value is None and key in HF_SIZES[:5]:
+            raise ValueError(f"config.json lacks {key}, which a Llama config needs")
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
+            raise ValueError(f"config.json: {key} must be a positive integer, got {value!r}")
+    for key in ("rms_norm_eps", "rope_theta"):
+        value = hf.get(key)
+        if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value < math.inf):
+            raise ValueError(f"config.json: {key} must be a positive finite number, got {value!r}")
+    heads, kv = hf["num_attention_heads"], hf.get("num_key_value_heads") or hf["num_attention_heads"]
+    if not hf.get("head_dim") and hf["hidden_size"] % heads:
+        raise ValueError(f"config.json: num_attention_heads ({heads}) does not divide hidden_size ({hf['hidden_size']})")
+    if heads % kv:
+        raise ValueError(f"config.json: num_key_value_heads ({kv}) does not divide num_attention_heads ({heads})")
+    for key in ("rope_parameters", "rope_scaling"):
+        if hf.get(key) is not None and not isinstance(hf[key], dict):
+            raise ValueError(f"config.json: {key} must be an object, got {hf[key]!r}")
+
+
 def config_from_hf(hf: dict) -> ModelConfig:
     if hf.get("model_type") != "llama":
         raise ValueError(f"HF model_type {hf.get('model_type')!r} is not supported; only 'llama' folders can be imported")
+    check_hf_config(hf)
     rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
     if rope.get("rope_type", rope.get("type", "default")) not in ("default", None):
         raise ValueError(f"RoPE scaling {rope.get('rope_type', rope.get('type'))!r} is not implemented by this model")
@@ -96,6 +126,13 @@ def load_hf(directory: str | Path):
         cfg = config_from_hf(hf)
     except (KeyError, TypeError) as e:
         raise ValueError(f"{d / 'config.json'} lacks or mistypes a Llama setting ({e})") from None
+    except ValueError as e:
+        raise ValueError(f"{d}: {e}") from None
+    if not (d / "tokenizer.json").is_file():
+        raise FileNotFoundError(f"{d} has no tokenizer.json (a fast tokenizer is needed)")
+    tokenizer = from_tokenizer_json(d / "tokenizer.json")  # small, and may be damaged: before the weights
+    if tokenizer.vocab_size > cfg.vocab_size:
+        raise ValueError(f"{d}: tokenizer.json has {tokenizer.vocab_size} tokens, config.json's vocab_size only {cfg.vocab_size}")
     shards = sorted(d.glob("*.safetensors"))
     # Headers only: the config is checked against them before any tensor is read, and names are
     # mapped for the layers the files hold, not for num_hidden_layers, which may be absurd.
@@ -121,13 +158,11 @@ def load_hf(directory: str | Path):
             raise ValueError(f"{shard} is damaged or truncated ({e})") from None
         state.update({names[k]: v.float() for k, v in tensors.items() if names.get(k) in shapes})
     model = build_model(cfg, state, str(d))
-    if not (d / "tokenizer.json").is_file():
-        raise FileNotFoundError(f"{d} has no tokenizer.json (a fast tokenizer is needed)")
     info = {"name": hf.get("_name_or_path") or d.name, "source_format": "hf",
             "source_quantization": str(hf.get("torch_dtype") or hf.get("dtype") or "unknown"), "card": card_from_hf(d)}
     if generation := generation_from_hf(d):
         info["generation"] = generation
-    return model, from_tokenizer_json(d / "tokenizer.json"), info
+    return model, tokenizer, info
 
 
 # What a Hub model card's metadata says about licence and origin, carried into our meta's "card".

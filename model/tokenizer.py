@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import re
 import string
+import sys
 from pathlib import Path
 from typing import Iterable
 
@@ -50,19 +51,74 @@ def clean_text(text: str) -> str:
         return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
 
 
+# A chat template is code from a model file: transformers renders it in Jinja's immutable sandbox
+# (no attribute tricks, no list.append, range() capped at 100,000), but a sandbox does not bound
+# work: nested loops run for hours, and a string doubled in a namespace fills memory in 30 steps.
+# So the render is metered: lines of template code run, characters written, and the size of every
+# value stored in a namespace or passed to a macro. A real template spends ~20 lines and well under
+# 1 KB per message; 128k tokens of prompt are ~0.5 M characters.
+TEMPLATE_MAX_STEPS = 500_000
+TEMPLATE_MAX_CHARS = 16 * 2**20
+
+
+class _TemplateMeter:
+    """A trace function (sys.settrace) that follows only frames of compiled Jinja code ("<template>")
+    and Namespace stores, and stops the render with one ValueError naming `origin` at a limit above."""
+
+    def __init__(self, origin: str):
+        import jinja2.utils
+
+        self.origin, self.steps, self.chars = origin, 0, 0
+        self.namespace_set = jinja2.utils.Namespace.__setitem__.__code__
+
+    def __call__(self, frame, event, arg):  # 'call' events: which frames to follow
+        if frame.f_code is self.namespace_set:  # {% set ns.x = value %}
+            self._check_size(frame.f_locals["value"])
+            return None
+        if frame.f_code.co_filename != "<template>":
+            return None
+        for value in frame.f_locals.values():  # a macro's arguments
+            self._check_size(value)
+        return self._line
+
+    def _line(self, frame, event, arg):
+        if event == "line":
+            self.steps += 1
+            if self.steps > TEMPLATE_MAX_STEPS:
+                self._stop(f"ran more than {TEMPLATE_MAX_STEPS:,} steps (a loop that does not end?)")
+        elif event == "return" and isinstance(arg, str) and frame.f_code.co_name == "root":
+            self.chars += len(arg)  # a yield of the top-level output
+            if self.chars > TEMPLATE_MAX_CHARS:
+                self._stop(f"wrote more than {TEMPLATE_MAX_CHARS:,} characters")
+        return self._line
+
+    def _check_size(self, value):
+        if isinstance(value, (str, list, dict)) and len(value) > TEMPLATE_MAX_CHARS:
+            self._stop(f"built a value of more than {TEMPLATE_MAX_CHARS:,} characters or items")
+
+    def _stop(self, what: str):
+        raise ValueError(f"the chat template ({self.origin}) {what}; refusing to render it")
+
+
 def _render(template: str, messages: list[dict], add_generation_prompt: bool, special_tokens: dict,
-            tools: list[dict] | None = None) -> str:
+            tools: list[dict] | None = None, origin: str = "the chat template") -> str:
     """transformers' own renderer, given the special tokens as apply_chat_template gives them
     (bos_token, eos_token, pad_token) and `tools` (OpenAI's function list, for templates that render
-    it). A template's raise_exception becomes one ValueError."""
+    it), under _TemplateMeter's limits. A template's raise_exception becomes one ValueError."""
     import jinja2
     from transformers.utils.chat_template_utils import render_jinja_template
 
+    previous = sys.gettrace()  # a debugger's or coverage's tracer, put back afterwards
+    sys.settrace(_TemplateMeter(origin))
     try:
         rendered, _ = render_jinja_template([messages], tools=tools, chat_template=template,
                                             add_generation_prompt=add_generation_prompt, **special_tokens)
+    except jinja2.TemplateSyntaxError as e:
+        raise ValueError(f"the chat template ({origin}) is not valid Jinja: {e}") from None
     except jinja2.TemplateError as e:
         raise ValueError(f"the chat template refused these messages: {e}") from None
+    finally:
+        sys.settrace(previous)
     return rendered[0]
 
 
@@ -74,6 +130,7 @@ def _check_messages(messages: list[dict]) -> None:
 
 class _ChatMixin:
     chat_template: str
+    template_origin = "the model's chat template"  # where the template came from, for error messages
 
     def _special_tokens_map(self) -> dict:
         tokens = {"bos_token": self.bos_token, "eos_token": self.eos_token, "pad_token": self.eos_token}
@@ -82,7 +139,8 @@ class _ChatMixin:
     def render_chat(self, messages: list[dict], add_generation_prompt: bool = True, tools: list[dict] | None = None) -> str:
         """The prompt text exactly as transformers' apply_chat_template renders the model's template."""
         _check_messages(messages)
-        return _render(self.chat_template, messages, add_generation_prompt, self._special_tokens_map(), tools)
+        return _render(self.chat_template, messages, add_generation_prompt, self._special_tokens_map(), tools,
+                       self.template_origin)
 
     def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True,
                     tools: list[dict] | None = None) -> list[int]:
@@ -96,7 +154,8 @@ class _ChatMixin:
             return re.sub(control_re, lambda m: _MARK_START + m.group(0) + _MARK_END, text)
 
         marked = [{k: mark(v) if isinstance(v, str) else v for k, v in m.items()} for m in messages]
-        rendered = _render(self.chat_template, marked, add_generation_prompt, self._special_tokens_map(), tools)
+        rendered = _render(self.chat_template, marked, add_generation_prompt, self._special_tokens_map(), tools,
+                           self.template_origin)
         # [template text, typed token, template text, ...]; None where a lone marker was (a template
         # that split a marked token): dropped, but the text on either side stays apart
         pieces = re.split(f"{_MARK_START}({control_re}){_MARK_END}|[{_MARK_START}{_MARK_END}]", rendered)
@@ -221,12 +280,37 @@ class CharTokenizer(_ChatMixin):
 Tokenizer = BPETokenizer | CharTokenizer
 
 
+def _json_object(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path} cannot be read ({e}); the tokenizer is damaged") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} is not a JSON object; the tokenizer is damaged")
+    return data
+
+
+def _field(data: dict, key: str, path: Path, check, wanted: str):
+    """data[key] (None when absent) if `check` accepts it, else one ValueError naming the field."""
+    value = data.get(key)
+    if value is not None and not check(value):
+        raise ValueError(f"{path}: {key} must be {wanted}, got {type(value).__name__} {str(value)[:40]!r}")
+    return value
+
+
 def load_tokenizer(directory: str | Path) -> Tokenizer:
     """Load what save() wrote: tokenizer.json (+ tokenizer_config.json) or char_tokenizer.json."""
     d = Path(directory)
     if (d / "char_tokenizer.json").exists():
-        data = json.loads((d / "char_tokenizer.json").read_text())
-        return CharTokenizer(data["chars"], data.get("chat_template"))
+        path = d / "char_tokenizer.json"
+        data = _json_object(path)
+        chars = _field(data, "chars", path, lambda v: isinstance(v, list) and all(isinstance(c, str) and len(c) == 1 for c in v),
+                       "a list of single characters")
+        if chars is None:
+            raise ValueError(f"{path} lacks its chars")
+        tokenizer = CharTokenizer(chars, _field(data, "chat_template", path, lambda v: isinstance(v, str), "a string"))
+        tokenizer.template_origin = f"{path} chat_template"
+        return tokenizer
     if not (d / "tokenizer.json").exists():
         raise FileNotFoundError(f"no tokenizer.json or char_tokenizer.json in {d}")
     return from_tokenizer_json(d / "tokenizer.json")
@@ -240,19 +324,29 @@ def from_tokenizer_json(path: str | Path) -> BPETokenizer:
     except Exception as e:
         raise ValueError(f"{path} is not a valid tokenizer.json: {e}") from None
     cfg_path = path.parent / "tokenizer_config.json"
-    cfg = json.loads(cfg_path.read_text()) if cfg_path.exists() else {}
+    cfg = _json_object(cfg_path) if cfg_path.exists() else {}
 
-    def token_str(t):  # HF configs store either "<tok>" or {"content": "<tok>", ...}
+    def token_str(key):  # HF configs store either "<tok>" or {"content": "<tok>", ...}
+        t = _field(cfg, key, cfg_path, lambda v: isinstance(v, str) or isinstance(v, dict) and isinstance(v.get("content"), str),
+                   'a token string or {"content": token}')
         return t["content"] if isinstance(t, dict) else t
 
-    eos = token_str(cfg.get("eos_token")) or ENDOFTEXT
+    eos = token_str("eos_token") or ENDOFTEXT
     if backend.token_to_id(ENDOFTEXT) is not None and eos == IM_END:
         eos = ENDOFTEXT  # documents end with <|endoftext|>; <|im_end|> stays a stop token
-    bos = token_str(cfg.get("bos_token"))
+    bos = token_str("bos_token")
     if bos is not None and backend.token_to_id(bos) is None:
         bos = None
-    stops = cfg.get("stop_tokens") or [IM_END, ENDOFTEXT, token_str(cfg.get("eos_token")) or ENDOFTEXT]
-    return BPETokenizer(backend, cfg.get("chat_template"), eos_token=eos, bos_token=bos, stop_tokens=stops)
+    stops = _field(cfg, "stop_tokens", cfg_path, lambda v: isinstance(v, list) and all(isinstance(t, str) for t in v),
+                   "a list of token strings") or [IM_END, ENDOFTEXT, token_str("eos_token") or ENDOFTEXT]
+    template = _field(cfg, "chat_template", cfg_path, lambda v: isinstance(v, str), "a string (one Jinja template)")
+    try:
+        tokenizer = BPETokenizer(backend, template, eos_token=eos, bos_token=bos, stop_tokens=stops)
+    except ValueError as e:  # an eos_token the vocabulary lacks
+        raise ValueError(f"{cfg_path}: {e}") from None
+    if template is not None:
+        tokenizer.template_origin = f"{cfg_path} chat_template"
+    return tokenizer
 
 
 def with_chat_tokens(backend):

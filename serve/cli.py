@@ -69,7 +69,11 @@ def converse(engine, tokenizer, meta: dict, model: str, cfg, prompt: str | None,
         if not prompt.strip():
             print("error: the prompt is empty", file=sys.stderr)
             return 2
-        run_turn(engine, tokenizer, system_msgs + [{"role": "user", "content": prompt}], cfg)
+        try:
+            run_turn(engine, tokenizer, system_msgs + [{"role": "user", "content": prompt}], cfg)
+        except ValueError as e:  # the model's chat template refused or ran past its limits
+            print(f"error: {e}", file=sys.stderr)
+            return 2
         return 0
     print(f"chatting with {meta.get('name', model)} ({engine.name} on {engine.device}); /reset, /quit", file=sys.stderr)
     history: list[dict] = []
@@ -92,6 +96,10 @@ def converse(engine, tokenizer, meta: dict, model: str, cfg, prompt: str | None,
             reply = run_turn(engine, tokenizer, system_msgs + history, cfg)
         except KeyboardInterrupt:  # Ctrl-C stops this answer, not the chat
             print("\n[stopped]", file=sys.stderr)
+            history.pop()
+            continue
+        except ValueError as e:  # a template that refuses this conversation: say so, keep chatting
+            print(f"\nerror: {e}", file=sys.stderr)
             history.pop()
             continue
         history.append({"role": "assistant", "content": reply})
