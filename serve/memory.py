@@ -12,8 +12,12 @@ SmolLM2-135M in fp32: 2 x 30 x 3 x 64 x 4 = 46,080):
     batch      B x C x K   the batch's rows, allocated for the whole batch at its first join
     prefill    B x C x K   a prefilling sequence's own one-row cache, sized for its reply, while the
                            batch's rows stand (prefilling + active <= B), or a growing batch's old copy
+    weights    the network's parameters: PyTorch maps them from the file and they page in during the
+               first steps (SmolLM2: 372 MB resident once loaded, 879 MB after its first reply);
+               ONNX Runtime reads its graph's at load, so they are in `base` and count 0 here
     kept       --cache-budget-mb: the caches chats keep between turns (serve/prefix_cache.py)
-    grammars   serve/grammar.py's GRAMMAR_CACHE_BYTES of compiled grammars (an estimate per grammar)
+    grammars   serve/grammar.py's GRAMMAR_CACHE_BYTES of compiled grammars (an estimate per grammar),
+               and llguidance's view of the tokenizer, V x 512 bytes (SmolLM2: 25 MB measured)
     sampling   B x V x 9 bytes: seen (bool), counts and bias (fp32) per row, and the logits
     scratch    the prefill chunk's attention scores: PREFILL_CHUNK x C x heads x 4 bytes (one layer
                at a time), and the step's logits
@@ -25,9 +29,10 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 MB = 2**20
+PARTS = ("base", "weights", "batch", "prefill", "kept", "grammars", "sampling", "scratch")  # the sum
 
 
 def resident_bytes() -> int:
@@ -43,6 +48,7 @@ def resident_bytes() -> int:
 class MemoryBound:
     """The parts of the bound, in bytes; see the module's docstring for each."""
     base: int
+    weights: int
     batch: int
     prefill: int
     kept: int
@@ -55,10 +61,10 @@ class MemoryBound:
 
     @property
     def total(self) -> int:
-        return sum(getattr(self, f.name) for f in fields(self)[:7])
+        return sum(getattr(self, name) for name in PARTS)
 
     def line(self) -> str:
-        parts = ", ".join(f"{f.name} {getattr(self, f.name) / MB:,.0f}" for f in fields(self)[:7])
+        parts = ", ".join(f"{name} {getattr(self, name) / MB:,.0f}" for name in PARTS)
         return (f"memory bound: {self.total / MB:,.0f} MB resident at most ({parts} MB; KV cache "
                 f"{self.rows} rows x {self.context} tokens x {self.kv_bytes_per_token:,} bytes a token)")
 
@@ -71,8 +77,11 @@ def memory_bound(engine, grammar_budget: int, base: int | None = None) -> Memory
     backend, B, C, V = engine.backend, engine.max_batch, engine.max_seq_len, engine.vocab_size
     K = backend.new_cache(1, 1).bytes_per_token  # the cache's own arithmetic, in its dtype
     scores = min(PREFILL_CHUNK, C) * C * backend.cfg.n_heads * 4
-    return MemoryBound(base=resident_bytes() if base is None else base, batch=B * C * K, prefill=B * C * K,
-                       kept=engine.cache_budget_bytes, grammars=grammar_budget, sampling=B * V * 9,
+    model = getattr(backend, "model", None)  # a PyTorch network (TorchBackend); ONNX Runtime holds its own
+    weights = sum(p.numel() * p.element_size() for p in model.parameters()) if model is not None else 0
+    return MemoryBound(base=resident_bytes() if base is None else base, weights=weights, batch=B * C * K,
+                       prefill=B * C * K, kept=engine.cache_budget_bytes, grammars=grammar_budget + V * 512,
+                       sampling=B * V * 9,
                        scratch=scores + B * V * 4, rows=B, context=C, kv_bytes_per_token=K)
 
 

@@ -26,8 +26,11 @@ def test_the_bound_follows_rows_context_and_the_cache_dtype(dtype):
         bound = memory_bound(engine, grammar_budget=7 * MB, base=100 * MB)
         assert bound.kv_bytes_per_token == per_token
         assert bound.batch == bound.prefill == 3 * 256 * per_token
-        assert (bound.kept, bound.grammars, bound.sampling) == (5 * MB, 7 * MB, 3 * 512 * 9)
-        assert bound.total == (100 * MB + 2 * 3 * 256 * per_token + 12 * MB + 3 * 512 * 9 + bound.scratch)
+        weights = sum(p.numel() for p in engine.backend.model.parameters()) * (4 if dtype == torch.float32 else 2)
+        assert (bound.weights, bound.kept, bound.sampling) == (weights, 5 * MB, 3 * 512 * 9)
+        assert bound.grammars == 7 * MB + 512 * 512  # the budget, and llguidance's tokenizer: 512 bytes a token
+        assert bound.total == (100 * MB + weights + 2 * 3 * 256 * per_token + 5 * MB + bound.grammars
+                               + 3 * 512 * 9 + bound.scratch)
         line = bound.line()
         assert line.startswith(f"memory bound: {bound.total / MB:,.0f} MB resident at most")
         assert f"3 rows x 256 tokens x {per_token:,} bytes a token" in line
