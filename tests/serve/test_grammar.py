@@ -125,3 +125,20 @@ def test_compiled_grammars_are_kept_least_recently_used_first_out_under_a_byte_b
     assert [key[-1] for key in cache.items] == [texts[0], texts[2]]
     assert cache.nbytes == sizes[0] + sizes[2] <= cache.budget_bytes
 
+
+
+def test_a_compile_past_the_limit_is_refused_and_one_that_cannot_start_is_told_to_retry(tok, monkeypatch):
+    import time
+
+    from serve import grammar
+
+    real = grammar._build
+    monkeypatch.setattr(grammar, "_build", lambda lltok, text: time.sleep(1.0) or real(lltok, text))  # holds the thread 1 s
+    monkeypatch.setattr(grammar, "COMPILE_SECONDS", 0.2)
+    monkeypatch.setattr(grammar, "GRAMMARS", grammar.GrammarCache())
+    texts = [json_schema_grammar({"type": "object", "properties": {f"slow{i}": {"type": "integer"}}}) for i in range(2)]
+    with pytest.raises(GrammarError, match="too large to compile in 0.2 s"):
+        new_matcher(tok, 512, texts[0])
+    with pytest.raises(grammar.CompilerBusy):  # the first still runs for ~0.8 s: this one never started
+        new_matcher(tok, 512, texts[1])
+    time.sleep(1.0)  # the abandoned compile ends; the thread is free for the tests after this one
