@@ -193,6 +193,8 @@ def main(host: str = "127.0.0.1", port: int = 7860, model: str = DEFAULT, backen
           "exports the model once; later starts read the cache) ...", file=sys.stderr, flush=True)
     install_default_model_on_spaces()
     backend, note = preload(models, model, backend)
+    if (bound := models.bounds.get((model, backend))) is not None:
+        print(bound.line(), file=sys.stderr, flush=True)
     if share or hw == "zerogpu":  # gradio's own server: the page only
         # gradio.live tunnels that server; ZeroGPU attaches its GPU only to the page's requests, and
         # its `spaces` package starts up from Blocks.launch

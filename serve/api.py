@@ -46,7 +46,7 @@ from starlette.routing import Match
 from model.sampling_fields import generation_defaults
 from serve.chat import MAX_CHAT_CHARS, ChatStats, ChatTurn
 from serve.engine import Engine
-from serve.grammar import GrammarError
+from serve.grammar import CompilerBusy, GrammarError
 from serve.metrics import Metrics
 from serve.models import display_name
 from serve.protocol import ApiError, ChatRequest, CompletionRequest, DetokenizeRequest, Options, TokenizeRequest
@@ -73,6 +73,8 @@ def check_output(output: Output, tokenizer, vocab_size: int) -> None:
     except GrammarError as e:
         param = "tools" if output.calls else "response_format"
         raise ApiError(400, f"{param} cannot be used: {e}".splitlines()[0], param=param) from None
+    except CompilerBusy as e:
+        raise ApiError(429, str(e), "rate_limit_error", code="too_many_requests") from None
 
 
 async def read_json(request: Request) -> object:
@@ -160,12 +162,17 @@ class Api:
     def __init__(self, models, spec: str, backend: str, api_key: str | None = None, max_waiting: int = 32):
         self.models, self.spec, self.backend = models, spec, backend
         self.api_key, self.max_waiting = api_key, max_waiting
-        self.metrics = Metrics(self.engine_now)
+        self.metrics = Metrics(self.engine_now, self.memory_bound)
 
     def engine_now(self) -> tuple[int, int]:
         """(rows decoding, requests waiting) of the loaded engine, (0, 0) before it loads."""
         loaded = self.models.loaded.get((self.spec, self.backend))
         return (len(loaded[0].active), loaded[0].waiting_count()) if loaded else (0, 0)
+
+    def memory_bound(self) -> int:
+        """The loaded engine's memory bound in bytes (serve/memory.py), 0 before it loads."""
+        bound = getattr(self.models, "bounds", {}).get((self.spec, self.backend))
+        return bound.total if bound is not None else 0
 
     async def load(self) -> tuple[Engine, object, dict, str]:
         """(engine, tokenizer, meta, the name the model is served under), off the event loop."""

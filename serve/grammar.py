@@ -4,7 +4,8 @@ every step, so its text parses whatever the model would have preferred.
     json_schema_grammar(schema)        a JSON schema (None: any JSON object) -> grammar text; objects
                                        that list their properties allow no others (closed())
     lark_grammar(lark)                 a Lark grammar (llguidance's dialect, %json allowed) -> grammar text
-    new_matcher(tok, vocab, grammar)   one row's matcher, forked from a compiled grammar cached by its text
+    new_matcher(tok, vocab, grammar)   one row's matcher, forked from a compiled grammar (GRAMMARS: an LRU
+                                       under a byte budget), compiled off the caller's thread in COMPILE_SECONDS
     grammar_masks(logits, matchers, bitmask)  the batched mask: rows with a matcher lose every token it forbids
     token_bytes(tok, vocab, ids)       the exact bytes of each token (logprobs need them)
 
@@ -23,6 +24,10 @@ from __future__ import annotations
 
 import functools
 import json
+import threading
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 
 import torch
 
@@ -92,19 +97,101 @@ def grammar_tokenizer(tokenizer, vocab_size: int):
     return llguidance.LLTokenizer(tokenizer.backend.to_str(), n_vocab=vocab_size, eos_token=list(tokenizer.stop_ids))
 
 
-@functools.lru_cache(maxsize=256)
-def _compiled(tokenizer, vocab_size: int, grammar: str):
-    """The compiled grammar (a pristine matcher), cached by the grammar's text: rows fork it."""
+# What a compiled grammar holds, measured in resident memory with SmolLM2's tokenizer: ~44 KB for
+# each of 300 small schemas (~300 characters of grammar text), ~30 bytes per character of grammar
+# text for 20 schemas of a 20,000-string enum (~250,000 characters, 7.6 MB each). The estimate
+# takes a little more of both; the cache keeps compiled grammars until their estimates pass its budget.
+GRAMMAR_BASE_BYTES, GRAMMAR_BYTES_PER_CHAR = 64 << 10, 32
+GRAMMAR_CACHE_BYTES = 256 << 20
+# A compile that takes longer is abandoned and its request refused (a 50,000-string enum takes ~1 s
+# here). llguidance's own limits (grammar size, lexer fuel) bound what an abandoned compile still
+# spends in the one compiler thread, and what one step's mask may cost: ~14k fuel and ~20k items a
+# millisecond, so a grammar row's mask takes at most ~17 ms of a step (then its matcher errs and
+# the row ends with the error) instead of holding every other row.
+COMPILE_SECONDS = 5.0
+LIMITS = {"max_grammar_size": 500_000, "initial_lexer_fuel": 1_000_000, "step_lexer_fuel": 200_000,
+          "step_max_items": 50_000}
+
+
+def grammar_bytes(grammar: str) -> int:
+    """The estimated memory of a compiled grammar (see GRAMMAR_BYTES_PER_CHAR)."""
+    return GRAMMAR_BASE_BYTES + GRAMMAR_BYTES_PER_CHAR * len(grammar)
+
+
+class GrammarCache:
+    """Compiled grammars (pristine matchers rows fork) by (tokenizer, vocab size, grammar text), least
+    recently used first out once their estimated bytes pass `budget_bytes`. Any thread may call it."""
+
+    def __init__(self, budget_bytes: int = GRAMMAR_CACHE_BYTES):
+        self.budget_bytes, self.nbytes = budget_bytes, 0
+        self.items: OrderedDict = OrderedDict()  # key -> (matcher, estimated bytes)
+        self.lock = threading.Lock()
+
+    def get(self, key):
+        with self.lock:
+            if key not in self.items:
+                return None
+            self.items.move_to_end(key)
+            return self.items[key][0]
+
+    def put(self, key, matcher) -> None:
+        nbytes = grammar_bytes(key[-1])
+        with self.lock:
+            if key in self.items:
+                return
+            self.items[key], self.nbytes = (matcher, nbytes), self.nbytes + nbytes
+            while self.nbytes > self.budget_bytes and len(self.items) > 1:
+                _, (_, gone) = self.items.popitem(last=False)
+                self.nbytes -= gone
+
+
+GRAMMARS = GrammarCache()
+
+
+class CompilerBusy(RuntimeError):
+    """The compiler thread is still on an earlier schema; the request may try again shortly."""
+
+
+@functools.lru_cache(maxsize=1)
+def _compiler() -> ThreadPoolExecutor:
+    # One thread: grammars compile one at a time, so schemas, however many arrive, take at most one
+    # core from the engine.
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="grammar")
+
+
+def _build(lltok, grammar: str):
     import llguidance
 
-    matcher = llguidance.LLMatcher(grammar_tokenizer(tokenizer, vocab_size), grammar, log_level=0)
+    matcher = llguidance.LLMatcher(lltok, grammar, log_level=0, limits=llguidance.LLParserLimits(**LIMITS))
     if matcher.is_error():
         raise GrammarError(matcher.get_error())
+    # The first mask builds lexer states every fork shares: computed here once, not in the engine's
+    # step (50,000-string enum, SmolLM2: a fork's first mask 3.2 ms cold, 0.05 ms after this).
+    matcher.compute_bitmask()
+    return matcher
+
+
+def _compiled(tokenizer, vocab_size: int, grammar: str):
+    """The compiled grammar (a pristine matcher), from GRAMMARS or compiled in the compiler thread
+    within COMPILE_SECONDS: GrammarError if it does not compile in time, CompilerBusy if an earlier
+    compile kept the thread all that time."""
+    key = (tokenizer, vocab_size, grammar)
+    if (matcher := GRAMMARS.get(key)) is not None:
+        return matcher
+    lltok = grammar_tokenizer(tokenizer, vocab_size)  # built once, outside the time limit
+    job = _compiler().submit(_build, lltok, grammar)
+    try:
+        matcher = job.result(timeout=COMPILE_SECONDS)
+    except FutureTimeout:
+        if job.cancel():
+            raise CompilerBusy(f"the grammar compiler was busy for {COMPILE_SECONDS:g} s; try again shortly") from None
+        raise GrammarError(f"the schema is too large to compile in {COMPILE_SECONDS:g} s") from None
+    GRAMMARS.put(key, matcher)
     return matcher
 
 
 def new_matcher(tokenizer, vocab_size: int, grammar: str):
-    """A fresh matcher for one row; GrammarError if the grammar does not compile."""
+    """A fresh matcher for one row; GrammarError if the grammar does not compile (in time)."""
     return _compiled(tokenizer, vocab_size, grammar).deep_copy()
 
 

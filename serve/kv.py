@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 
 from model.model import StaticCache
+from serve.memory import give_back
 from serve.prefix_cache import PrefixCache
 
 
@@ -90,8 +91,12 @@ class BatchCache:
         self.cache: StaticCache | None = None
 
     def free(self) -> None:
-        """Give the memory back (the engine is idle, or its batch failed)."""
-        self.cache = None
+        """Give the memory back (the engine is idle, or its batch failed): the buffers, then the
+        heap pages glibc would otherwise keep for the process (a cache under its mmap threshold,
+        which rises to 32 MB as large blocks are freed, lands on the heap)."""
+        if self.cache is not None:
+            self.cache = None
+            give_back()
 
     def prefill_cache(self, prompt: list[int], capacity: int, reuse: bool) -> tuple[StaticCache, int]:
         """A one-row cache of `capacity` positions for a new sequence, holding what a kept cache

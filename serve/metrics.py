@@ -7,6 +7,7 @@ registers itself on import, and two servers in one process (the tests) do not sh
     cogni_mamba_time_per_output_token_seconds        histogram (decode time / tokens after the first)
     cogni_mamba_cache_hits_total, _cache_reused_tokens_total    prompts that started from a kept cache
     cogni_mamba_batch_rows, _requests_waiting        the engine now (the page's chats included)
+    cogni_mamba_memory_bound_bytes, _resident_bytes  the stated bound (serve/memory.py), and the process now
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from typing import Callable
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from serve.chat import ChatStats
+from serve.memory import resident_bytes
 
 # A 135M model on 2 CPU cores: ~20 ms a token, a first token from 50 ms (short prompt) to seconds
 # (a full 8k context); the buckets span both ends.
@@ -23,9 +25,10 @@ TOKEN_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.08, 0.15, 0.3, 0.6, 1.2)
 
 
 class Metrics:
-    """Counters the handlers feed; `engine_now` -> (rows decoding, requests waiting), read at scrape time."""
+    """Counters the handlers feed; `engine_now` -> (rows decoding, requests waiting) and `bound` ->
+    the engine's memory bound in bytes (0 before it loads), read at scrape time."""
 
-    def __init__(self, engine_now: Callable[[], tuple[int, int]]):
+    def __init__(self, engine_now: Callable[[], tuple[int, int]], bound: Callable[[], int] = lambda: 0):
         r = self.registry = CollectorRegistry()
         p = "cogni_mamba_"
         self.requests = Counter(p + "requests", "HTTP API requests answered", ["route", "status"], registry=r)
@@ -40,6 +43,9 @@ class Metrics:
         Gauge(p + "batch_rows", "sequences decoding in the engine's batch", registry=r).set_function(
             lambda: engine_now()[0])
         Gauge(p + "requests_waiting", "sequences waiting for a row", registry=r).set_function(lambda: engine_now()[1])
+        Gauge(p + "memory_bound_bytes", "resident memory the server may reach: the model loaded, then its "
+              "batch, prefill and kept caches, compiled grammars and sampling state at most", registry=r).set_function(bound)
+        Gauge(p + "resident_bytes", "the server's resident memory now", registry=r).set_function(resident_bytes)
 
     def answered(self, route: str, status: int) -> None:
         self.requests.labels(route, str(status)).inc()

@@ -21,7 +21,9 @@ from model.checkpoint import is_model_dir, recover_interrupted_swap
 from model.weights import DEFAULT_NAME
 from serve.engine import Engine
 from export.folder import META_FILE, is_onnx_export
+from serve.grammar import GRAMMARS
 from serve.load import load_backend
+from serve.memory import MemoryBound, memory_bound
 
 ROOT = Path(__file__).resolve().parents[1]
 MAX_BATCH = 8  # sequences decoded together; a 2-core CPU still gains (weights are read once per step)
@@ -76,6 +78,7 @@ class ModelCache:
         self.max_batch, self.cache_budget_mb, self.speculate = max_batch, cache_budget_mb, speculate
         self.zerogpu = zerogpu  # a ZeroGPU Space: PyTorch models then run as ZeroGpuRunners
         self.loaded: dict[tuple[str, str], tuple] = {}
+        self.bounds: dict[tuple[str, str], MemoryBound] = {}  # each engine's memory bound, taken once it loaded
         self.locks: dict[tuple[str, str], threading.Lock] = {}
         self.guard = threading.Lock()
 
@@ -98,6 +101,7 @@ class ModelCache:
                 else:
                     net, tokenizer, meta = self.loader(spec, backend)
                     engine = Engine(net, self.max_batch, int(self.cache_budget_mb * 2**20), self.speculate)
+                    self.bounds[key] = memory_bound(engine, GRAMMARS.budget_bytes)
                 self.loaded[key] = (engine, tokenizer, meta)
                 self.log(f"loaded {meta.get('name', spec)} on {engine.name}/{engine.device} "
                          f"in {time.perf_counter() - start:.1f} s")

@@ -107,3 +107,38 @@ def test_objects_that_list_their_properties_are_closed():
     assert got["properties"]["properties"]["additionalProperties"] is False
     assert got["properties"]["open"]["additionalProperties"] is True
     assert got["$defs"]["x"]["additionalProperties"] is False and got["anyOf"][0]["additionalProperties"] is False
+
+
+def test_compiled_grammars_are_kept_least_recently_used_first_out_under_a_byte_budget(tok, monkeypatch):
+    from serve import grammar
+
+    texts = [json_schema_grammar({"type": "object", "properties": {f"k{i}": {"type": "integer"}}}) for i in range(3)]
+    sizes = [grammar.grammar_bytes(t) for t in texts]
+    # room for the first two and not the third: adding it must drop the least recently used
+    cache = grammar.GrammarCache(budget_bytes=sizes[0] + sizes[1] + sizes[2] - 1)
+    monkeypatch.setattr(grammar, "GRAMMARS", cache)
+    new_matcher(tok, 512, texts[0])
+    new_matcher(tok, 512, texts[1])
+    new_matcher(tok, 512, texts[0])  # a hit: texts[1] is now the least recently used
+    assert cache.nbytes == sizes[0] + sizes[1]
+    new_matcher(tok, 512, texts[2])
+    assert [key[-1] for key in cache.items] == [texts[0], texts[2]]
+    assert cache.nbytes == sizes[0] + sizes[2] <= cache.budget_bytes
+
+
+
+def test_a_compile_past_the_limit_is_refused_and_one_that_cannot_start_is_told_to_retry(tok, monkeypatch):
+    import time
+
+    from serve import grammar
+
+    real = grammar._build
+    monkeypatch.setattr(grammar, "_build", lambda lltok, text: time.sleep(1.0) or real(lltok, text))  # holds the thread 1 s
+    monkeypatch.setattr(grammar, "COMPILE_SECONDS", 0.2)
+    monkeypatch.setattr(grammar, "GRAMMARS", grammar.GrammarCache())
+    texts = [json_schema_grammar({"type": "object", "properties": {f"slow{i}": {"type": "integer"}}}) for i in range(2)]
+    with pytest.raises(GrammarError, match="too large to compile in 0.2 s"):
+        new_matcher(tok, 512, texts[0])
+    with pytest.raises(grammar.CompilerBusy):  # the first still runs for ~0.8 s: this one never started
+        new_matcher(tok, 512, texts[1])
+    time.sleep(1.0)  # the abandoned compile ends; the thread is free for the tests after this one
