@@ -171,9 +171,12 @@ class Api:
         else:
             ids = req.prompt
         check_prompt(ids, engine)
-        turn = ChatTurn.from_ids(engine, tokenizer, ids, cfg, ChatStats(), req.stop, req.cache_prompt is not False)
+        turn = ChatTurn.from_ids(engine, tokenizer, ids, cfg, ChatStats(), req.stop, req.cache_prompt is not False,
+                                 req.prompt_alternatives())
         echoed = (req.prompt if isinstance(req.prompt, str) else tokenizer.decode(ids)) if req.echo else ""
-        reply = CompletionReply(engine, turn, name, req, notice, self.metrics, tokenizer, echoed)
+        # a BOS this server put before a text prompt is not in the echoed text: its logprobs leave it out
+        first = None if isinstance(req.prompt, str) and tokenizer.bos_id is not None else ids[0]
+        reply = CompletionReply(engine, turn, name, req, notice, self.metrics, tokenizer, echoed, first)
         return reply.stream() if req.stream else await reply.full(request)
 
     async def health(self, request: Request):

@@ -20,7 +20,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from serve.chat import ChatTurn, achat
 from serve.engine import Engine
-from serve.logprobs import chat_logprobs, completion_logprobs
+from serve.logprobs import chat_logprobs, completion_logprobs, echoed_logprobs
 from serve.metrics import Metrics
 from serve.protocol import ApiError, Options
 from serve.tools import ToolCallStream
@@ -147,13 +147,19 @@ class ChatReply:
 
 class CompletionReply(ChatReply):
     """A text completion: choices hold `text` (after the prompt's own text when echo is on), and
-    logprobs in the completions shape (tokens, token_logprobs, top_logprobs, text_offset)."""
+    logprobs in the completions shape (tokens, token_logprobs, top_logprobs, text_offset). With echo
+    and logprobs they cover the prompt, then the reply; `first` is the prompt's first token as
+    serve/logprobs.py echoed_logprobs takes it. The prompt's logprobs exist once its prefill is done,
+    so a stream then sends the echoed text with the first chunk after the opening one (the two stay
+    together in one chunk), not in the opening chunk."""
     object, chunk, prefix = "text_completion", "text_completion", "cmpl"  # OpenAI names completion chunks so too
 
     def __init__(self, engine: Engine, turn: ChatTurn, name: str, request: Options, notice: str, metrics: Metrics,
-                 tokenizer, echoed: str):
+                 tokenizer, echoed: str, first: int | None = None):
         super().__init__(engine, turn, name, request, notice, metrics, tokenizer)
-        self.echoed = echoed
+        self.echoed, self.first = echoed, first
+        self.prompt_pending = turn.seq.prompt_logprobs is not None  # the prompt's logprobs are still to send
+        self.echo_pending = echoed if self.prompt_pending else ""  # the echoed text waits for them
         self.text_offset = len(echoed)  # characters sent before the next logprobs' first token
 
     def new_logprobs(self) -> dict | None:
@@ -162,6 +168,10 @@ class CompletionReply(ChatReply):
             return None
         logprobs = completion_logprobs(self.tokenizer, self.vocab_size, entries, self.text_offset)
         self.text_offset += sum(len(t) for t in logprobs["tokens"])
+        if self.prompt_pending:
+            self.prompt_pending = False
+            prompt = echoed_logprobs(self.tokenizer, self.vocab_size, self.first, self.turn.seq.prompt_entries)
+            logprobs = {key: prompt[key] + logprobs[key] for key in logprobs}
         return logprobs
 
     def choice(self, deltas: list[dict]) -> dict:
@@ -169,5 +179,8 @@ class CompletionReply(ChatReply):
         return {"index": 0, "text": text, "finish_reason": self.finish_reason(), "logprobs": self.new_logprobs()}
 
     def _delta(self, delta: dict | None, finish=None, logprobs=None, **extra) -> str:
-        text = self.echoed if delta is None else delta.get("content", "")
+        if delta is None:
+            text = "" if self.prompt_pending else self.echoed
+        else:
+            text, self.echo_pending = self.echo_pending + delta.get("content", ""), ""
         return self._event([{"index": 0, "text": text, "finish_reason": finish, "logprobs": logprobs}], **extra)
