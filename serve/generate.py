@@ -130,6 +130,14 @@ class TorchBackend:
         return logits.float().cpu()
 
 
+    @torch.inference_mode()
+    def hidden(self, tokens: torch.Tensor, cache: StaticCache) -> torch.Tensor:
+        """As forward, but the final norm's output (B, T, dim), float32 on the CPU: what the head
+        reads, and what embeddings pool (serve/embeddings.py). The ONNX graph has no such output."""
+        check_dtype(self, cache.dtype)
+        return self.model.norm(self.model.layers_static(tokens.to(self.param.device), cache)).float().cpu()
+
+
 def capacity_for(n: int, max_seq_len: int) -> int:
     return min(max_seq_len, -(-n // CAPACITY_STEP) * CAPACITY_STEP)
 

@@ -158,3 +158,81 @@ def test_lm_evaluation_harness_scores_a_task_against_the_server(server, nano_dir
         best.append(max(range(len(scores)), key=scores.__getitem__) == doc["answer"])
     acc = out["results"]["nano_choices"]["acc,none"]
     assert isinstance(acc, float) and acc == pytest.approx(sum(best) / len(best))
+
+
+def pooled(models, nano_dir, ids: list[int]) -> torch.Tensor:
+    """The reference: the final norm's output in one whole uncached forward (read by a hook on the
+    norm), averaged over the positions."""
+    engine, _, _ = models.get(str(nano_dir), "torch")
+    model, seen = engine.backend.model, []
+    hook = model.norm.register_forward_hook(lambda module, args, out: seen.append(out))
+    try:
+        with torch.inference_mode():
+            model(torch.tensor([ids]))
+    finally:
+        hook.remove()
+    return seen[0][0].float().mean(0)
+
+
+# The hidden state is RMS-normed (entries ~1 times the norm's weight) and the server's differs from
+# the reference only by the order of fp32 sums over dim (128) terms: 128 * 1.2e-7 ~ 1.5e-5 an entry.
+EMBED_TOL = 3e-5
+
+
+def test_embeddings_through_the_openai_client_are_mean_pooled_hidden_states(models, nano_dir):
+    """openai's embeddings.create (base64 by default, as the client asks) and floats: one vector
+    of the model's width per input, equal inputs equal vectors, each the mean over its tokens."""
+    client, http = make_client(models, nano_dir)
+    _, tok, _ = models.get(str(nano_dir), "torch")
+    texts = ["the quick brown fox", "hello there", "the quick brown fox"]
+    r = client.embeddings.create(model="nano", input=texts)
+    vectors = [d.embedding for d in r.data]
+    assert [d.index for d in r.data] == [0, 1, 2] and all(len(v) == 128 for v in vectors)
+    assert vectors[0] == vectors[2] and vectors[0] != vectors[1]
+    assert r.usage.prompt_tokens == r.usage.total_tokens == sum(len(tok.encode(t)) for t in texts)
+    for text, v in zip(texts, vectors):
+        assert torch.allclose(torch.tensor(v), pooled(models, nano_dir, tok.encode(text)), atol=EMBED_TOL, rtol=0)
+    floats = client.embeddings.create(model="nano", input=IDS, encoding_format="float").data
+    assert len(floats) == 1 and torch.allclose(torch.tensor(floats[0].embedding), pooled(models, nano_dir, IDS),
+                                               atol=EMBED_TOL, rtol=0)
+    body = post(http, "/v1/embeddings", {"model": "nano", "input": [IDS, "hello there"], "encoding_format": "float"})
+    assert body.status_code == 200 and body.json()["data"][0]["embedding"] == floats[0].embedding
+
+
+def test_embeddings_are_pooled_chunk_by_chunk(models, nano_dir):
+    from serve.embeddings import embed
+
+    engine, _, _ = models.get(str(nano_dir), "torch")
+    ids = (IDS * 20)[:200]
+    assert torch.allclose(embed(engine.backend, ids, chunk=7), pooled(models, nano_dir, ids), atol=EMBED_TOL, rtol=0)
+
+
+def test_langchain_openai_embeddings(models, nano_dir):
+    langchain_openai = pytest.importorskip("langchain_openai")
+    _, http = make_client(models, nano_dir)
+    emb = langchain_openai.OpenAIEmbeddings(model="nano", base_url="http://testserver/v1", api_key="unused",
+                                            http_client=http, check_embedding_ctx_length=False, max_retries=0)
+    docs = emb.embed_documents(["hello there", "the lazy dog"])
+    query = emb.embed_query("hello there")
+    assert len(docs) == 2 and len(docs[0]) == 128 and docs[0] == query and docs[0] != docs[1]
+
+
+@pytest.mark.parametrize("body, status, param", [
+    ({"input": ""}, 400, "input[0]"), ({"input": []}, 400, "input"), ({"input": [1, 10**6]}, 400, "input[0]"),
+    ({"input": [[1, 2], 3]}, 400, "input"), ({"input": "hi", "dimensions": 64}, 400, "dimensions"),
+    ({"input": "hi", "encoding_format": "int8"}, 400, "encoding_format"), ({"input": "hi", "model": "x"}, 404, "model"),
+    ({"input": list(range(1, 300))}, 400, "input[0]"), ({"input": "hi", "pooling": "cls"}, 400, "pooling"),
+])
+def test_embeddings_refuse_what_they_cannot_do(models, nano_dir, body, status, param):
+    _, http = make_client(models, nano_dir)
+    r = post(http, "/v1/embeddings", {"model": "nano", **body})
+    assert r.status_code == status and r.json()["error"]["param"] == param, r.text
+
+
+def test_embeddings_on_onnx_runtime_use_the_pytorch_weights(server, models, nano_dir):
+    """`python app.py` serves on ONNX Runtime, whose graph gives only logits: its embeddings come
+    from the same model folder's PyTorch weights, so they equal the reference."""
+    client = openai.OpenAI(base_url=f"{server}v1", api_key="unused", max_retries=0)
+    _, tok, _ = models.get(str(nano_dir), "torch")
+    got = client.embeddings.create(model="nano", input="hello there").data[0].embedding
+    assert torch.allclose(torch.tensor(got), pooled(models, nano_dir, tok.encode("hello there")), atol=EMBED_TOL, rtol=0)
