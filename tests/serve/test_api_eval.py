@@ -9,7 +9,13 @@ import torch
 openai = pytest.importorskip("openai")
 
 from serve.generate import Sequence, TorchBackend, capacity_for, prefill  # noqa: E402
-from tests.serve.test_api import make_client, models, post  # noqa: E402,F401 - models: the module's fixture
+from serve.models import ModelCache  # noqa: E402
+from tests.serve.test_api import make_client, post  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def models(nano_dir):
+    return ModelCache(log=lambda msg: None)
 
 # The server computes the same fp32 logits as the direct forward below, only cut into other chunks
 # and batch shapes, so each logit may differ by the reordering of fp32 sums over dim (128) terms of
