@@ -2,6 +2,7 @@
 
     sample(logits, rows)          (serve/sampling.py) (B, vocab) -> B tokens, per-row settings
     prefill(backend, cache, row, ids)  a sequence's prompt into one cache row, in chunks -> last logits
+                                  (and, when it asks, its prompt's logprobs: Sequence.score_prompt)
     decode_step(backend, cache, seqs)  one token for every active row: one network call -> (B, vocab)
     Sequence.accept(token)        the stopping rules: a stop id, a complete grammar, max_new_tokens,
                                   a full context
