@@ -294,6 +294,11 @@ class CogniMamba(nn.Module):
     def forward_static(self, input_ids: torch.Tensor, cache: StaticCache, last_only: bool) -> torch.Tensor:
         """input_ids (B, T) continue rows 0..B-1 of `cache` (B == cache.num_rows), row b at position
         cache.lengths[b]. Writes the new keys/values in place; returns logits (B, T or 1, vocab)."""
+        return self.logits(self.layers_static(input_ids, cache), last_only)
+
+    def layers_static(self, input_ids: torch.Tensor, cache: StaticCache) -> torch.Tensor:
+        """forward_static up to the last layer's output (B, T, dim), before the final norm: what
+        embeddings pool (after that norm) as well as what the head reads."""
         B, T = input_ids.shape
         dev = input_ids.device
         positions = cache.lengths.to(dev)[:, None] + torch.arange(T, device=dev)  # (B, T)
@@ -308,7 +313,7 @@ class CogniMamba(nn.Module):
         cos, sin = rope_cos_sin(positions, self.inv_freq, x.dtype)
         for i, layer in enumerate(self.layers):
             x, _ = layer(x, cos, sin, mask, StaticLayer(cache, i, positions))
-        return self.logits(x, last_only)
+        return x
 
     def empty_cache(self, batch_size: int = 1, device=None, dtype=torch.float32) -> KVCache:
         """A past of length 0: zeros of shape (B, n_kv_heads, 0, head_dim), never uninitialised."""

@@ -20,9 +20,12 @@ Structured output and tool calls are serve/tools.py's: response_format (json_obj
 and tools with tool_choice constrain the reply by a grammar (serve/grammar.py), and a reply that
 calls tools comes back as OpenAI's tool_calls (finish_reason "tool_calls"; streamed as deltas).
 A chat may hold assistant messages with tool_calls and the tool results (role "tool") that answer
-them; a tool result may be the last message. logprobs are the sampler's (serve/logprobs.py).
+them; a tool result may be the last message. logprobs are the sampler's (serve/logprobs.py); with
+echo, /v1/completions scores the prompt too (the model's own logprobs: lm-evaluation-harness's
+loglikelihood). /v1/embeddings mean-pools the final hidden state (serve/embeddings.py).
 
-Request bodies are serve/protocol.py's pydantic models (their fields are the routes' fields):
+Request bodies are serve/protocol.py's pydantic models (and serve/embeddings.py's EmbeddingRequest, built
+on them; their fields are the routes' fields):
 strictly typed, a field not declared refused with a 400 naming it. Errors use OpenAI's format,
 {"error": {"message", "type", "param", "code"}}, never a traceback; the replies are serve/replies.py's.
 An API key is required when the server is reachable from other machines (app.py decides; see
@@ -45,6 +48,7 @@ from starlette.routing import Match
 
 from model.sampling_fields import generation_defaults
 from serve.chat import MAX_CHAT_CHARS, ChatStats, ChatTurn
+from serve.embeddings import EmbeddingRequest, embed, embedding_items
 from serve.engine import Engine
 from serve.grammar import CompilerBusy, GrammarError
 from serve.metrics import Metrics
@@ -59,7 +63,7 @@ API_KEY_ENV = "COGNI_MAMBA_API_KEY"
 MAX_BODY_BYTES = 8 * MAX_CHAT_CHARS + 65536
 # OpenAI routes this server does not build: a clear 404 in OpenAI's shape (a 5xx would make the
 # openai client retry), not the page's own "Not Found".
-NOT_BUILT = {"/v1/responses": "the Responses API", "/v1/embeddings": "embeddings"}
+NOT_BUILT = {"/v1/responses": "the Responses API"}
 
 
 def check_output(output: Output, tokenizer, vocab_size: int) -> None:
@@ -192,15 +196,18 @@ class Api:
                                 f"{name!r}", param="model", code="model_not_found")
         return JSONResponse(model_entry(name, engine, meta))
 
+    def check_model(self, model: str, name: str) -> None:
+        if model not in (name, self.spec):
+            raise ApiError(404, f"the model {model!r} does not exist here; this server runs {name!r} "
+                                "(GET /v1/models)", param="model", code="model_not_found")
+
     async def _admit(self, request: Request, kind: type[Options]):
         """Key, body, model and queue checks shared by the generating routes ->
         (engine, tokenizer, name, the request, its SamplingConfig, a notice of the cap it met)."""
         check_key(request, self.api_key)
         req = kind.parse(await read_json(request))
         engine, tokenizer, meta, name = await self.load()
-        if req.model not in (name, self.spec):
-            raise ApiError(404, f"the model {req.model!r} does not exist here; this server runs {name!r} "
-                                "(GET /v1/models)", param="model", code="model_not_found")
+        self.check_model(req.model, name)
         cfg, notice = req.sampling(generation_defaults(meta), engine.max_seq_len)
         if any(token >= engine.vocab_size for token, _ in cfg.logit_bias):
             raise ApiError(400, f"logit_bias names a token id beyond the vocabulary ({engine.vocab_size})",
@@ -230,10 +237,12 @@ class Api:
         else:
             ids = req.prompt
         check_prompt(ids, engine)
-        turns = [ChatTurn.from_ids(engine, tokenizer, ids, c, ChatStats(), req.stop, req.cache_prompt is not False)
-                 for c in seeded(cfg, req.n)]
+        turns = [ChatTurn.from_ids(engine, tokenizer, ids, c, ChatStats(), req.stop, req.cache_prompt is not False,
+                                   req.prompt_alternatives()) for c in seeded(cfg, req.n)]
         echoed = (req.prompt if isinstance(req.prompt, str) else tokenizer.decode(ids)) if req.echo else ""
-        reply = CompletionReply(engine, turns, name, req, notice, self.metrics, tokenizer, echoed)
+        # a BOS this server put before a text prompt is not in the echoed text: its logprobs leave it out
+        first = None if isinstance(req.prompt, str) and tokenizer.bos_id is not None else ids[0]
+        reply = CompletionReply(engine, turns, name, req, notice, self.metrics, tokenizer, echoed, first)
         return reply.stream() if req.stream else await reply.full(request)
 
     async def tokenize(self, request: Request):
@@ -258,6 +267,32 @@ class Api:
                            param=f"tokens[{bad}]")
         return JSONResponse({"content": await run_in_threadpool(tokenizer.decode, req.tokens)})
 
+    async def embeddings(self, request: Request):
+        check_key(request, self.api_key)
+        req = EmbeddingRequest.parse(await read_json(request))
+        engine, tokenizer, _, name = await self.load()
+        self.check_model(req.model, name)
+        backend = await run_in_threadpool(self.pooling_backend, engine)
+        if req.dimensions is not None and req.dimensions != backend.cfg.dim:
+            raise ApiError(400, f"dimensions {req.dimensions} is not supported: this model's embeddings have "
+                                f"{backend.cfg.dim}", param="dimensions", code="unsupported_parameter")
+        inputs = await run_in_threadpool(embedding_inputs, req.input, tokenizer, engine)
+        vectors = await run_in_threadpool(lambda: [embed(backend, ids) for ids in inputs])
+        n = sum(len(ids) for ids in inputs)
+        return JSONResponse({"object": "list", "data": embedding_items(vectors, req.encoding_format or "float"),
+                             "model": name, "usage": {"prompt_tokens": n, "total_tokens": n}})
+
+    def pooling_backend(self, engine: Engine):
+        """The TorchBackend that embeddings run on: the served one, or under ONNX Runtime (whose
+        graph gives only logits) the same model's PyTorch weights, loaded once through the ModelCache."""
+        if engine.name == "torch":
+            return engine.backend
+        try:
+            return self.models.get(self.spec, "torch")[0].backend
+        except FileNotFoundError as e:
+            raise ApiError(400, f"embeddings need the model's PyTorch weights: {e}".splitlines()[0],
+                           code="embeddings_unavailable") from None
+
     async def health(self, request: Request):
         if (self.spec, self.backend) not in self.models.loaded:
             raise ApiError(503, "the model is not loaded: it is loading, or its load failed (see the server's log)",
@@ -278,6 +313,21 @@ def check_prompt(ids: list[int], engine: Engine) -> None:
     if len(ids) >= engine.max_seq_len:
         raise ApiError(400, f"the prompt is {len(ids)} tokens; the model's context holds {engine.max_seq_len}",
                        param="prompt", code="context_length_exceeded")
+
+
+def embedding_inputs(inputs: list, tokenizer, engine: Engine) -> list[list[int]]:
+    """Each input's token ids: a text after the model's BOS (as /v1/completions feeds one), token
+    ids as given; each must fit the context (nothing is generated after it, so it may fill it)."""
+    bos = [tokenizer.bos_id] if tokenizer.bos_id is not None else []
+    out = [bos + tokenizer.encode(x) if isinstance(x, str) else x for x in inputs]
+    for i, ids in enumerate(out):
+        if (bad := next((t for t in ids if not 0 <= t < engine.vocab_size), None)) is not None:
+            raise ApiError(400, f"token id {bad} is outside the vocabulary (0..{engine.vocab_size - 1})",
+                           param=f"input[{i}]")
+        if len(ids) > engine.max_seq_len:
+            raise ApiError(400, f"input[{i}] is {len(ids)} tokens; the model's context holds {engine.max_seq_len}",
+                           param=f"input[{i}]", code="context_length_exceeded")
+    return out
 
 
 def answering(handler, route: str, metrics: Metrics):
@@ -304,6 +354,8 @@ ROUTES = (
     ("POST", "/tokenize", Api.tokenize, "text -> token ids (llama.cpp's body: content, add_special, parse_special, "
                                         "with_pieces); fields: serve/protocol.py TokenizeRequest"),
     ("POST", "/detokenize", Api.detokenize, "token ids -> text (llama.cpp's body: tokens)"),
+    ("POST", "/v1/embeddings", Api.embeddings,
+     "the mean of the final norm's output over each input's tokens; fields: serve/embeddings.py EmbeddingRequest"),
     ("GET", "/v1/models", Api.list_models, "the model this server runs: context length, generation defaults"),
     ("GET", "/v1/models/{model:path}", Api.get_model, "the same for one model id"),
     ("GET", "/health", Api.health, "200 once the model is loaded, 503 before (as llama.cpp's server)"),

@@ -232,10 +232,13 @@ class ChatTurn:
 
     @classmethod
     def from_ids(cls, engine: Engine | Backend, tokenizer, ids: list[int], cfg: SamplingConfig = GREEDY,
-                 stats: ChatStats | None = None, stop: Iterable[str] = (), reuse_cache: bool = True) -> "ChatTurn":
-        """A turn that continues `ids` as they are, no template and no trimming (a text completion)."""
+                 stats: ChatStats | None = None, stop: Iterable[str] = (), reuse_cache: bool = True,
+                 prompt_logprobs: int | None = None) -> "ChatTurn":
+        """A turn that continues `ids` as they are, no template and no trimming (a text completion);
+        prompt_logprobs: score the prompt too (Sequence's)."""
         turn = cls.__new__(cls)
-        turn._begin(engine, tokenizer, Sequence(ids, cfg, tokenizer.stop_ids, None, reuse_cache),
+        seq = Sequence(ids, cfg, tokenizer.stop_ids, None, reuse_cache, prompt_logprobs=prompt_logprobs)
+        turn._begin(engine, tokenizer, seq,
                     stats if stats is not None else ChatStats(), stop)
         return turn
 

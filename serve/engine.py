@@ -202,7 +202,7 @@ class Engine:
                 continue
             part = p.seq.prompt[p.done:p.done + PREFILL_CHUNK]
             try:
-                logits = prefill(self.backend, p.cache, 0, part)
+                logits = prefill(self.backend, p.cache, 0, part, seq=p.seq)
                 p.done += len(part)
                 fed += len(part)
                 row = self._join(p) if p.done == len(p.seq.prompt) else None

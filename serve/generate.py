@@ -2,6 +2,7 @@
 
     sample(logits, rows)          (serve/sampling.py) (B, vocab) -> B tokens, per-row settings
     prefill(backend, cache, row, ids)  a sequence's prompt into one cache row, in chunks -> last logits
+                                  (and, when it asks, its prompt's logprobs: Sequence.score_prompt)
     decode_step(backend, cache, seqs)  one token for every active row: one network call -> (B, vocab)
     Sequence.accept(token)        the stopping rules: a stop id, a complete grammar, max_new_tokens,
                                   a full context
@@ -25,7 +26,7 @@ import torch
 
 from model.model import CogniMamba, StaticCache
 from serve.kv import check_dtype, new_cache
-from serve.sampling import GREEDY, SamplingConfig, SamplingRow, sample
+from serve.sampling import GREEDY, SamplingConfig, SamplingRow, sample, score_tokens
 
 PREFILL_CHUNK = 512  # prompt tokens per network call: bounds the (T x context) attention scores
 CAPACITY_STEP = 256  # caches grow in steps of this many positions, so a resize (a copy) is rare
@@ -38,7 +39,7 @@ class Sequence:
 
     def __init__(self, prompt: list[int], cfg: SamplingConfig = GREEDY, stop_ids: Iterable[int] = (),
                  conversation: str | None = None, reuse_cache: bool = True, speculate: bool = True, grammar=None,
-                 grammar_text: str | None = None):
+                 grammar_text: str | None = None, prompt_logprobs: int | None = None):
         if not prompt:
             raise ValueError("the prompt is empty: give at least one token")
         self.prompt, self.cfg, self.stop_ids = list(prompt), cfg, frozenset(stop_ids)
@@ -47,7 +48,11 @@ class Sequence:
         # prefix's keys and values were computed in another turn's steps (other chunks, other
         # batches), so they differ in the last bits, which can flip a greedy near-tie; without
         # reuse a greedy reply repeats byte for byte (llama.cpp's cache_prompt: false).
-        self.reuse_cache = reuse_cache
+        # A prompt whose logprobs are asked for is prefilled whole: a reused position has no logits.
+        self.reuse_cache = reuse_cache and prompt_logprobs is None
+        # prompt_logprobs: alternatives to keep for each prompt token (None: the prompt is not
+        # scored); prompt_entries: the model's own logprobs of prompt[1:], filled while it is fed.
+        self.prompt_logprobs, self.prompt_entries = prompt_logprobs, []
         self.tokens: list[int] = []
         self.finish_reason: str | None = None  # "stop", "length", "cancelled" or "error"
         self.reused_tokens = 0  # prompt tokens whose cache came from an earlier turn
@@ -61,6 +66,14 @@ class Sequence:
         # The one route out: the engine puts token ids, then None (done) or the exception that
         # ended the sequence. Any object with put() will do: an asyncio consumer passes its own.
         self.out = queue.Queue()
+
+    def score_prompt(self, logits: torch.Tensor) -> None:
+        """logits (T, vocab) of the next T prompt positions fed (the prompt is fed whole, from 0, so
+        the first of them is at len(prompt_entries)): each predicts the prompt token after it; the
+        last position of the whole prompt predicts the reply, not a prompt token."""
+        if self.prompt_logprobs is not None:
+            at = len(self.prompt_entries) + 1
+            self.prompt_entries += score_tokens(logits, self.prompt[at:at + len(logits)], self.prompt_logprobs)
 
     def accept(self, token: int, max_seq_len: int) -> bool:
         """Apply the stopping rules to a sampled token; True if it is part of the reply."""
@@ -118,18 +131,33 @@ class TorchBackend:
         return logits.float().cpu()
 
 
+    @torch.inference_mode()
+    def hidden(self, tokens: torch.Tensor, cache: StaticCache) -> torch.Tensor:
+        """As forward, but the final norm's output (B, T, dim), float32 on the CPU: what the head
+        reads, and what embeddings pool (serve/embeddings.py). The ONNX graph has no such output."""
+        check_dtype(self, cache.dtype)
+        return self.model.norm(self.model.layers_static(tokens.to(self.param.device), cache)).float().cpu()
+
+
 def capacity_for(n: int, max_seq_len: int) -> int:
     return min(max_seq_len, -(-n // CAPACITY_STEP) * CAPACITY_STEP)
 
 
-def prefill(backend: Backend, cache: StaticCache, row: int, ids: list[int], chunk: int = PREFILL_CHUNK) -> torch.Tensor:
+def prefill(backend: Backend, cache: StaticCache, row: int, ids: list[int], chunk: int = PREFILL_CHUNK,
+            seq: Sequence | None = None) -> torch.Tensor:
     """Feed `ids` after what row `row` already holds, PREFILL_CHUNK tokens per call (memory stays
-    bounded however long the prompt); returns the last position's logits (vocab,)."""
+    bounded however long the prompt); returns the last position's logits (vocab,). When `seq`
+    (whose prompt `ids` continue) asks for its prompt's logprobs, every position's logits come back
+    and are scored chunk by chunk (Sequence.score_prompt): only (chunk, vocab) floats at a time,
+    never (prompt, vocab), and only the small entries are kept."""
     view = cache.rows(row, row + 1)  # shares the buffers and cache.lengths
+    scored = seq is not None and seq.prompt_logprobs is not None
     for start in range(0, len(ids), chunk):
         part = ids[start:start + chunk]
-        logits = backend.forward(torch.tensor([part]), view, last_only=True)
+        logits = backend.forward(torch.tensor([part]), view, last_only=not scored)  # (1, T or 1, vocab)
         view.lengths[0] += len(part)
+        if scored:
+            seq.score_prompt(logits[0])
     return logits[0, -1]
 
 
@@ -174,7 +202,7 @@ def draws(backend: Backend, seq: Sequence) -> Iterator[tuple[int, bool]]:
     start(seq, backend.vocab_size, backend.max_seq_len)
     cache = backend.new_cache(1, capacity_for(len(seq.prompt) + seq.cfg.max_new_tokens, backend.max_seq_len))
     try:
-        logits = prefill(backend, cache, 0, seq.prompt)[None]
+        logits = prefill(backend, cache, 0, seq.prompt, seq=seq)[None]
         while True:
             token = sample(logits, [seq.sampling])[0]
             yield token, seq.accept(token, backend.max_seq_len)

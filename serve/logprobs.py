@@ -4,6 +4,8 @@ OpenAI's two shapes.
 
     chat_logprobs(tok, vocab, entries)        chat: [{token, logprob, bytes, top_logprobs}, ...]
     completion_logprobs(tok, vocab, entries)  completions: {tokens, token_logprobs, top_logprobs, text_offset}
+    echoed_logprobs(tok, vocab, first, entries)  the same for an echoed prompt (Sequence.prompt_entries:
+                                              the model's own log-softmax, serve/sampling.py score_tokens)
 """
 from __future__ import annotations
 
@@ -37,6 +39,15 @@ def chat_logprobs(tokenizer, vocab_size: int, entries: list[TokenLogprob]) -> li
     return out
 
 
+def _by_text(top: list[dict]) -> dict:
+    """{text: logprob}, likeliest first: of two tokens with the same text (two halves of a UTF-8
+    character both shown as U+FFFD) the likelier keeps the key, not the last one listed."""
+    out = {}
+    for t in top:
+        out.setdefault(t["token"], t["logprob"])
+    return out
+
+
 def completion_logprobs(tokenizer, vocab_size: int, entries: list[TokenLogprob], offset: int = 0) -> dict:
     """OpenAI's completions `logprobs`; text_offset counts characters from `offset` (the prompt's
     length when it is echoed)."""
@@ -46,5 +57,18 @@ def completion_logprobs(tokenizer, vocab_size: int, entries: list[TokenLogprob],
         offsets.append(at)
         at += len(item["token"])
     return {"tokens": [i["token"] for i in items], "token_logprobs": [i["logprob"] for i in items],
-            "top_logprobs": [{t["token"]: t["logprob"] for t in i["top_logprobs"]} for i in items],
+            "top_logprobs": [_by_text(i["top_logprobs"]) for i in items],
             "text_offset": offsets}
+
+
+def echoed_logprobs(tokenizer, vocab_size: int, first: int | None, entries: list[TokenLogprob]) -> dict:
+    """OpenAI's completions `logprobs` of an echoed prompt: its first token `first`, which nothing
+    before it predicts (logprob and top_logprobs null, as OpenAI's), then each later token's entry.
+    first None: the prompt began with a BOS the server added, which is not in the echoed text and is
+    left out; the first token listed is then predicted from it and has a number."""
+    head = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    if first is not None:
+        text = _token(tokenizer, token_bytes(tokenizer, vocab_size, [first])[0], first)
+        head = {"tokens": [text], "token_logprobs": [None], "top_logprobs": [None], "text_offset": [0]}
+    rest = completion_logprobs(tokenizer, vocab_size, entries, sum(len(t) for t in head["tokens"]))
+    return {key: head[key] + rest[key] for key in rest}

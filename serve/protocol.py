@@ -316,23 +316,29 @@ def _prompt(prompt):
 
 class CompletionRequest(Options):
     """A reply ends where the context does (finish_reason "length"), so max_tokens is capped by the
-    context alone."""
+    context alone. logprobs with echo also scores the prompt (serve/generate.py prefill), as
+    lm-evaluation-harness's loglikelihood asks: that prompt is prefilled whole, whatever cache_prompt."""
     prompt: Annotated[Any, AfterValidator(_prompt)]  # text (control tokens as written) or token ids
     echo: StrictBool | None = None  # the prompt before the reply
     logprobs: Annotated[StrictInt, Field(ge=0, le=MAX_COMPLETION_LOGPROBS)] | None = None  # how many alternatives
     best_of: Unbuilt("best_of") = None
     suffix: Unbuilt("suffix") = None
 
-    @model_validator(mode="after")
-    def _no_prompt_logprobs(self):
-        if self.logprobs is not None and self.echo:  # OpenAI's answer would hold the prompt's own logprobs
-            raise FieldError("logprobs", "logprobs with echo is not supported by this server (the prompt's logprobs "
-                                         "are not computed)", "unsupported_parameter")
-        return self
+    @model_validator(mode="before")
+    @classmethod
+    def _no_echo_only(cls, body):
+        if isinstance(body, dict) and body.get("echo") is True and _same(body.get("max_tokens"), 0):
+            raise FieldError("max_tokens", "max_tokens 0 (the prompt echoed, nothing generated) is not supported by "
+                                           "this server: ask for 1 and drop that token (the prompt's logprobs are "
+                                           "the same)", "unsupported_parameter")
+        return body
 
     def alternatives(self) -> int | None:
         return self.logprobs
 
+    def prompt_alternatives(self) -> int | None:
+        """How many top logprobs to keep for each prompt token, None when the prompt is not scored."""
+        return self.logprobs if self.echo else None
 
 class TokenizeRequest(Wire):
     """llama.cpp's /tokenize: add_special puts the model's BOS first; parse_special (true) lets

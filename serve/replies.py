@@ -22,7 +22,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from serve.chat import ChatTurn, achat
 from serve.engine import Engine
-from serve.logprobs import chat_logprobs, completion_logprobs
+from serve.logprobs import chat_logprobs, completion_logprobs, echoed_logprobs
 from serve.metrics import Metrics
 from serve.protocol import ApiError, Options
 from serve.tools import ToolCallStream
@@ -201,13 +201,20 @@ class ChatReply:
 
 class CompletionReply(ChatReply):
     """A text completion: choices hold `text` (after the prompt's own text when echo is on), and
-    logprobs in the completions shape (tokens, token_logprobs, top_logprobs, text_offset)."""
+    logprobs in the completions shape (tokens, token_logprobs, top_logprobs, text_offset). With echo
+    and logprobs they cover the prompt, then the reply; `first` is the prompt's first token as
+    serve/logprobs.py echoed_logprobs takes it. The prompt's logprobs exist once its prefill is done,
+    so a stream then sends the echoed text with each choice's first chunk after the opening one (the
+    two stay together in one chunk), not in the opening chunk."""
     object, chunk, prefix = "text_completion", "text_completion", "cmpl"  # OpenAI names completion chunks so too
 
     def __init__(self, engine: Engine, turns: list[ChatTurn], name: str, request: Options, notice: str,
-                 metrics: Metrics, tokenizer, echoed: str):
+                 metrics: Metrics, tokenizer, echoed: str, first: int | None = None):
         super().__init__(engine, turns, name, request, notice, metrics, tokenizer, echoed)
-        self.echoed = echoed
+        self.echoed, self.first = echoed, first
+        for c in self.choices:
+            c.prompt_pending = c.turn.seq.prompt_logprobs is not None  # the prompt's logprobs are still to send
+            c.echo_pending = echoed if c.prompt_pending else ""  # the echoed text waits for them
 
     def new_logprobs(self, c: Choice) -> dict | None:
         entries = c.new_entries()
@@ -215,6 +222,10 @@ class CompletionReply(ChatReply):
             return None
         logprobs = completion_logprobs(self.tokenizer, self.vocab_size, entries, c.text_offset)
         c.text_offset += sum(len(t) for t in logprobs["tokens"])
+        if c.prompt_pending:
+            c.prompt_pending = False
+            prompt = echoed_logprobs(self.tokenizer, self.vocab_size, self.first, c.turn.seq.prompt_entries)
+            logprobs = {key: prompt[key] + logprobs[key] for key in logprobs}
         return logprobs
 
     def choice(self, c: Choice, deltas: list[dict]) -> dict:
@@ -222,5 +233,8 @@ class CompletionReply(ChatReply):
         return {"index": c.index, "text": text, "finish_reason": c.finish_reason(), "logprobs": self.new_logprobs(c)}
 
     def _delta(self, c: Choice, delta: dict | None, finish=None, logprobs=None) -> dict:
-        text = self.echoed if delta is None else delta.get("content", "")
+        if delta is None:
+            text = "" if c.prompt_pending else self.echoed
+        else:
+            text, c.echo_pending = c.echo_pending + delta.get("content", ""), ""
         return {"index": c.index, "text": text, "finish_reason": finish, "logprobs": logprobs}

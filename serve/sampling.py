@@ -234,6 +234,17 @@ def record_logprobs(logits: torch.Tensor, tokens: list[int], batch: SamplingBatc
         batch.rows[rows.start + i].logprobs.append(TokenLogprob(tokens[i], float(logp[r, tokens[i]]), top))
 
 
+def score_tokens(logits: torch.Tensor, tokens: list[int], k: int) -> list[TokenLogprob]:
+    """The model's own logprobs of `tokens` (T',) as the positions of logits (T, vocab), T' <= T,
+    predict them, and each position's k likeliest: the log-softmax of the logits as they are (the
+    prompt was not sampled, so no temperature, penalty, bias or grammar applies)."""
+    logp = torch.log_softmax(logits[:len(tokens)].float(), -1)  # (T', vocab)
+    chosen = logp.gather(1, torch.tensor(tokens, dtype=torch.long)[:, None])[:, 0].tolist()  # (T',)
+    top_lp, top_ids = logp.topk(k, -1) if k else (logp[:, :0], logp[:, :0].long())  # (T', k)
+    return [TokenLogprob(t, lp, list(zip(ids, lps)))
+            for t, lp, ids, lps in zip(tokens, chosen, top_ids.tolist(), top_lp.tolist())]
+
+
 def draw(logits: torch.Tensor, batch: SamplingBatch, rows: torch.Tensor) -> torch.Tensor:
     """(b, vocab) changed logits of the batch's sampled `rows` (b,) -> their tokens (b,). Each row
     draws one uniform number from its own generator (inverse-CDF sampling over its candidates,

@@ -339,7 +339,7 @@ def test_completions_streamed_and_not(client, models, nano_dir):
     assert r.choices[0].text == want[:want.find(stop)] and r.choices[0].finish_reason == "stop"
 
 
-@pytest.mark.parametrize("extra, param", [({"logprobs": 6}, "logprobs"), ({"logprobs": 2, "echo": True}, "logprobs"),
+@pytest.mark.parametrize("extra, param", [({"logprobs": 6}, "logprobs"), ({"echo": True, "max_tokens": 0}, "max_tokens"),
                                           ({"logprobs": True}, "logprobs"), ({"prompt": ["a", "b"]}, "prompt"),
                                           ({"prompt": [1, 10**6]}, "prompt"), ({"prompt": []}, "prompt"),
                                           ({"echo": "true"}, "echo"), ({"best_of": 3}, "best_of")])
