@@ -14,7 +14,7 @@ CORS, as Ollama does them. "Loopback" is is_loopback's everywhere here.
   ("*" for any) or the server's own (same Host). Allowed origins get the CORS headers on the
   preflight and on the actual responses, so a browser client the user allows can read them.
   Requests without an Origin (curl, SDKs) pass.
-The API takes JSON bodies only (serve/api.py read_json: 415), so a page cannot skip the preflight
+The API takes JSON bodies only (serve/http_request.py read_json: 415), so a page cannot skip the preflight
 with a text/plain POST.
 """
 from __future__ import annotations

@@ -35,8 +35,6 @@ The routes:
 """
 from __future__ import annotations
 
-import hmac
-import json
 import re
 from dataclasses import replace
 from functools import lru_cache, partial
@@ -47,20 +45,19 @@ from starlette.concurrency import run_in_threadpool
 from starlette.routing import Match
 
 from model.sampling_fields import generation_defaults
-from serve.chat import MAX_CHAT_CHARS, ChatStats, ChatTurn
-from serve.embeddings import EmbeddingRequest, embed, embedding_items
+from serve import token_routes
+from serve.chat import ChatStats, ChatTurn
 from serve.engine import Engine
 from serve.grammar import CompilerBusy, GrammarError
 from serve.metrics import Metrics
 from serve.models import display_name
-from serve.protocol import ApiError, ChatRequest, CompletionRequest, DetokenizeRequest, Options, TokenizeRequest
+from serve.http_request import check_key, read_json
+from serve.protocol import ApiError, ChatRequest, CompletionRequest, Options
 from serve.replies import ChatReply, CompletionReply
 from serve.sampling import SamplingConfig
 from serve.tools import Output
 
 API_KEY_ENV = "COGNI_MAMBA_API_KEY"
-# a chat at its size limit at 8 bytes a character (UTF-8 takes at most 4, a JSON \uXXXX escape 6), and the rest
-MAX_BODY_BYTES = 8 * MAX_CHAT_CHARS + 65536
 # OpenAI routes this server does not build: a clear 404 in OpenAI's shape (a 5xx would make the
 # openai client retry), not the page's own "Not Found".
 NOT_BUILT = {"/v1/responses": "the Responses API"}
@@ -79,32 +76,6 @@ def check_output(output: Output, tokenizer, vocab_size: int) -> None:
         raise ApiError(400, f"{param} cannot be used: {e}".splitlines()[0], param=param) from None
     except CompilerBusy as e:
         raise ApiError(429, str(e), "rate_limit_error", code="too_many_requests") from None
-
-
-async def read_json(request: Request) -> object:
-    """The body, as JSON only (a text/plain POST skips a browser's CORS preflight), size-checked
-    before and after reading, parsed; ApiError if it is not JSON."""
-    if request.headers.get("content-type", "").split(";")[0].strip().lower() != "application/json":
-        raise ApiError(415, "send the body as JSON, with Content-Type: application/json", code="unsupported_media_type")
-    too_large = ApiError(413, f"the request body is above {MAX_BODY_BYTES:,} bytes", code="request_too_large")
-    if int(request.headers.get("content-length") or 0) > MAX_BODY_BYTES:
-        raise too_large
-    raw = await request.body()
-    if len(raw) > MAX_BODY_BYTES:
-        raise too_large
-    try:
-        return json.loads(raw)
-    except Exception as e:  # whatever the parser raises is the body's fault: 100,000 '[' raise RecursionError
-        raise ApiError(400, f"the request body is not valid JSON ({type(e).__name__})") from None
-
-
-def check_key(request: Request, api_key: str | None) -> None:
-    if api_key is None:
-        return
-    given = request.headers.get("authorization", "")
-    if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
-        raise ApiError(401, "a valid API key is required: Authorization: Bearer KEY", "authentication_error",
-                       code="invalid_api_key")
 
 
 @lru_cache(maxsize=16)
@@ -245,54 +216,6 @@ class Api:
         reply = CompletionReply(engine, turns, name, req, notice, self.metrics, tokenizer, echoed, first)
         return reply.stream() if req.stream else await reply.full(request)
 
-    async def tokenize(self, request: Request):
-        check_key(request, self.api_key)
-        req = TokenizeRequest.parse(await read_json(request))
-        _, tokenizer, _, _ = await self.load()
-        encode = tokenizer.encode_with_special if req.parse_special else tokenizer.encode
-        ids = await run_in_threadpool(encode, req.content)
-        if req.add_special and tokenizer.bos_id is not None:
-            ids = [tokenizer.bos_id] + ids
-        # a piece is the token decoded alone: U+FFFD where it holds part of a character
-        return JSONResponse({"tokens": [{"id": i, "piece": tokenizer.decode([i])} for i in ids] if req.with_pieces
-                             else ids})
-
-    async def detokenize(self, request: Request):
-        check_key(request, self.api_key)
-        req = DetokenizeRequest.parse(await read_json(request))
-        _, tokenizer, _, _ = await self.load()
-        vocab = tokenizer.vocab_size  # the ids the tokenizer can decode (a model may have padding rows beyond)
-        if (bad := next((i for i, t in enumerate(req.tokens) if not 0 <= t < vocab), None)) is not None:
-            raise ApiError(400, f"token id {req.tokens[bad]} is outside the vocabulary (0..{vocab - 1})",
-                           param=f"tokens[{bad}]")
-        return JSONResponse({"content": await run_in_threadpool(tokenizer.decode, req.tokens)})
-
-    async def embeddings(self, request: Request):
-        check_key(request, self.api_key)
-        req = EmbeddingRequest.parse(await read_json(request))
-        engine, tokenizer, _, name = await self.load()
-        self.check_model(req.model, name)
-        backend = await run_in_threadpool(self.pooling_backend, engine)
-        if req.dimensions is not None and req.dimensions != backend.cfg.dim:
-            raise ApiError(400, f"dimensions {req.dimensions} is not supported: this model's embeddings have "
-                                f"{backend.cfg.dim}", param="dimensions", code="unsupported_parameter")
-        inputs = await run_in_threadpool(embedding_inputs, req.input, tokenizer, engine)
-        vectors = await run_in_threadpool(lambda: [embed(backend, ids) for ids in inputs])
-        n = sum(len(ids) for ids in inputs)
-        return JSONResponse({"object": "list", "data": embedding_items(vectors, req.encoding_format or "float"),
-                             "model": name, "usage": {"prompt_tokens": n, "total_tokens": n}})
-
-    def pooling_backend(self, engine: Engine):
-        """The TorchBackend that embeddings run on: the served one, or under ONNX Runtime (whose
-        graph gives only logits) the same model's PyTorch weights, loaded once through the ModelCache."""
-        if engine.name == "torch":
-            return engine.backend
-        try:
-            return self.models.get(self.spec, "torch")[0].backend
-        except FileNotFoundError as e:
-            raise ApiError(400, f"embeddings need the model's PyTorch weights: {e}".splitlines()[0],
-                           code="embeddings_unavailable") from None
-
     async def health(self, request: Request):
         if (self.spec, self.backend) not in self.models.loaded:
             raise ApiError(503, "the model is not loaded: it is loading, or its load failed (see the server's log)",
@@ -313,21 +236,6 @@ def check_prompt(ids: list[int], engine: Engine) -> None:
     if len(ids) >= engine.max_seq_len:
         raise ApiError(400, f"the prompt is {len(ids)} tokens; the model's context holds {engine.max_seq_len}",
                        param="prompt", code="context_length_exceeded")
-
-
-def embedding_inputs(inputs: list, tokenizer, engine: Engine) -> list[list[int]]:
-    """Each input's token ids: a text after the model's BOS (as /v1/completions feeds one), token
-    ids as given; each must fit the context (nothing is generated after it, so it may fill it)."""
-    bos = [tokenizer.bos_id] if tokenizer.bos_id is not None else []
-    out = [bos + tokenizer.encode(x) if isinstance(x, str) else x for x in inputs]
-    for i, ids in enumerate(out):
-        if (bad := next((t for t in ids if not 0 <= t < engine.vocab_size), None)) is not None:
-            raise ApiError(400, f"token id {bad} is outside the vocabulary (0..{engine.vocab_size - 1})",
-                           param=f"input[{i}]")
-        if len(ids) > engine.max_seq_len:
-            raise ApiError(400, f"input[{i}] is {len(ids)} tokens; the model's context holds {engine.max_seq_len}",
-                           param=f"input[{i}]", code="context_length_exceeded")
-    return out
 
 
 def answering(handler, route: str, metrics: Metrics):
@@ -351,10 +259,10 @@ ROUTES = (
      "a chat's next message, streamed (server-sent events) or not; fields: serve/protocol.py ChatRequest"),
     ("POST", "/v1/completions", Api.completions,
      "a text's continuation, streamed or not; fields: serve/protocol.py CompletionRequest"),
-    ("POST", "/tokenize", Api.tokenize, "text -> token ids (llama.cpp's body: content, add_special, parse_special, "
+    ("POST", "/tokenize", token_routes.tokenize, "text -> token ids (llama.cpp's body: content, add_special, parse_special, "
                                         "with_pieces); fields: serve/protocol.py TokenizeRequest"),
-    ("POST", "/detokenize", Api.detokenize, "token ids -> text (llama.cpp's body: tokens)"),
-    ("POST", "/v1/embeddings", Api.embeddings,
+    ("POST", "/detokenize", token_routes.detokenize, "token ids -> text (llama.cpp's body: tokens)"),
+    ("POST", "/v1/embeddings", token_routes.embeddings,
      "the mean of the final norm's output over each input's tokens; fields: serve/embeddings.py EmbeddingRequest"),
     ("GET", "/v1/models", Api.list_models, "the model this server runs: context length, generation defaults"),
     ("GET", "/v1/models/{model:path}", Api.get_model, "the same for one model id"),

@@ -12,7 +12,7 @@ it is, and only a (dim,) sum is kept.
 
 Only the PyTorch backend has the hidden state: the ONNX graph's one output is the logits. A server
 on ONNX Runtime computes embeddings with the PyTorch weights of the same model folder, loaded once
-beside the graph on first use (serve/api.py Api.embeddings); an export without its model folder
+beside the graph on first use (serve/token_routes.py embeddings); an export without its model folder
 is refused with a 400. They run in the request's worker thread, outside the engine's batch: the
 weights are only read, and each call has its own cache.
 """

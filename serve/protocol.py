@@ -4,7 +4,6 @@
     CompletionRequest.parse(body)   the same for /v1/completions
     request.sampling(defaults, n)   -> (SamplingConfig, notice): the model's defaults where left out
     ApiError(status, message, ...)  {"error": {"message", "type", "param", "code"}}, as OpenAI answers
-    TokenizeRequest, DetokenizeRequest  llama.cpp's /tokenize and /detokenize bodies
 
 Every field is declared once, strictly typed (a string where a boolean belongs is a 400), and a
 field not declared is refused with a 400 naming it, as OpenAI answers an unrecognized argument: a
@@ -299,7 +298,8 @@ class ChatRequest(Options):
         return max_seq_len // 2  # chat() keeps at least half the context for the prompt
 
 
-def _short(param: str, text):
+def short_text(param: str, text):
+    """`text` unless it is above the size limit a message has (a 413 naming `param`)."""
     if isinstance(text, str) and (refusal := too_long(text)):
         raise ApiError(413, refusal, param=param, code="message_too_long")
     return text
@@ -311,7 +311,7 @@ def _prompt(prompt):
     ids = isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt)
     if not (isinstance(prompt, str) or ids):
         raise ValueError("prompt must be a string or a list of token ids (one prompt per request)")
-    return _short("prompt", prompt)
+    return short_text("prompt", prompt)
 
 
 class CompletionRequest(Options):
@@ -339,15 +339,3 @@ class CompletionRequest(Options):
     def prompt_alternatives(self) -> int | None:
         """How many top logprobs to keep for each prompt token, None when the prompt is not scored."""
         return self.logprobs if self.echo else None
-
-class TokenizeRequest(Wire):
-    """llama.cpp's /tokenize: add_special puts the model's BOS first; parse_special (true) lets
-    control tokens written in the text count as such; with_pieces pairs each id with its text."""
-    content: Annotated[StrictStr, AfterValidator(partial(_short, "content"))]
-    add_special: StrictBool = False
-    parse_special: StrictBool = True
-    with_pieces: StrictBool = False
-
-
-class DetokenizeRequest(Wire):
-    tokens: list[StrictInt]
