@@ -83,7 +83,10 @@ class Access:
         origin = origin.rstrip("/").lower()
         if "*" in self.cors_origins or origin in self.cors_origins:
             return True
-        parts = urlsplit(origin)
+        try:
+            parts = urlsplit(origin)
+        except ValueError:  # a bracket left open or around a name ("http://[::1"): no origin this server knows
+            return False
         return parts.scheme in ("http", "https") and (is_loopback(parts.hostname or "") or
                                                       parts.netloc == authority.lower())
 

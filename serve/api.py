@@ -46,7 +46,7 @@ from starlette.routing import Match
 
 from model.sampling_fields import generation_defaults
 from serve import token_routes
-from serve.chat import ChatStats, ChatTurn
+from serve.chat import ChatStats, ChatTurn, ContextFull
 from serve.engine import Engine
 from serve.grammar import CompilerBusy, GrammarError
 from serve.metrics import Metrics
@@ -197,7 +197,12 @@ class Api:
             messages = named(tokenizer, req.messages)
             return [ChatTurn(engine, tokenizer, messages, c, ChatStats(), None, req.stop, req.cache_prompt is not False,
                              req.output) for c in seeded(cfg, req.n)]
-        reply = ChatReply(engine, await run_in_threadpool(turns), name, req, notice, self.metrics, tokenizer)
+        try:
+            chosen = await run_in_threadpool(turns)
+        except ContextFull as e:  # a newest message too long is cut instead; these cannot be
+            param = "tools" if req.output.calls else "messages[0]" if req.messages[0]["role"] == "system" else "messages"
+            raise ApiError(400, str(e), param=param, code="context_length_exceeded") from None
+        reply = ChatReply(engine, chosen, name, req, notice, self.metrics, tokenizer)
         return reply.stream() if req.stream else await reply.full(request)
 
     async def completions(self, request: Request):

@@ -55,6 +55,16 @@ def chat_too_large(messages: list[dict]) -> str | None:
     return None
 
 
+class ContextFull(ValueError):
+    """The system prompt (with the tools described in it) leaves no room for the newest message: the
+    request's fault, refused as the API refuses a prompt longer than the context."""
+
+    def __init__(self, tokens: int, limit: int):
+        super().__init__(f"the system prompt and tools take {tokens} tokens, with the chat template's own; the "
+                         f"prompt may take {limit} (the rest of the context is kept for the reply): shorten them")
+        self.tokens, self.limit = tokens, limit
+
+
 def newest_within_limits(messages: list[dict]) -> list[dict]:
     """The chat without its oldest turns beyond MAX_MESSAGES and MAX_CHAT_CHARS (a leading system
     message and the newest one always stay): what the page does where the API refuses."""
@@ -173,13 +183,15 @@ def _cut_newest(tokenizer, system: list[dict], newest: dict, max_prompt_tokens: 
     overhead = len(tokenizer.encode_chat(system + [{**last, "content": ""}], tools=tools))
     budget = max_prompt_tokens - overhead
     if budget <= 0:
-        raise ValueError("the system prompt alone fills the context window; shorten it")
+        raise ContextFull(overhead, max_prompt_tokens)
     content_ids = tokenizer.encode(last["content"])
     last["content"] = tokenizer.decode(content_ids[-budget:]).lstrip("\ufffd")
     kept = system + [last]
     ids = tokenizer.encode_chat(kept, tools=tools)
     while len(ids) > max_prompt_tokens:  # re-encoding the cut text can merge differently
         budget -= len(ids) - max_prompt_tokens
+        if budget <= 0:  # content_ids[-0:] would be all of it
+            raise ContextFull(overhead, max_prompt_tokens)
         last["content"] = tokenizer.decode(content_ids[-budget:]).lstrip("\ufffd")
         ids = tokenizer.encode_chat(kept, tools=tools)
     notice = (f"your message was {len(content_ids)} tokens; only its last {budget} fit the context window "

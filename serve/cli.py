@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from serve.chat import ChatStats, chat
+from serve.chat import ChatStats, ContextFull, chat
 from serve.engine import Engine
 from model.sampling_fields import BY_NAME, FIELDS, generation_defaults
 from serve.sampling import SamplingConfig
@@ -54,6 +54,9 @@ def main(model: str = "default", backend: str = "torch", prompt: str | None = No
         return 2
     try:
         return converse(engine, tokenizer, meta, model, cfg, prompt, system)
+    except ContextFull as e:  # the system prompt is in every turn: no turn can be answered
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     finally:
         engine.close()
 

@@ -27,7 +27,7 @@ from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fi
                       StrictStr, ValidationError, create_model, model_validator)
 
 from model.sampling_fields import BY_NAME, FIELDS, LOGIT_BIAS_RANGE
-from serve.chat import chat_too_large, too_long
+from serve.chat import MAX_CHAT_CHARS, chat_too_large, too_long
 from serve.sampling import MAX_TOP_LOGPROBS, SamplingConfig
 from serve.tools import FieldError, Output, parse_output, tool_message
 
@@ -284,6 +284,10 @@ class ChatRequest(Options):
         if self.top_logprobs and not self.logprobs:  # 0, what clients send by default, changes nothing
             raise FieldError("top_logprobs", "top_logprobs needs logprobs: true")
         self._output = parse_output({k: v for k in OUTPUT_FIELDS if (v := getattr(self, k)) is not None})
+        if self.tools and (chars := len(json.dumps(self.tools)) + sum(len(m["content"]) for m in self.messages)) \
+                > MAX_CHAT_CHARS:  # the tools are described in the prompt: refused before they are tokenized
+            raise ApiError(413, f"the tools and messages are {chars:,} characters; the limit is {MAX_CHAT_CHARS:,}",
+                           param="tools", code="request_too_large")
         return self
 
     @property

@@ -96,9 +96,11 @@ def _choice(choice, names: list[str]) -> str:
         if choice != "none" and not names:
             raise FieldError("tool_choice", f"tool_choice {choice!r} needs tools")
         return choice
-    name = choice.get("function", {}).get("name") if isinstance(choice, dict) and choice.get("type") == "function" else None
-    if not isinstance(name, str):
+    if not isinstance(choice, dict) or choice.get("type") != "function":
         raise FieldError("tool_choice", "tool_choice must be none, auto, required or {type: function, function: {name}}")
+    name = choice["function"].get("name") if isinstance(choice.get("function"), dict) else None
+    if not isinstance(name, str):
+        raise FieldError("tool_choice.function", "tool_choice's function must be an object naming a tool: {name}")
     if name not in names:
         raise FieldError("tool_choice", f"tool_choice names {name!r}, which is not among the tools")
     return name
@@ -141,12 +143,15 @@ def tool_message(m: dict) -> dict:
     calls = []
     for j, c in enumerate(m["tool_calls"] if isinstance(m.get("tool_calls"), list) else [None]):
         f = c.get("function") if isinstance(c, dict) else None
-        try:
-            args = json.loads(f["arguments"]) if isinstance(f.get("arguments"), str) else f.get("arguments", {})
-            name = f["name"]
-        except (TypeError, KeyError, AttributeError, ValueError):
+        if not isinstance(f, dict) or not isinstance(f.get("name"), str):
             raise FieldError(f"tool_calls[{j}]",
-                             "a tool call must be {id, type: function, function: {name, arguments: a JSON string}}") from None
+                             "a tool call must be {id, type: function, function: {name, arguments: a JSON string}}")
+        name, args = f["name"], f.get("arguments", {})
+        try:
+            args = json.loads(args) if isinstance(args, str) else args
+        except (ValueError, RecursionError) as e:  # 100,000 '[' raise RecursionError: the request's fault too
+            raise FieldError(f"tool_calls[{j}].function.arguments",
+                             f"a tool call's arguments must be a JSON string ({type(e).__name__})") from None
         calls.append({"id": c.get("id", ""), "type": "function", "function": {"name": name, "arguments": args}})
     content = m.get("content")
     return {"role": "assistant", "content": content if isinstance(content, str) else "", "tool_calls": calls}

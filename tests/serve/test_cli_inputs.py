@@ -38,6 +38,16 @@ def test_bad_settings_get_one_line(cli_dir, args, word):
     assert one_error_line(r, word), r.stderr[-800:]
 
 
+@pytest.mark.parametrize("max_seq_len, system", [(1, "x" * 90_000), (64, "hello there " * 20)])
+def test_a_system_prompt_that_fills_the_context_gets_one_line(model_folder, max_seq_len, system):
+    """The newest message is cut to fit; the system prompt is kept whole, so one that fills the
+    context leaves no turn answerable (it raised a ValueError out of the chat loop)."""
+    folder = model_folder(["hello there"], vocab_size=128, max_seq_len=max_seq_len)
+    for mode in (["--prompt", "hi"], []):
+        r = cli("--model", str(folder), "--system", system, *mode, stdin=b"hi\n/quit\n")
+        assert one_error_line(r, "system prompt", "tokens"), r.stderr[-800:]
+
+
 def test_bytes_that_are_not_utf8_are_answered(cli_dir):
     r = cli("--model", str(cli_dir), "--prompt", os.fsdecode(b"caf\xff \xed\xa0\x80 ok"))  # invalid, lone surrogate
     assert r.returncode == 0, r.stderr[-800:]
