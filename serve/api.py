@@ -65,11 +65,17 @@ NOT_BUILT = {"/v1/responses": "the Responses API"}
 
 def check_output(output: Output, tokenizer, vocab_size: int) -> None:
     """The grammar of response_format or tools compiled (cached), so a schema the grammar library
-    refuses is a 400 here rather than an error mid-reply."""
+    refuses, or one no reply could complete, is a 400 here rather than an error mid-reply."""
     try:
         if (grammar := output.grammar()) is not None:
-            from serve.grammar import new_matcher
+            from serve.grammar import check_finite, check_writable, new_matcher
 
+            stops = [text for i in tokenizer.stop_ids if (text := tokenizer.decode([i]))]
+            functions = [t["function"] for t in output.tools] if output.calls else []
+            for f in functions:  # each as written: its "$ref"s point into it, not into the call's grammar
+                check_finite(f.get("parameters") or {})
+            check_writable([output.schema, {"enum": [f["name"] for f in functions]}, *(f.get("parameters")
+                                                                                     for f in functions)], stops)
             new_matcher(tokenizer, vocab_size, grammar)
     except GrammarError as e:
         param = "tools" if output.calls else "response_format"

@@ -276,7 +276,11 @@ class ChatTurn:
         stats = self.stats
         stats.seconds = time.perf_counter() - self.began
         stats.reused_tokens = self.seq.reused_tokens
-        stats.finish_reason = "stop" if self.text.stop is not None else (self.seq.finish_reason or "cancelled")
+        seq = self.seq
+        stats.finish_reason = "stop" if self.text.stop is not None else (seq.finish_reason or "cancelled")
+        if stats.finish_reason == "stop" and not seq.grammar_complete:  # a stop string cut the document short
+            spent = len(seq.tokens) >= seq.cfg.max_new_tokens or len(seq.prompt) + len(seq.tokens) >= stats.context_max
+            stats.finish_reason = "length" if spent else "error"  # never "stop": the text does not parse
         return self.text.finish()
 
 

@@ -57,6 +57,9 @@ class Sequence:
         self.finish_reason: str | None = None  # "stop", "length", "cancelled" or "error"
         self.reused_tokens = 0  # prompt tokens whose cache came from an earlier turn
         self.sampling = SamplingRow(cfg, grammar)  # what the sampler sees; grammar: serve/grammar.py's matcher
+        # Whether the reply so far is a whole document of the grammar, kept by the thread that
+        # advances the matcher so a reader elsewhere (ChatTurn.finish) never touches the matcher.
+        self.grammar_complete = grammar is None
         # The matcher's grammar as text: what another process (a ZeroGPU worker, serve/zerogpu.py)
         # rebuilds the matcher from, since a matcher does not pickle.
         self.grammar_text = grammar_text
@@ -82,6 +85,8 @@ class Sequence:
             return False
         self.tokens.append(token)
         self.sampling.saw(token)
+        if self.sampling.grammar is not None:
+            self.grammar_complete = self.sampling.grammar.is_accepting()
         if self.sampling.grammar_failed:  # never with the mask applied; ends the row, not the batch
             self.finish_reason = "error"
         elif self.sampling.grammar_done():  # a finished JSON ends the reply even at the budget's last token

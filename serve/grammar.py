@@ -2,7 +2,9 @@
 every step, so its text parses whatever the model would have preferred.
 
     json_schema_grammar(schema)        a JSON schema (None: any JSON object) -> grammar text; objects
-                                       that list their properties allow no others (closed())
+                                       that list their properties allow no others (closed()); a
+                                       schema no finite document satisfies is refused (check_finite)
+    check_writable(schema, stops)      refuses names a reply cannot write (a stop token's text)
     lark_grammar(lark)                 a Lark grammar (llguidance's dialect, %json allowed) -> grammar text
     new_matcher(tok, vocab, grammar)   one row's matcher, forked from a compiled grammar (GRAMMARS: an LRU
                                        under a byte budget), compiled off the caller's thread in COMPILE_SECONDS
@@ -64,12 +66,110 @@ def closed(schema):
 
 
 class GrammarError(ValueError):
-    """A schema or grammar the library refuses; the message says why."""
+    """A schema or grammar the library refuses, or one no reply could complete; the message says why."""
+
+
+def _refs(schema) -> list[str]:
+    """Every "$ref" in `schema`, in order, once each."""
+    found, todo = {}, [schema]
+    while todo:
+        s = todo.pop()
+        if isinstance(s, dict):
+            if isinstance(s.get("$ref"), str):
+                found[s["$ref"]] = None
+            todo.extend(reversed(list(s.values())))
+        elif isinstance(s, list):
+            todo.extend(reversed(s))
+    return list(found)
+
+
+def _target(root, ref: str):
+    """The schema a local "$ref" ("#", "#/$defs/a") points at; None for any other (taken as finishable)."""
+    if ref != "#" and not ref.startswith("#/"):
+        return None
+    node = root
+    for part in ref[2:].split("/") if ref != "#" else []:
+        part = part.replace("~1", "/").replace("~0", "~")
+        node = node.get(part) if isinstance(node, dict) else node[int(part)] \
+            if isinstance(node, list) and part.isdigit() and int(part) < len(node) else None
+    return node
+
+
+def _finite(s, done: set[str], refs: dict) -> bool:
+    """Whether `s` admits a finite document, given the refs known to (`done`); an unknown keyword
+    counts as finishable, so only a schema that provably nests forever is refused. Only what a
+    document must hold is followed: required properties, minItems' items, all of allOf, one of anyOf."""
+    if not isinstance(s, dict):
+        return s is not False
+    if "$ref" in s and s["$ref"] in refs and s["$ref"] not in done:
+        return False
+    if not all(_finite(x, done, refs) for x in s.get("allOf") or []):
+        return False
+    if any(isinstance(s.get(k), list) and s[k] and not any(_finite(x, done, refs) for x in s[k])
+           for k in ("anyOf", "oneOf")):
+        return False
+    types = s.get("type", "object" if "properties" in s or "required" in s else None)
+    types = types if isinstance(types, list) else [types]
+    if any(t not in ("object", "array") for t in types):  # a scalar (or any type) ends at once
+        return True
+    props = s.get("properties") if isinstance(s.get("properties"), dict) else {}
+    if "object" in types and all(_finite(props.get(name, True), done, refs) for name in s.get("required") or []
+                                 if isinstance(name, str)):
+        return True
+    items, least = s.get("prefixItems") or [], s.get("minItems", 0)
+    least = least if isinstance(least, int) else 0
+    return "array" in types and all(_finite(x, done, refs) for x in items[:least]) and \
+        (least <= len(items) or _finite(s.get("items", True), done, refs))
+
+
+def check_finite(schema: dict) -> None:
+    """GrammarError if no finite document satisfies `schema`: a required "$ref" cycle (a -> a,
+    a -> b -> a, through allOf) would make the reply nest until its budget ends. The refs that can
+    end are found as a least fixpoint: each ref is evaluated again only when one it uses is found to end."""
+    refs = {ref: t for ref in _refs(schema) if (t := _target(schema, ref)) is not None}
+    users: dict[str, set[str]] = {ref: set() for ref in refs}
+    for ref, target in refs.items():
+        for used in _refs(target):
+            users.setdefault(used, set()).add(ref)
+    done, todo = set(), list(refs)
+    try:
+        while todo:
+            ref = todo.pop()
+            if ref not in done and _finite(refs[ref], done, refs):
+                done.add(ref)
+                todo.extend(users.get(ref, ()))
+        if not _finite(schema, done, refs):
+            stuck = next((ref for ref in refs if ref not in done), "#")
+            raise GrammarError(f"the schema admits no finite document: {stuck!r} requires itself, so a reply "
+                               "would nest until its budget ends")
+    except RecursionError:
+        raise GrammarError("the schema is nested too deeply") from None
+
+
+def check_writable(schema, stops: list[str]) -> None:
+    """GrammarError if a property name, const or enum string of `schema` holds one of `stops` (the
+    text of a stop token, such as <|im_end|>): the reply ends where that text appears, so a
+    document that needs it could never be completed."""
+    todo = [schema]
+    while todo:
+        s = todo.pop()
+        if isinstance(s, list):
+            todo.extend(s)
+        if not isinstance(s, dict):
+            continue
+        todo.extend(s.values())
+        names = list(s["properties"]) if isinstance(s.get("properties"), dict) else []
+        names += [x for k in ("required", "enum") if isinstance(s.get(k), list) for x in s[k]] + [s.get("const")]
+        for name in names:
+            if isinstance(name, str) and (stop := next((t for t in stops if t in name), None)):
+                raise GrammarError(f"{name!r} holds {stop!r}, the text that ends a reply, so no reply could write it")
 
 
 def json_schema_grammar(schema: dict | None) -> str:
     import llguidance
 
+    if schema is not None:
+        check_finite(schema)
     return llguidance.LLMatcher.grammar_from_json_schema(closed(schema) if schema is not None else {"type": "object"},
                                                          defaults=JSON_OPTIONS)
 
@@ -82,6 +182,7 @@ def lark_grammar(lark: str) -> str:
 
 def json_in_lark(schema: dict) -> str:
     """A JSON schema as a Lark %json rule body, with our separators."""
+    check_finite(schema)
     return "%json " + json.dumps({**closed(schema), "x-guidance": JSON_OPTIONS})
 
 

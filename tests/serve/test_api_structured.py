@@ -194,7 +194,6 @@ def test_a_schema_the_grammar_library_refuses_is_a_400(client):
     assert e.value.body["param"] == "response_format"
 
 
-
 def test_a_schema_that_takes_longer_than_the_limit_to_compile_is_a_400(client, monkeypatch):
     from serve import grammar
 
@@ -206,6 +205,68 @@ def test_a_schema_that_takes_longer_than_the_limit_to_compile_is_a_400(client, m
         ask(client, response_format=fmt, max_tokens=2)
     assert e.value.body["param"] == "response_format"
     assert e.value.body["message"] == "response_format cannot be used: the schema is too large to compile in 0.1 s"
+
+
+def _object(**props):
+    return {"type": "object", "properties": props, "required": list(props)}
+
+
+ENDLESS = {  # schemas no finite document satisfies: a reply would nest until its budget ends
+    "a -> a": {"$defs": {"a": _object(v={"$ref": "#/$defs/a"})}, "$ref": "#/$defs/a"},
+    "root -> root": _object(v={"$ref": "#"}),
+    "a -> b -> a": {"$defs": {"a": _object(v={"$ref": "#/$defs/b"}), "b": _object(w={"$ref": "#/$defs/a"})},
+                    "$ref": "#/$defs/a"},
+    "through allOf": {"$defs": {"a": {"allOf": [_object(v={"$ref": "#/$defs/a"})]}}, "$ref": "#/$defs/a"},
+    "a list of itself": {"$defs": {"a": {"type": "array", "minItems": 1, "items": {"$ref": "#/$defs/a"}}},
+                         "$ref": "#/$defs/a"},
+}
+
+
+@pytest.mark.parametrize("name", list(ENDLESS))
+def test_a_schema_no_reply_could_finish_is_a_400_before_generation(client, name):
+    """It was a 200: generation stopped with finish_reason "error" after '{', or "stop" with nothing."""
+    fmt = {"type": "json_schema", "json_schema": {"name": "x", "schema": ENDLESS[name]}}
+    with pytest.raises(openai.BadRequestError, match="no finite document") as e:
+        ask(client, response_format=fmt, max_tokens=8)
+    assert e.value.body["param"] == "response_format"
+    tools = [{"type": "function", "function": {"name": "f", "parameters": ENDLESS[name]}}]
+    with pytest.raises(openai.BadRequestError, match="no finite document") as e:
+        ask(client, tools=tools, tool_choice="required", max_tokens=8)
+    assert e.value.body["param"] == "tools"
+
+
+@pytest.mark.parametrize("schema", [
+    {"$defs": {"n": _object(kids={"type": "array", "items": {"$ref": "#/$defs/n"}})}, "$ref": "#/$defs/n"},
+    {"type": "object", "properties": {"next": {"anyOf": [{"$ref": "#"}, {"type": "null"}]}}, "required": ["next"]},
+])
+def test_recursive_schemas_that_can_end_are_served(client, schema):
+    """A tree whose lists may be empty, a linked list whose next may be null: the check refuses only cycles."""
+    fmt = {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}
+    assert ask(client, response_format=fmt, max_tokens=2).choices[0].finish_reason == "length"
+
+
+def test_a_name_holding_a_stop_tokens_text_is_a_400(client, served):
+    """The reply ends where a stop token's text appears: it was a 200 with finish_reason "stop" and '{"'."""
+    _, models, folder = served
+    _, tok, _ = models.get(folder, "torch")
+    stop = tok.decode([next(iter(tok.stop_ids))])
+    fmt = {"type": "json_schema", "json_schema": {"name": "x", "schema": _object(**{stop: {"type": "integer"}})}}
+    with pytest.raises(openai.BadRequestError, match="ends a reply") as e:
+        ask(client, response_format=fmt)
+    assert e.value.body["param"] == "response_format"
+    tools = [{"type": "function", "function": {"name": f"say{stop}", "parameters": {"type": "object"}}}]
+    with pytest.raises(openai.BadRequestError, match="ends a reply"):
+        ask(client, tools=tools, tool_choice="required")
+
+
+def test_a_stop_string_that_cuts_the_json_short_is_not_stop(client):
+    """The document is unfinished and does not parse: finish_reason must not say it ended as asked."""
+    fmt = {"type": "json_schema", "json_schema": {"name": "forecast", "schema": SCHEMA}}
+    cut = ask(client, response_format=fmt, temperature=0, stop=['"'], max_tokens=40).choices[0]
+    assert cut.message.content == "{" and cut.finish_reason not in ("stop", "length")
+    cut = ask(client, response_format=fmt, temperature=0, stop=['"'], max_tokens=2).choices[0]
+    assert cut.finish_reason == "length"  # the stop string came with the budget's last token
+
 
 # ---- LangChain, as its users call it
 langchain_openai = pytest.importorskip("langchain_openai")
