@@ -32,11 +32,13 @@ from functools import partial
 
 import gradio as gr
 import uvicorn
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
+from gradio.route_utils import API_PREFIX
 
 from model.sampling_fields import FIELDS, generation_defaults
 from serve.access import Access, api_access
 from serve.api import API_KEY_ENV, make_router
+from serve.protocol import ApiError
 from webui.chat import respond
 from serve.models import (BACKEND_CHOICES, BACKEND_LABELS, CACHE_BUDGET_MB, DEFAULT, MAX_BATCH, ModelCache, list_models,
                           loaded_line, model_card)
@@ -85,6 +87,15 @@ def card(model: str, backend: str, *, models: ModelCache) -> tuple[str, str]:
     return loaded_line(model, meta, engine), model_card(model, meta, engine)
 
 
+def as_sent(slider: gr.Slider) -> gr.Slider:
+    """The slider hands its value to respond as sent: a client of the page's API may send any number
+    (1e9, NaN), and respond checks it against the field's own range in one line, where Gradio's
+    bounds check logged a traceback (and NaN broke its rounding to an int). On the instance, since
+    a subclass of a Gradio component writes a .pyi file beside its module when it is defined."""
+    slider.preprocess = lambda payload: payload
+    return slider
+
+
 def sampling_inputs(defaults: dict) -> list:
     """The page's sampling settings: one input per field of model/sampling_fields.py, in its order
     (webui.chat.respond takes them so), each starting at the served model's default."""
@@ -94,8 +105,8 @@ def sampling_inputs(defaults: dict) -> list:
             inputs.append(gr.Number(-1, precision=0, label=f.label, render=False))
             continue
         lo, hi, step = view
-        inputs.append(gr.Slider(lo, hi, value=min(max(defaults[f.name], lo), hi), step=step,
-                                precision=0 if f.kind is int else None, label=f.label, render=False))
+        inputs.append(as_sent(gr.Slider(lo, hi, value=min(max(defaults[f.name], lo), hi), step=step,
+                                        precision=0 if f.kind is int else None, label=f.label, render=False)))
     return inputs
 
 
@@ -162,7 +173,7 @@ def make_app(models: ModelCache, model: str = DEFAULT, backend: str = "onnx", no
              api_key: str | None = None, allowed_hosts: list[str] = (), cors_origins: list[str] = (),
              log=lambda msg: print(msg, file=sys.stderr, flush=True)):
     """The FastAPI app: the API routes (when api_access allows them) and the Gradio page at /, behind
-    the Host, Origin and CORS rules (serve/access.py)."""
+    the Host, Origin and CORS rules (serve/access.py); Gradio's upload route is refused."""
     app = FastAPI(title="Cogni-Mamba", docs_url=None, redoc_url=None, openapi_url=None)
     app.add_middleware(Access, bound=host, allowed_hosts=allowed_hosts, cors_origins=cors_origins)
     serve_api, line = api_access(host, api_key)
@@ -172,6 +183,11 @@ def make_app(models: ModelCache, model: str = DEFAULT, backend: str = "onnx", no
     demo = build_demo(models, model, backend, note)
     # As many generations at once as the engine decodes together; more wait in Gradio's queue.
     demo.queue(default_concurrency_limit=models.max_batch)
+
+    async def no_files(request: Request):  # Gradio stores any upload on disk; the page reads text only
+        return ApiError(403, "this page takes no files", "permission_error", code="uploads_not_accepted").response()
+
+    app.add_api_route(f"{API_PREFIX}/upload", no_files, methods=["POST"])  # before the page's mount: this one answers
     return gr.mount_gradio_app(app, demo, path="/")
 
 
@@ -239,7 +255,8 @@ def parse_args(argv=None) -> dict:
                    help="comma-separated Host names to answer besides the loopback ones when bound to loopback, "
                         "e.g. behind a reverse proxy ('*' for any); guards against DNS rebinding")
     p.add_argument("--cors-origins", type=names, default=[], metavar="ORIGINS",
-                   help="comma-separated browser origins allowed to call the API besides the loopback ones, "
+                   help="comma-separated browser origins allowed to call the API and the page's routes besides "
+                        "the loopback ones and the server's own, "
                         "e.g. https://app.example.com ('*' for any)")
     p.add_argument("--speculate", action=argparse.BooleanOptionalAction, default=True,
                    help="speculative decoding by prompt lookup while few chats run (the same output, faster "

@@ -9,11 +9,12 @@ CORS, as Ollama does them. "Loopback" is is_loopback's everywhere here.
   `allowed_hosts` ("*" for any). Otherwise DNS rebinding lets a remote page read the loopback API's
   replies: its own name, resolved to 127.0.0.1, makes the server same-origin to it. A server bound
   to another address is reached by any name anyway (and its API needs a key): no Host check.
-- Origin (the API's routes: serve/api.py API_PREFIXES, made from its ROUTES): a request a browser
-  sends with an Origin is refused (403) unless the origin is a loopback one, in `cors_origins`
-  ("*" for any) or the server's own (same Host). Allowed origins get the CORS headers on the
-  preflight and on the actual responses, so a browser client the user allows can read them.
-  Requests without an Origin (curl, SDKs) pass.
+- Origin (every route, the page's Gradio routes too: a foreign page must not make the server
+  generate through them either): a request a browser sends with an Origin is refused (403) unless
+  the origin is a loopback one, in `cors_origins` ("*" for any) or the server's own (same Host).
+  On the API's routes (serve/api.py API_PREFIXES, made from its ROUTES) allowed origins get the
+  CORS headers on the preflight and on the actual responses, so a browser client the user allows
+  can read them; Gradio answers CORS on its own routes. Requests without an Origin (curl, SDKs) pass.
 The API takes JSON bodies only (serve/http_request.py read_json: 415), so a page cannot skip the preflight
 with a text/plain POST.
 """
@@ -62,7 +63,7 @@ def host_name(authority: str) -> str:
 
 
 class Access:
-    """ASGI middleware: the Host check for everything, Origin and CORS for the API's routes.
+    """ASGI middleware: the Host and Origin checks for everything, CORS for the API's routes.
 
     Not Starlette's TrustedHostMiddleware and CORSMiddleware, which state other rules: the first
     takes name patterns only (no 127.0.0.0/8 or ::1 by address, no "check only when bound to
@@ -102,12 +103,14 @@ class Access:
                                        "start it with --allowed-hosts NAME to allow it", "permission_error",
                                   code="host_not_allowed").response()(scope, receive, send)
         origin = headers.get("origin")
-        if scope["type"] != "http" or origin is None or not scope["path"].startswith(API_PREFIXES):
-            return await self.app(scope, receive, send)
-        if not self.origin_ok(origin, authority):
-            return await ApiError(403, f"the origin {origin!r} may not use this API; start the server with "
+        if origin is not None and not self.origin_ok(origin, authority):
+            if scope["type"] == "websocket":
+                return await WebSocketClose(code=1008)(scope, receive, send)
+            return await ApiError(403, f"the origin {origin!r} may not use this server; start it with "
                                        f"--cors-origins {origin} to allow it", "permission_error",
                                   code="origin_not_allowed").response()(scope, receive, send)
+        if scope["type"] != "http" or origin is None or not scope["path"].startswith(API_PREFIXES):
+            return await self.app(scope, receive, send)
         cors = {"Access-Control-Allow-Origin": origin, "Vary": "Origin", "Access-Control-Expose-Headers": EXPOSED}
         if scope["method"] == "OPTIONS" and "access-control-request-method" in headers:  # the preflight
             cors |= {"Access-Control-Allow-Methods": "GET, POST, OPTIONS", "Access-Control-Max-Age": "600",
