@@ -54,9 +54,6 @@ def main(model: str = "default", backend: str = "torch", prompt: str | None = No
         return 2
     try:
         return converse(engine, tokenizer, meta, model, cfg, prompt, system)
-    except ContextFull as e:  # the system prompt is in every turn: no turn can be answered
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     finally:
         engine.close()
 
@@ -101,6 +98,9 @@ def converse(engine, tokenizer, meta: dict, model: str, cfg, prompt: str | None,
             print("\n[stopped]", file=sys.stderr)
             history.pop()
             continue
+        except ContextFull as e:  # the system prompt is in every turn: no turn can be answered
+            print(f"\nerror: {e}", file=sys.stderr)
+            return 2
         except ValueError as e:  # a template that refuses this conversation: say so, keep chatting
             print(f"\nerror: {e}", file=sys.stderr)
             history.pop()
