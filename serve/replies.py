@@ -50,7 +50,8 @@ class ChatReply:
         self.pieces, self.stats, self.name, self.metrics = achat(engine, turn), turn.stats, name, metrics
         self.ident, self.created = f"{self.prefix}-{uuid.uuid4().hex}", int(time.time())
         self.request, self.notice = request, notice  # notice: a cap the request met, for the X-Cogni-Notice header
-        self.headers = {"X-Cogni-Notice": notice} if notice else {}
+        said = "; ".join(n for n in (notice, turn.stats.notice) if n)  # the turn's: trimming, tools that crowd the context
+        self.headers = {"X-Cogni-Notice": said} if said else {}
         self.turn, self.tokenizer, self.vocab_size = turn, tokenizer, engine.vocab_size
         self.calls = ToolCallStream(request.output.calls)  # the text pieces -> content or tool calls
         self.logprobs_sent = 0  # tokens whose logprobs have gone out
@@ -66,7 +67,7 @@ class ChatReply:
 
     def finish_reason(self) -> str:
         reason = self.stats.finish_reason
-        return "tool_calls" if self.calls.calls and reason == "stop" else reason
+        return "tool_calls" if self.calls.calls and (reason == "stop" or self.calls.ended) else reason
 
     def new_entries(self) -> list | None:
         """The sampler's logprobs of the reply's tokens not yet sent, or None when not asked for."""
@@ -83,7 +84,12 @@ class ChatReply:
 
     async def deltas(self) -> list[dict]:
         try:
-            return [d async for piece in self.pieces for d in self.calls.push(piece)] + self.calls.finish()
+            deltas = []
+            async for piece in self.pieces:
+                deltas += self.calls.push(piece)
+                if self.calls.ended:  # a repeated call: the generation stops here (closing the pieces)
+                    break
+            return deltas + self.calls.finish()
         finally:  # also when cancelled: closing the pieces cancels the generation in the engine
             await self.pieces.aclose()
             self.metrics.finished(self.stats)
@@ -129,6 +135,8 @@ class ChatReply:
             async for piece in self.pieces:
                 for delta in self.calls.push(piece):  # tokens held back lend their logprobs to the next delta
                     yield self._delta(delta, logprobs=self.new_logprobs())
+                if self.calls.ended:
+                    break
             for delta in self.calls.finish():
                 yield self._delta(delta, logprobs=self.new_logprobs())
             yield self._delta({}, self.finish_reason(), self.new_logprobs(), **self.notices())
