@@ -111,8 +111,8 @@ PING = [{"type": "function", "function": {"name": "ping", "parameters": {"type":
 @pytest.mark.parametrize("stream", [False, True])
 def test_a_call_repeated_ends_the_reply_with_the_calls_before_it(client, stream):
     """ping takes no arguments, so every call after the first repeats it: with parallel_tool_calls
-    left true the random model chains copies until its budget (greedy, 200 tokens: 7 calls) unless
-    the repeat stops it."""
+    left true the random model chains copies until its budget ends (finish_reason length) unless the
+    repeat stops it."""
     kw = dict(tools=PING, tool_choice="required", temperature=0, max_tokens=200)
     if not stream:
         c = ask(client, **kw).choices[0]
