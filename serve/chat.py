@@ -20,7 +20,7 @@ from serve.generate import Backend, Sequence, run_alone
 from serve.grammar import new_matcher
 from serve.sampling import GREEDY, SamplingConfig
 from serve.zerogpu import ZeroGpuRunner
-from serve.tools import Output, prompt_messages
+from serve.tools import Output, prompt_messages, tools_notice
 
 # Refused before tokenizing: a 1,000,000-character message took 46.6 s of server time to encode and
 # trim. 100,000 characters (~25k tokens of English) is three times SmolLM2's whole context, so no
@@ -236,7 +236,8 @@ class ChatTurn:
         output = output or Output()
         messages, tools = prompt_messages(tokenizer, messages, output)
         budget = engine.max_seq_len - min(cfg.max_new_tokens, engine.max_seq_len // 2)
-        ids, _, stats.notice = trim_messages(tokenizer, messages, budget, tools)
+        ids, _, trimmed = trim_messages(tokenizer, messages, budget, tools)
+        stats.notice = "; ".join(n for n in (trimmed, tools_notice(tokenizer, output, engine.max_seq_len)) if n)
         grammar = output.grammar()
         matcher = new_matcher(tokenizer, engine.vocab_size, grammar) if grammar is not None else None
         seq = Sequence(ids, cfg, tokenizer.stop_ids, conversation, reuse_cache, grammar=matcher, grammar_text=grammar)

@@ -84,7 +84,7 @@ class Choice:
 
     def finish_reason(self) -> str:
         reason = self.stats.finish_reason
-        return "tool_calls" if self.calls.calls and reason == "stop" else reason
+        return "tool_calls" if self.calls.calls and (reason == "stop" or self.calls.ended) else reason
 
     def new_entries(self) -> list | None:
         """The sampler's logprobs of the reply's tokens not yet sent, or None when not asked for."""
@@ -107,7 +107,9 @@ class ChatReply:
         self.name, self.metrics = name, metrics
         self.ident, self.created = f"{self.prefix}-{uuid.uuid4().hex}", int(time.time())
         self.request, self.notice = request, notice  # notice: what the request met, for the X-Cogni-Notice header
-        self.headers = {"X-Cogni-Notice": notice} if notice else {}
+        # and the prompt's own (one prompt: the first turn's): trimming, tools that crowd the context
+        said = "; ".join(n for n in (notice, turns[0].stats.notice) if n)
+        self.headers = {"X-Cogni-Notice": said} if said else {}
         self.tokenizer, self.vocab_size = tokenizer, engine.vocab_size
 
     def usage(self) -> dict:
@@ -126,7 +128,12 @@ class ChatReply:
 
     async def deltas(self, c: Choice) -> list[dict]:
         try:
-            return [d async for piece in c.pieces for d in c.calls.push(piece)] + c.calls.finish()
+            deltas = []
+            async for piece in c.pieces:
+                deltas += c.calls.push(piece)
+                if c.calls.ended:  # a repeated call: the generation stops here (closing the pieces)
+                    break
+            return deltas + c.calls.finish()
         finally:  # also when cancelled: closing the pieces cancels the generation in the engine
             await c.pieces.aclose()
             self.metrics.finished(c.stats)
@@ -176,6 +183,8 @@ class ChatReply:
             async for piece in c.pieces:
                 for delta in c.calls.push(piece):  # tokens held back lend their logprobs to the next delta
                     yield self._event([self._delta(c, delta, logprobs=self.new_logprobs(c))])
+                if c.calls.ended:  # a repeated call: the generation stops here (closing the pieces)
+                    break
             for delta in c.calls.finish():
                 yield self._event([self._delta(c, delta, logprobs=self.new_logprobs(c))])
             last = all(o.stats.finish_reason for o in self.choices if o is not c)

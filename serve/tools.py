@@ -4,17 +4,18 @@
                                   JSON schema, and the grammar text that constrains the reply
     tool_message(m)               an assistant message with tool_calls, or a tool result, checked
     prompt_messages(tok, msgs, output)  messages (and tools) as the model's chat template takes them
+    tools_notice(tok, output, context)  a sentence when the tools take more than half the context
     ToolCallStream                the reply's text pieces -> OpenAI deltas: content, or tool calls
 
 A call is written as Hermes' (Qwen2.5's, SmolLM3's, vLLM's `hermes` parser's) format:
     <tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>
 A template that renders `tools` itself gets them as its `tools` variable; for one that does not
-(SmolLM2's, plain ChatML) the tools are described in the system message, in Qwen2.5's words, as
-vLLM and llama.cpp do for templates without tool support, and a history's calls and results are
-written in the same tags. For tool_choice "required" or a named function the grammar allows only
-calls (to that function); for "auto" either a call or a reply that does not begin with
-<tool_call>; for "none" the tools are left out of the prompt and the reply is free. The arguments
-follow each function's parameter schema.
+(SmolLM2's, plain ChatML) the system message lists the functions one line each and asks for the
+format in Qwen2.5's words (vLLM and llama.cpp describe tools there too for templates without tool
+support, as whole JSON schemas), and a history's calls and results are written in the same tags.
+For tool_choice "required" or a named function the grammar allows only calls (to that function);
+for "auto" either a call or a reply that does not begin with <tool_call>; for "none" the tools are
+left out of the prompt and the reply is free. The arguments follow each function's parameter schema.
 """
 from __future__ import annotations
 
@@ -27,12 +28,15 @@ from serve.grammar import json_in_lark, json_schema_grammar, lark_grammar
 OPEN, CLOSE = "<tool_call>\n", "\n</tool_call>"
 # A reply that is text: anything that does not begin with the call tag (llguidance regex: & and ~).
 TEXT_RULE = 'TEXT: /(?s:.+)/ & ~/<tool_call>(?s:.*)/'
-TOOLS_PROMPT = (  # Qwen2.5's template's words for the same format
-    "# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
-    "You are provided with function signatures within <tools></tools> XML tags:\n<tools>\n{tools}\n</tools>\n\n"
-    "For each function call, return a json object with function name and arguments within "
-    "<tool_call></tool_call> XML tags:\n<tool_call>\n{{\"name\": <function-name>, \"arguments\": "
-    "<args-json-object>}}\n</tool_call>")
+# Qwen2.5's template's words for the call format; the functions themselves are listed one line each
+# (signature and the first sentence of the description), not as JSON schemas: Open WebUI's 36 built-in
+# tools took 7,024 of SmolLM2's 8,192 tokens as schemas. The grammar holds the arguments to the
+# schema whatever the prompt says, so the model needs only enough to choose a function.
+TOOLS_PROMPT = (
+    "# Tools\n\nYou may call one or more functions to assist with the user query. The functions:\n{tools}\n\n"
+    "To call a function, return a json object with its name and arguments within <tool_call></tool_call> "
+    "XML tags:\n<tool_call>\n{{\"name\": <function-name>, \"arguments\": <args-json-object>}}\n</tool_call>")
+MAX_DESCRIPTION = 120  # characters of a function's description kept in the prompt
 
 
 class FieldError(ValueError):
@@ -161,6 +165,60 @@ def call_text(name: str, arguments) -> str:
     return OPEN + json.dumps({"name": name, "arguments": arguments}) + CLOSE
 
 
+def type_text(schema) -> str:
+    """A parameter's type in a TypeScript-like shorthand: string, integer, "a" | "b", string[], ..."""
+    if not isinstance(schema, dict):
+        return "any"
+    if isinstance(schema.get("enum"), list):
+        return " | ".join(json.dumps(v) for v in schema["enum"])
+    if "const" in schema:
+        return json.dumps(schema["const"])
+    for key in ("anyOf", "oneOf"):
+        if isinstance(schema.get(key), list):
+            return " | ".join(type_text(sub) for sub in schema[key])
+    kind = schema.get("type", "any")
+    if isinstance(kind, list):
+        return " | ".join(map(str, kind))
+    if kind == "array":
+        item = type_text(schema.get("items"))
+        return f"({item})[]" if " " in item else f"{item}[]"
+    return str(kind)
+
+
+def signature(function: dict) -> str:
+    """One line: name(param: type, optional?: type) - the description's first sentence, cut short."""
+    schema = function.get("parameters") or {}
+    required = schema.get("required") or []
+    props = schema.get("properties") if isinstance(schema.get("properties"), dict) else {}
+    params = ", ".join(f"{name}{'' if name in required else '?'}: {type_text(sub)}" for name, sub in props.items())
+    text = " ".join(str(function.get("description") or "").split())  # one line
+    first = text.split(". ")[0].rstrip(".")
+    if len(first) > MAX_DESCRIPTION:
+        first = first[:MAX_DESCRIPTION - 3].rsplit(" ", 1)[0] + "..."
+    return f"- {function['name']}({params})" + (f": {first}" if first else "")
+
+
+def describe(tools: list[dict]) -> str:
+    """The tools as the system message describes them to a template without tool support."""
+    return TOOLS_PROMPT.format(tools="\n".join(signature(t["function"]) for t in tools))
+
+
+def tools_notice(tokenizer, output: Output, context: int) -> str:
+    """A sentence when the tools' description takes more than half the model's context, else ''.
+    A template that renders tools itself is measured by rendering an empty chat with and without them."""
+    if not output.calls:
+        return ""
+    if "tools" in tokenizer.chat_template:
+        empty = [{"role": "user", "content": ""}]
+        tokens = len(tokenizer.encode_chat(empty, tools=output.tools)) - len(tokenizer.encode_chat(empty))
+    else:
+        tokens = len(tokenizer.encode(describe(output.tools)))
+    if 2 * tokens <= context:
+        return ""
+    return (f"the {len(output.tools)} tools' descriptions take {tokens} of the model's {context}-token context, "
+            "leaving little for the chat; send fewer tools")
+
+
 def prompt_messages(tokenizer, messages: list[dict], output: Output) -> tuple[list[dict], list[dict] | None]:
     """(messages, tools for the template's `tools` variable or None): native when the template
     knows tools, else the tools in the system message and calls/results in the call tags."""
@@ -177,7 +235,7 @@ def prompt_messages(tokenizer, messages: list[dict], output: Output) -> tuple[li
         else:
             out.append({"role": m["role"], "content": m["content"]})
     if tools:
-        described = TOOLS_PROMPT.format(tools="\n".join(json.dumps(t) for t in tools))
+        described = describe(tools)
         if out and out[0]["role"] == "system":
             out[0] = {"role": "system", "content": out[0]["content"] + "\n\n" + described}
         else:
@@ -188,13 +246,20 @@ def prompt_messages(tokenizer, messages: list[dict], output: Output) -> tuple[li
 class ToolCallStream:
     """The reply's text pieces in, OpenAI deltas out: {"content": ...} while the reply is text, and
     one {"tool_calls": [...]} delta per call once its closing tag arrives (clients join the pieces
-    of `arguments`; one piece is valid). Text that may still become the opening tag is held back."""
+    of `arguments`; one piece is valid). Text that may still become the opening tag is held back.
+    A call that repeats an earlier one (same name and arguments) is dropped and `ended` set, and the
+    caller stops the generation there: a small model allowed several calls goes on calling
+    (SmolLM2-135M chained up to 7 after a required call), and a repeat is never a new request."""
 
     def __init__(self, calls_allowed: bool):
         self.allowed, self.buffer, self.mode = calls_allowed, "", None if calls_allowed else "text"
         self.calls: list[dict] = []
+        self.made: set[tuple[str, str]] = set()  # (name, arguments as canonical JSON) of each call
+        self.ended = False
 
     def push(self, piece: str) -> list[dict]:
+        if self.ended:
+            return []
         if self.mode == "text":
             return [{"content": piece}] if piece else []
         self.buffer += piece
@@ -209,6 +274,11 @@ class ToolCallStream:
         while (end := self.buffer.find(CLOSE)) >= 0:
             call = json.loads(self.buffer[len(OPEN):end])
             self.buffer = self.buffer[end + len(CLOSE):].lstrip("\n")
+            key = (call["name"], json.dumps(call["arguments"], sort_keys=True))
+            if key in self.made:
+                self.ended, self.buffer = True, ""
+                break
+            self.made.add(key)
             deltas.append(self._call(call["name"], call["arguments"]))
         return deltas
 

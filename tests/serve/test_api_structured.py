@@ -4,6 +4,7 @@ model with a 2048-token context (the tools' description must fit): its text is g
 parses and validates here does so because of the grammar."""
 import concurrent.futures
 import json
+from pathlib import Path
 
 import jsonschema
 import pytest
@@ -104,6 +105,47 @@ def test_a_forced_tool_call_comes_back_as_openai_tool_calls(client, choice):
     jsonschema.validate(json.loads(call.function.arguments), params[call.function.name])
 
 
+PING = [{"type": "function", "function": {"name": "ping", "parameters": {"type": "object", "properties": {}}}}]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_call_repeated_ends_the_reply_with_the_calls_before_it(client, stream):
+    """ping takes no arguments, so every call after the first repeats it: with parallel_tool_calls
+    left true the random model chains copies until its budget ends (finish_reason length) unless the
+    repeat stops it."""
+    kw = dict(tools=PING, tool_choice="required", temperature=0, max_tokens=200)
+    if not stream:
+        c = ask(client, **kw).choices[0]
+        assert c.finish_reason == "tool_calls" and [t.function.name for t in c.message.tool_calls] == ["ping"]
+        return
+    chunks = list(ask(client, stream=True, **kw))
+    deltas = [tc for ch in chunks if ch.choices for tc in (ch.choices[0].delta.tool_calls or [])]
+    assert [d.function.name for d in deltas] == ["ping"]
+    assert [ch.choices[0].finish_reason for ch in chunks if ch.choices][-1] == "tool_calls"
+
+
+def test_required_without_parallel_calls_is_exactly_one_call(client):
+    c = ask(client, tools=PING + TOOLS, tool_choice="required", parallel_tool_calls=False, temperature=0,
+            max_tokens=200).choices[0]
+    assert c.finish_reason == "tool_calls" and len(c.message.tool_calls) == 1
+
+
+def test_tools_that_fill_half_the_context_say_so(served):
+    """Eight of Open WebUI's tools take ~1,190 of this model's 2,048 tokens with its 400-token BPE
+    (four ~730): the header and the body's notices say so for eight and not for four."""
+    tools = json.loads((Path(__file__).parents[1] / "data" / "openwebui_tools.json").read_text())
+    said = {}
+    for n in (4, 8):
+        r = served[0].post("/v1/chat/completions", json={"model": "nano", "messages": ASK, "tools": tools[:n],
+                                                        "max_tokens": 4, "temperature": 0})
+        assert r.status_code == 200, r.text
+        said[n] = (r.headers.get("X-Cogni-Notice", ""), r.json().get("notices", []))
+    assert said[4] == ("", [])
+    header, notices = said[8]
+    assert "the 8 tools' descriptions take" in header and "of the model's 2048-token context" in header
+    assert any(n.startswith("the 8 tools'") for n in notices)
+
+
 def test_tool_calls_stream_as_deltas_that_join_to_the_whole_reply(client):
     kw = dict(tools=TOOLS, tool_choice="required", temperature=0.9, seed=3, parallel_tool_calls=False, max_tokens=200)
     whole = ask(client, **kw).choices[0].message.tool_calls[0]
@@ -128,7 +170,9 @@ def test_the_tools_reach_the_prompt(served):
     _, models, folder = served
     _, tok, _ = models.get(folder, "torch")
     messages, native = prompt_messages(tok, ASK, parse_output({"tools": TOOLS}))
-    assert native is None and '"name": "get_weather"' in messages[0]["content"] and messages[0]["role"] == "system"
+    assert native is None and messages[0]["role"] == "system"
+    assert "- get_weather(city: string, days: integer): The weather in a city\n" in messages[0]["content"]
+    assert '- get_time(zone: "UTC" | "CET")\n' in messages[0]["content"]
     assert prompt_messages(tok, ASK, parse_output({"tools": TOOLS, "tool_choice": "none"}))[0] == ASK
 
 
