@@ -1,5 +1,6 @@
 """respond(), the model cache and the parity check, driven directly: no server."""
 import threading
+from types import SimpleNamespace
 import time
 
 import pytest
@@ -171,13 +172,25 @@ def test_the_page_takes_min_p_and_the_penalties(torch_models):
     assert "bad setting" in titles(final)[0] and "presence_penalty" in titles(final)[0]
 
 
+class FakeBackend:
+    """What the model cache reads of a backend (the engine around it, its memory bound), no network."""
+    device, max_seq_len, vocab_size = "cpu", 64, 8
+    cfg = SimpleNamespace(n_heads=1)
+
+    def __init__(self, name):
+        self.name = name
+
+    def new_cache(self, rows, length):
+        return SimpleNamespace(bytes_per_token=16)
+
+
 def test_a_model_is_loaded_once_by_concurrent_sessions():
     calls = []
 
     def slow_loader(spec, backend):
         calls.append((spec, backend))
         time.sleep(0.3)
-        return type("E", (), {"name": backend, "device": "cpu", "max_seq_len": 64, "vocab_size": 8})(), None, {"name": spec}
+        return FakeBackend(backend), None, {"name": spec}
 
     cache = ModelCache(loader=slow_loader, log=lambda msg: None)
     results = []
