@@ -39,7 +39,7 @@ from model.sampling_fields import FIELDS, generation_defaults
 from serve.access import Access, api_access
 from serve.api import API_KEY_ENV, make_router
 from serve.protocol import ApiError
-from webui.chat import respond
+from webui.chat import continue_panel, respond
 from serve.models import (BACKEND_CHOICES, BACKEND_LABELS, CACHE_BUDGET_MB, DEFAULT, MAX_BATCH, ModelCache, list_models,
                           loaded_line, model_card)
 from webui.parity import parity_panel
@@ -142,6 +142,17 @@ def build_demo(models: ModelCache, model: str = DEFAULT, backend: str = "onnx", 
                 "Settings: system prompt, backend, model, sampling", open=False, render=False),
                 chatbot=gr.Chatbot(label="Chat", height=480, render=False),
                 examples=[[e] for e in EXAMPLES], cache_examples=False, api_name="chat")
+        with gr.Tab("Text"):
+            gr.Markdown("The text as it is, no chat template, continued by the model chosen in the Chat tab's "
+                        "Settings (with its sampling settings): what a base model, trained on plain text, is for.")
+            text = gr.Textbox(label="Text", lines=8, placeholder="Once upon a time")
+            with gr.Row():
+                go = gr.Button("Continue", variant="primary")
+                stop = gr.Button("Stop")
+            text_status = gr.Markdown()
+            job = go.click(partial(continue_panel, models=models), [text, backend_box, model_box, *sampling],
+                           [text, text_status], api_name="continue")
+            stop.click(None, cancels=[job], api_name=False)
         with gr.Tab("Parity: PyTorch vs ONNX Runtime"):
             gr.Markdown("One prompt, greedy, through both backends (the model chosen in Settings): the variant "
                         "ONNX Runtime serves against PyTorch's fp32 arithmetic on the same weights.")

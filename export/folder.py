@@ -23,7 +23,7 @@ META_VERSION = 3
 EXPORTER_VERSION = 3
 # What the source model folder's config.json says about the model that an export carries on (and a
 # card shows); its paths and file-level fields (the weights' own hash, dtype, format) stay behind.
-SOURCE_FIELDS = ("name", "num_params", "source_format", "source_quantization", "card")
+SOURCE_FIELDS = ("name", "num_params", "source_format", "source_quantization", "card", "chat")
 
 
 def is_onnx_export(path: str | Path) -> bool:

@@ -258,6 +258,13 @@ def save_model(directory: str | Path, model: CogniMamba, tokenizer: Tokenizer, s
     return directory
 
 
+def is_chat_model(meta: dict | None) -> bool:
+    """Whether a model answers chats (else it continues text). A model folder records it: training
+    writes chat = --sft or fine-tuned from a chat model, a conversion writes whether the GGUF or HF
+    source has a chat template. Folders written before the record: chat, as they were served."""
+    return (meta or {}).get("chat", True) is not False
+
+
 def sha256_file(path: str | Path, chunk: int = 1 << 24) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

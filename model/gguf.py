@@ -260,5 +260,6 @@ def load_gguf(path: str | Path):
             "source_quantization": ",".join(qtypes),
             # kept so an export can write each tensor at its source type and name the split the same
             "gguf_types": {t.name: t.tensor_type.name for t in reader.tensors},
-            "gguf_pre": _field(reader, "tokenizer.ggml.pre"), "card": card_from_gguf(reader)}
+            "gguf_pre": _field(reader, "tokenizer.ggml.pre"), "card": card_from_gguf(reader),
+            "chat": tokenizer.has_template}  # a GGUF without a chat template holds a base model
     return model, tokenizer, info

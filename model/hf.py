@@ -159,7 +159,8 @@ def load_hf(directory: str | Path):
         state.update({names[k]: v.float() for k, v in tensors.items() if names.get(k) in shapes})
     model = build_model(cfg, state, str(d))
     info = {"name": hf.get("_name_or_path") or d.name, "source_format": "hf",
-            "source_quantization": str(hf.get("torch_dtype") or hf.get("dtype") or "unknown"), "card": card_from_hf(d)}
+            "source_quantization": str(hf.get("torch_dtype") or hf.get("dtype") or "unknown"), "card": card_from_hf(d),
+            "chat": tokenizer.has_template}  # a folder without a chat template holds a base model
     if generation := generation_from_hf(d):
         info["generation"] = generation
     return model, tokenizer, info

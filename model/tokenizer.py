@@ -174,6 +174,7 @@ class BPETokenizer(_ChatMixin):
         self.backend = backend  # matches special tokens in the text: template text only
         self._plain = HFTokenizer.from_str(backend.to_str())
         self._plain.encode_special_tokens = True  # user text: "<|im_end|>" stays characters
+        self.has_template = chat_template is not None  # else ChatML, assumed
         self.chat_template = chat_template or CHATML_TEMPLATE
         self.eos_token, self.bos_token = eos_token, bos_token
         self.eos_id = self._require_id(eos_token)
@@ -234,6 +235,7 @@ class CharTokenizer(_ChatMixin):
         self.chars = sorted(set(chars) | set(string.printable))
         self.itos = SPECIAL_TOKENS + self.chars
         self.stoi = {s: i for i, s in enumerate(self.itos)}
+        self.has_template = chat_template is not None  # else ChatML, assumed
         self.chat_template = chat_template or CHATML_TEMPLATE
         self.eos_token, self.bos_token = ENDOFTEXT, None
         self.eos_id, self.bos_id = self.stoi[ENDOFTEXT], None

@@ -223,6 +223,12 @@ class ChatStats:
                 f"context {self.prompt_tokens + self.new_tokens}/{self.context_max} tokens")
 
 
+def prompt_budget(engine, cfg: SamplingConfig) -> int:
+    """The tokens a prompt may take: the context less the reply's room (at most half of it, so a
+    large max_tokens still leaves a prompt room)."""
+    return engine.max_seq_len - min(cfg.max_new_tokens, engine.max_seq_len // 2)
+
+
 class ChatTurn:
     """One reply to `messages` (role/content dicts, oldest first): the prompt trimmed to fit, its
     Sequence, and what each token becomes (text pieces, stats, the stop strings). Driven by
@@ -235,7 +241,7 @@ class ChatTurn:
         stats = stats if stats is not None else ChatStats()
         output = output or Output()
         messages, tools = prompt_messages(tokenizer, messages, output)
-        budget = engine.max_seq_len - min(cfg.max_new_tokens, engine.max_seq_len // 2)
+        budget = prompt_budget(engine, cfg)
         ids, _, trimmed = trim_messages(tokenizer, messages, budget, tools)
         stats.notice = "; ".join(n for n in (trimmed, tools_notice(tokenizer, output, engine.max_seq_len)) if n)
         grammar = output.grammar()
@@ -290,7 +296,26 @@ def chat(engine: Engine | ZeroGpuRunner | Backend, tokenizer, messages: list[dic
     """Stream the assistant's reply to `messages` through an Engine (batched with other chats, its
     cache kept under `conversation`) or a bare Backend (alone, in this thread). `stop`: extra stop
     strings. stats.finish_reason says why it ended."""
-    turn = ChatTurn(engine, tokenizer, messages, cfg, stats, conversation, stop)
+    yield from _streamed(engine, ChatTurn(engine, tokenizer, messages, cfg, stats, conversation, stop))
+
+
+def continue_text(engine: Engine | ZeroGpuRunner | Backend, tokenizer, text: str, cfg: SamplingConfig = GREEDY,
+                  stats: ChatStats | None = None) -> Iterator[str]:
+    """Stream what follows `text` as it is, no chat template: what a base model (trained on plain
+    text) is for. A text longer than the context keeps its end (stats.notice says so)."""
+    stats = stats if stats is not None else ChatStats()
+    bos = [tokenizer.bos_id] if tokenizer.bos_id is not None else []
+    ids = tokenizer.encode(text)  # control tokens the user typed stay characters
+    budget = prompt_budget(engine, cfg) - len(bos)
+    notice = ""
+    if len(ids) > budget:
+        ids, notice = ids[-budget:], f"the text's first {len(ids) - budget} tokens were left out to fit the context"
+    turn = ChatTurn.from_ids(engine, tokenizer, bos + ids, cfg, stats)
+    stats.notice = notice
+    yield from _streamed(engine, turn)
+
+
+def _streamed(engine, turn: "ChatTurn") -> Iterator[str]:
     tokens = engine.run(turn.seq) if isinstance(engine, (Engine, ZeroGpuRunner)) else run_alone(engine, turn.seq)
     try:
         for token in tokens:

@@ -40,14 +40,14 @@ def nano_model():
 def model_folder(tmp_path_factory):
     """The one factory of random test model folders: model_folder(texts, bpe_vocab, **config) -> a
     seeded nano model folder (vocab 512 unless config says otherwise), made once per session for
-    each set of arguments. bpe_vocab trains a byte-level BPE of that size on `texts`, else a
+    each set of arguments (chat=False: a base model). bpe_vocab trains a byte-level BPE of that size on `texts`, else a
     character tokenizer; `name` is the folder's (the name the app serves it under); silent_stops zeroes the head's rows of the stop tokens (untied), so a
     random model never ends its reply early."""
     made = {}
 
     def make(texts=("The quick brown fox jumps over the lazy dog.",), bpe_vocab=None, silent_stops=False, name="nano",
-             **config):
-        key = (tuple(texts), bpe_vocab, silent_stops, name, tuple(sorted(config.items())))
+             chat=True, **config):
+        key = (tuple(texts), bpe_vocab, silent_stops, name, chat, tuple(sorted(config.items())))
         if key not in made:
             torch.manual_seed(0)
             tok = train_bpe(list(texts), bpe_vocab) if bpe_vocab else CharTokenizer.train(list(texts))
@@ -55,7 +55,8 @@ def model_folder(tmp_path_factory):
             if silent_stops:
                 with torch.no_grad():
                     model.output.weight[tok.stop_ids] = 0
-            made[key] = save_model(tmp_path_factory.mktemp("model") / name, model, tok, source="random init (tests)")
+            made[key] = save_model(tmp_path_factory.mktemp("model") / name, model, tok, source="random init (tests)",
+                                   extra={"chat": chat})  # chat=False: a base model, as pretraining writes it
         return made[key]
 
     return make

@@ -38,7 +38,8 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch.utils.checkpoint import checkpoint  # noqa: E402
 
-from model.checkpoint import atomic_file, check_output_dir, folder_writer, is_model_dir, save_model, WRITER_MARKER  # noqa: E402
+from model.checkpoint import (atomic_file, check_output_dir, folder_writer, is_chat_model, is_model_dir,  # noqa: E402
+                              save_model, WRITER_MARKER)
 from model.config import ModelConfig, find_multiple  # noqa: E402
 from model.model import CogniMamba  # noqa: E402
 from model.tokenizer import CharTokenizer, from_tokenizer_json, gpt2_tokenizer, load_tokenizer, train_bpe  # noqa: E402
@@ -292,6 +293,7 @@ class Run:
     amp_dtype: torch.dtype | None
     use_scaler: bool
     resume_ckpt: dict | None
+    chat: bool = False  # what the model folder records (model.checkpoint.is_chat_model); set by build_model
 
     @property
     def ddp(self) -> bool:
@@ -382,10 +384,13 @@ def build_model(run: Run) -> tuple[CogniMamba, object]:
     if cfg.resume:
         tokenizer = load_tokenizer(run.out / "tokenizer")
         model = CogniMamba(ModelConfig.from_dict(run.resume_ckpt["model_config"]))
+        run.chat = run.resume_ckpt.get("chat", cfg.sft or bool(cfg.init_from))  # older checkpoints: a guess
     elif cfg.init_from:
-        model, tokenizer, _ = load_any(cfg.init_from)
+        model, tokenizer, init_meta = load_any(cfg.init_from)
+        run.chat = cfg.sft or is_chat_model(init_meta)  # text fine-tuning keeps a chat model a chat model
         run.log(f"fine-tuning {cfg.init_from} ({model.num_params():,} parameters); its tokenizer is used")
     else:
+        run.chat = cfg.sft  # pretraining on text makes a base model: served as a text continuation
         tokenizer = get_tokenizer(cfg, corpus_sample(cfg))
         model_cfg = ModelConfig.from_name(cfg.preset, vocab_size=find_multiple(tokenizer.vocab_size, 64))
         model_cfg.max_seq_len = max(model_cfg.max_seq_len, cfg.seq_len)  # a new model: its context is ours to set
@@ -488,7 +493,7 @@ def save_checkpoint(run: Run, state: State, name: str) -> None:
     ckpt = {"model": state.raw_model.state_dict(), "optimizer": state.optimizer.state_dict(),
             "scaler": state.scaler.state_dict(), "rng": rng_state(state.batch_gen), "step": state.step,
             "best_val": state.best_val, "model_config": state.raw_model.cfg.to_dict(),
-            "train_config": dataclasses.asdict(run.cfg)}
+            "train_config": dataclasses.asdict(run.cfg), "chat": run.chat}
     check_free_space(run.out / name, tensor_bytes(ckpt))
     try:
         atomic_save(ckpt, run.out / name)
@@ -508,7 +513,7 @@ def eval_and_save(run: Run, state: State, tokenizer, val_data) -> float:
         save_checkpoint(run, state, "best_model.pt")
         check_free_space(run.out / "model", tensor_bytes(state.raw_model.state_dict()))
         save_model(run.out / "model", state.raw_model, tokenizer, source=f"trained: {run.out}",
-                   extra={"step": state.step, "val_loss": val_loss}, force=True)  # our own run's folder
+                   extra={"step": state.step, "val_loss": val_loss, "chat": run.chat}, force=True)  # our own run's folder
     save_checkpoint(run, state, "latest.pt")
     return val_loss
 

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 from gradio import ChatMessage, Warning as UIWarning
 
-from serve.chat import ChatStats, chat, newest_within_limits, too_long
+from model.checkpoint import is_chat_model
+from serve.chat import ChatStats, chat, continue_text, newest_within_limits, too_long
 from model.sampling_fields import BY_NAME, generation_defaults
 from serve.sampling import SamplingConfig
 from serve.models import BACKEND_LABELS, DEFAULT, onnx_unavailable_reason
@@ -63,15 +64,40 @@ def history_to_messages(history: list, system_prompt: str = "") -> list[dict]:
     return newest_within_limits(messages)
 
 
+SAMPLING_ARGS = ("temperature", "top_k", "top_p", "repetition_penalty", "max_new_tokens", "seed", "min_p",
+                 "presence_penalty", "frequency_penalty")  # the page's inputs, in model/sampling_fields.py's order
+
+
+def checked_settings(values: dict) -> dict:
+    """The page's sampling inputs (None: the model's default; seed -1: random) -> the fields set,
+    each checked against its range; ValueError/TypeError/OverflowError in one line otherwise."""
+    seed = values.get("seed")
+    values = {**values, "seed": None if seed is None or _number(seed) and seed < 0 else seed}
+    # the page's numbers arrive as floats: a whole one is taken as an integer field's value;
+    # check, not accept: the page's own inputs have no aliases
+    return {k: BY_NAME[k].check(_whole(v) if BY_NAME[k].kind is int else v) for k, v in values.items() if v is not None}
+
+
+def loaded(models, model: str, backend: str):
+    """(engine, tokenizer, meta), or a note saying why the model did not load."""
+    backend = backend or "onnx"
+    try:
+        return models.get(model or DEFAULT, backend)
+    except Exception as e:  # a model that fails to load must not take the app down
+        hint = " Switch the backend to PyTorch eager in Settings." if backend == "onnx" and onnx_unavailable_reason() else ""
+        return note(f"error: could not load {model} on {BACKEND_LABELS.get(backend, backend)}",
+                    f"{type(e).__name__}: {e}.{hint}")
+
+
 def respond(message: str, history: list, system_prompt: str = "", backend: str = "onnx", model: str = DEFAULT,
             temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
             repetition_penalty: float | None = None, max_new_tokens: int | None = None, seed: int | float | None = -1,
             min_p: float | None = None, presence_penalty: float | None = None, frequency_penalty: float | None = None,
             *, models):
     """Yield the reply as it grows (a str), then [reply, status] (a list of chat messages), from
-    `models` (the server's serve.models.ModelCache). The
-    sampling settings are the fields of model/sampling_fields.py, in its order; one left out (None)
-    takes the model's own default. Seed -1 is random."""
+    `models` (the server's serve.models.ModelCache). The sampling settings are the fields of
+    model/sampling_fields.py, in its order; one left out (None) takes the model's own default. Seed
+    -1 is random. A base model (trained on plain text) continues the message instead of answering."""
     message = message if isinstance(message, str) else _text(message)
     # The new message only: history_to_messages leaves out what was refused, so one refusal does
     # not refuse every later message of the session (gr.ChatInterface keeps the refused message).
@@ -83,36 +109,68 @@ def respond(message: str, history: list, system_prompt: str = "", backend: str =
         UIWarning(EMPTY_REPLY)
         yield [note(EMPTY_REPLY)]
         return
-    given = dict(temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
-                 max_new_tokens=max_new_tokens, min_p=min_p, presence_penalty=presence_penalty,
-                 frequency_penalty=frequency_penalty, seed=None if seed is None or _number(seed) and seed < 0 else seed)
-    try:  # the page's numbers arrive as floats: a whole one is taken as an integer field's value
-        given = {k: BY_NAME[k].check(_whole(v) if BY_NAME[k].kind is int else v) for k, v in given.items()
-                 if v is not None}  # check, not accept: the page's own inputs have no aliases
+    values = dict(zip(SAMPLING_ARGS, (temperature, top_k, top_p, repetition_penalty, max_new_tokens, seed, min_p,
+                                      presence_penalty, frequency_penalty)))
+    try:
+        given = checked_settings(values)
     except (TypeError, ValueError, OverflowError) as e:
         yield [note(f"bad setting: {e}")]
         return
-    backend = backend or "onnx"
-    try:
-        engine, tokenizer, meta = models.get(model or DEFAULT, backend)
-    except Exception as e:  # a model that fails to load must not take the app down
-        hint = " Switch the backend to PyTorch eager in Settings." if backend == "onnx" and onnx_unavailable_reason() else ""
-        yield [note(f"error: could not load {model} on {BACKEND_LABELS.get(backend, backend)}",
-                    f"{type(e).__name__}: {e}.{hint}")]
+    if isinstance(got := loaded(models, model, backend), ChatMessage):
+        yield [got]
         return
+    engine, tokenizer, meta = got
     cfg = SamplingConfig(**{**generation_defaults(meta), **given})  # every field checked above
     stats = ChatStats()
+    base = not is_chat_model(meta)
+    stream = continue_text(engine, tokenizer, message, cfg, stats) if base else \
+        chat(engine, tokenizer, history_to_messages(history, system_prompt) + [{"role": "user", "content": message}],
+             cfg, stats)
     reply = ""
     try:
-        for piece in chat(engine, tokenizer, history_to_messages(history, system_prompt) +
-                          [{"role": "user", "content": message}], cfg, stats):
+        for piece in stream:
             reply += piece
             yield reply
     except Exception as e:  # a failing backend shows an error in the chat; the server keeps serving
         yield [ChatMessage(content=reply)] * bool(reply) + [note(f"error: generation failed ({type(e).__name__})", str(e))]
         return
     final = [ChatMessage(content=reply)] if reply else [note("(the model answered with an empty reply)")]
+    if base:
+        final.append(note(BASE_MODEL_NOTE))
     if stats.notice:
         final.append(note(f"note: {stats.notice}"))
     yield final + [note(stats.summary())]
 
+
+BASE_MODEL_NOTE = ("note: this model was trained on plain text, not chats: it continued your message (earlier "
+                   "turns and the system prompt are not used); the Text tab continues a whole text")
+
+
+def continue_panel(text: str, backend: str = "onnx", model: str = DEFAULT, *sampling, models):
+    """The Text tab: yield (text and its continuation so far, status line), for any model: what a
+    base model (trained on plain text) is made for. `sampling`: respond's settings, in order."""
+    text = text if isinstance(text, str) else ""
+    if refusal := too_long(text):
+        yield text, f"refused: {refusal}"
+        return
+    if not text.strip():
+        yield text, "Type the beginning of a text first: it is continued as it is, no chat template."
+        return
+    try:
+        given = checked_settings(dict(zip(SAMPLING_ARGS, sampling)))
+    except (TypeError, ValueError, OverflowError) as e:
+        yield text, f"bad setting: {e}"
+        return
+    if isinstance(got := loaded(models, model, backend), ChatMessage):
+        yield text, f"{got.metadata['title']}: {got.content}"
+        return
+    engine, tokenizer, meta = got
+    stats, out = ChatStats(), text
+    try:
+        for piece in continue_text(engine, tokenizer, text, SamplingConfig(**{**generation_defaults(meta), **given}), stats):
+            out += piece
+            yield out, ""
+    except Exception as e:  # a failing backend says so; the server keeps serving
+        yield out, f"error: generation failed ({type(e).__name__}): {e}"
+        return
+    yield out, " · ".join(x for x in (stats.notice, stats.summary()) if x)

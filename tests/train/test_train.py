@@ -65,6 +65,7 @@ def test_corrupt_latest_falls_back_to_an_epoch_checkpoint(corpus_txt, tmp_path):
 
 
 def test_sft_loss_falls_on_assistant_tokens_only(chats_jsonl, tmp_path, corpus_txt):
+    from model.checkpoint import is_chat_model, read_meta
     from model.tokenizer import CharTokenizer
     from train.sft import IGNORE, encode_conversation
 
@@ -81,6 +82,8 @@ def test_sft_loss_falls_on_assistant_tokens_only(chats_jsonl, tmp_path, corpus_t
                  max_steps=40, out=str(out))
     curve = losses(out)
     assert sum(list(curve.values())[-5:]) / 5 < curve[0] * 0.5
+    # pretraining made a base model (served as a text continuation), --sft a chat model
+    assert not is_chat_model(read_meta(base / "model")) and is_chat_model(read_meta(out / "model"))
 
 
 def test_hub_schemas_through_the_same_loaders(tinystories_parquet, codesearchnet_jsonl, tmp_path):

@@ -1,11 +1,12 @@
 """respond(), the model cache and the parity check, driven directly: no server."""
+import re
 import threading
 from types import SimpleNamespace
 import time
 
 import pytest
 
-from webui.chat import EMPTY_REPLY, history_to_messages, respond
+from webui.chat import BASE_MODEL_NOTE, EMPTY_REPLY, SAMPLING_ARGS, continue_panel, history_to_messages, respond
 from serve.models import ModelCache, list_models, model_card
 from webui.parity import compare
 
@@ -170,6 +171,39 @@ def test_the_page_takes_min_p_and_the_penalties(torch_models):
     assert "tok/s" in titles(final)[-1]
     final = ask("hello", torch_models, presence_penalty=5.0)[-1]
     assert "bad setting" in titles(final)[0] and "presence_penalty" in titles(final)[0]
+
+
+@pytest.fixture(scope="module")
+def base_models(model_folder):
+    """A base model (trained on plain text) loaded in a model cache: a character model, so
+    "hello" is 5 prompt tokens."""
+    base = model_folder(["hello there"], vocab_size=128, max_seq_len=64, chat=False)
+    return Fixed(ModelCache(log=lambda msg: None).get(str(base), "torch"))
+
+
+def context_used(status: str) -> int:
+    return int(re.search(r"context (\d+)/", status).group(1))
+
+
+def test_a_base_model_continues_the_message(base_models):
+    """The chat box continues a base model's message as text (5 tokens + the reply, no template,
+    no earlier turns, no system prompt) and says so."""
+    history = [{"role": "user", "content": "an earlier turn"}, {"role": "assistant", "content": "its reply"}]
+    final = ask("hello", base_models, history=history, system="Be brief.", max_new_tokens=6, temperature=0.0)[-1]
+    assert BASE_MODEL_NOTE in titles(final)
+    assert context_used(titles(final)[-1]) <= 5 + 6
+
+
+def test_the_text_tab_continues_any_model(torch_models):
+    settings = [SAMPLING[k] if k in SAMPLING else None for k in SAMPLING_ARGS]
+    out = list(continue_panel("Once upon a time", "torch", "m", *settings, models=torch_models))
+    text, status = out[-1]
+    assert text.startswith("Once upon a time") and "tok/s" in status
+    assert [t for t, _ in out[:-1]] == sorted((t for t, _ in out[:-1]), key=len)  # it grows as it streams
+    assert list(continue_panel("  ", "torch", "m", *settings, models=Refuses()))[-1][1].startswith("Type the beginning")
+    bad = settings[:]
+    bad[SAMPLING_ARGS.index("top_p")] = 7.0
+    assert list(continue_panel("x", "torch", "m", *bad, models=Refuses()))[-1][1].startswith("bad setting: top_p")
 
 
 class FakeBackend:
