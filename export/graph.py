@@ -94,10 +94,13 @@ class GraphBuilder:
     make_attention / make_mlp. `fused` emits ORT contrib ops. `blocks` (state-dict name ->
     BlockMatrix) makes every linear layer whose weights it holds a MatMulNBits with those blocks;
     a tied head with blocks for tok_embeddings.weight gets its own quantized copy. Every weight is
-    read through `W` or `linear`, so one the graph leaves unread is an error in `build`."""
+    read through `W` or `linear`, so one the graph leaves unread is an error in `build`.
+    fp32_attention: the attention projections at accuracy level 0 whatever `accuracy_level` says
+    (int8 activations there turn near-ties of a 4-bit model's greedy path: bench/default_variant.py)."""
 
     def __init__(self, model: CogniMamba, dtype: str = "fp32", fused: bool = False,
-                 blocks: dict[str, BlockMatrix | None] | None = None, accuracy_level: int = 4):
+                 blocks: dict[str, BlockMatrix | None] | None = None, accuracy_level: int = 4,
+                 fp32_attention: bool = False):
         cfg: ModelConfig = model.cfg
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
@@ -106,6 +109,7 @@ class GraphBuilder:
             raise ValueError(f"build_graph does not implement the config fields {sorted(unknown)}: teach it "
                              "(and CONFIG_FIELDS_IN_GRAPH) before exporting")
         self.model, self.cfg, self.fused, self.blocks, self.accuracy_level = model, cfg, fused, blocks, accuracy_level
+        self.attention_level = 0 if fp32_attention else accuracy_level
         self.fp16 = dtype == "fp16"
         self.np_dt, self.T = (np.float16, TensorProto.FLOAT16) if self.fp16 else (np.float32, TensorProto.FLOAT)
         self.sd = {k: v.detach().float().cpu().numpy() for k, v in model.state_dict().items()}
@@ -117,21 +121,24 @@ class GraphBuilder:
         self.used.add(k)
         return self.sd[k].astype(self.np_dt)
 
-    def quantized(self, parts) -> BlockMatrix | None:
+    def quantized(self, parts, level: int | None = None) -> BlockMatrix | None:
         """The parts' blocks stacked along N, or None for a plain MatMul: some part unquantized, or
         8-bit blocks at accuracy level 0, where ORT's CPU MatMulNBits has no fp32 kernel and
         dequantizes the whole matrix on every call (measured ~50x slower than its fp32 weights)."""
         if self.blocks is None or any(self.blocks.get(p) is None for p in parts):
             return None
         m = concat_rows([self.blocks[p] for p in parts])
-        return None if self.accuracy_level == 0 and m.bits == 8 else m
+        level = self.accuracy_level if level is None else level
+        return None if level == 0 and m.bits == 8 else m
 
-    def linear(self, x, name, parts, out=None):
-        """x @ W.T, W = the parts (N_i, K) stacked along the output; weights stored (in, out)."""
-        m = self.quantized(parts)
+    def linear(self, x, name, parts, out=None, level: int | None = None):
+        """x @ W.T, W = the parts (N_i, K) stacked along the output; weights stored (in, out).
+        level: MatMulNBits' accuracy level here (None: the graph's)."""
+        level = self.accuracy_level if level is None else level
+        m = self.quantized(parts, level)
         if m is not None:
             self.used.update(parts)  # read as their blocks
-            return block_linear(self.g, x, name, m, self.accuracy_level, out)
+            return block_linear(self.g, x, name, m, level, out)
         w = self.g.weight(name, np.concatenate([self.W(p) for p in parts]).T)
         return self.g.op("MatMul", x, w, outputs=[out] if out else 1)
 
@@ -203,11 +210,11 @@ class GraphBuilder:
     def attention(self, x, i: int):
         """model.Attention: q, k, v in one MatMul (fewer, larger kernels), attention, wo."""
         c, p = self.cfg, f"layers.{i}.attention."
-        qkv = self.linear(x, p + "wqkv", [p + f"{n}.weight" for n in ("wq", "wk", "wv")])
+        qkv = self.linear(x, p + "wqkv", [p + f"{n}.weight" for n in ("wq", "wk", "wv")], level=self.attention_level)
         split = self.g.const([c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim, c.n_kv_heads * c.head_dim])
         q, k, v = self.g.op("Split", qkv, split, axis=-1, outputs=3)
         y = (self.attention_fused if self.fused else self.attention_plain)(q, k, v, i)
-        return self.linear(y, p + "wo", [p + "wo.weight"])
+        return self.linear(y, p + "wo", [p + "wo.weight"], level=self.attention_level)
 
     def attention_plain(self, q, k, v, i: int):
         g, nh, kvh, hd = self.g, self.cfg.n_heads, self.cfg.n_kv_heads, self.cfg.head_dim
@@ -326,6 +333,7 @@ class GraphBuilder:
 
 
 def build_graph(model: CogniMamba, dtype: str = "fp32", fused: bool = False,
-                blocks: dict[str, BlockMatrix | None] | None = None, accuracy_level: int = 4) -> onnx.ModelProto:
+                blocks: dict[str, BlockMatrix | None] | None = None, accuracy_level: int = 4,
+                fp32_attention: bool = False) -> onnx.ModelProto:
     """The whole network as one ONNX graph (GraphBuilder)."""
-    return GraphBuilder(model, dtype, fused, blocks, accuracy_level).build()
+    return GraphBuilder(model, dtype, fused, blocks, accuracy_level, fp32_attention).build()

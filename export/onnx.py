@@ -46,7 +46,8 @@ Variants (one dispatcher, `build_graph`):
                       Q4_0/Q4_1/Q4_K 4-bit, Q8_0/Q5_K/Q6_K 8-bit, minimums through a per-block
                       correction; --accuracy-level 4 (default) takes int8 activations as llama.cpp
                       does, 0 computes in fp32 (8-bit blocks then run as fp32 MatMuls: ORT has no
-                      fp32 kernel for them) and equals the fp32 export up to summation order
+                      fp32 kernel for them) and equals the fp32 export up to summation order;
+                      --fp32-attention: the attention projections at 0, the rest at 4 (the CPU default)
 A tied LM head is one initializer shared by the Gather and a Gemm(transB=1) (pytorch #108342
 wrote it twice); quantized variants give the head its own 8-bit blocks (the largest matrix), and
 with --quantize gguf the embedding's own blocks (SmolLM2: Q8_0), as llama.cpp's head reads them.
@@ -187,8 +188,9 @@ def parity_ok(parity: dict, dtype: str, quantize: str | None) -> str | None:
     return None
 
 
-def check_variant(dtype: str, quantize: str | None, accuracy_level: int) -> None:
-    """ValueError unless dtype, quantize and accuracy_level name a variant this exporter writes."""
+def check_variant(dtype: str, quantize: str | None, accuracy_level: int, fp32_attention: bool = False) -> None:
+    """ValueError unless dtype, quantize, accuracy_level and fp32_attention name a variant this
+    exporter writes."""
     if quantize is not None and quantize not in QUANTIZATIONS:
         raise ValueError(f"quantize must be one of {QUANTIZATIONS} or None, got {quantize!r}")
     if quantize and dtype != "fp32":
@@ -198,6 +200,9 @@ def check_variant(dtype: str, quantize: str | None, accuracy_level: int) -> None
     if accuracy_level != 4 and quantize != "gguf":  # int8/int4 at 0 would run their 8-bit heads as fp32
         raise ValueError("--accuracy-level 0 is for --quantize gguf (the GGUF's values in fp32 arithmetic); "
                          "int8 and int4 run with int8 activations")
+    if fp32_attention and (quantize != "gguf" or accuracy_level != 4):
+        raise ValueError("--fp32-attention is for --quantize gguf at --accuracy-level 4 (the rest of the "
+                         "network keeps int8 activations)")
 
 
 def log_summary(out: Path, meta: dict, n_layers: int, log) -> None:
@@ -218,14 +223,14 @@ def log_summary(out: Path, meta: dict, n_layers: int, log) -> None:
 
 def export_onnx(model: str | Path, out: str | Path, dtype: str = "fp32", quantize: str | None = None,
                 optimize: bool = False, verify: bool = False, log=print, force: bool = False,
-                accuracy_level: int = 4) -> dict:
+                accuracy_level: int = 4, fp32_attention: bool = False) -> dict:
     """Export the model named by `model` (a folder, or any spec model.weights accepts) into `out`.
     `out` is replaced only if it is an earlier ONNX export (or anything but the source, with
     force). With verify, parity outside tolerance fails the export and nothing is written.
     Returns the onnx_meta.json contents."""
     import onnxruntime as ort
 
-    check_variant(dtype, quantize, accuracy_level)
+    check_variant(dtype, quantize, accuracy_level, fp32_attention)
     t0 = time.perf_counter()
     src = resolve_model(model)
     sources = read_paths(model, src)
@@ -238,7 +243,8 @@ def export_onnx(model: str | Path, out: str | Path, dtype: str = "fp32", quantiz
         state = {k: v.numpy() for k, v in net.state_dict().items()}
         blocks = gguf_blocks(src, state) if quantize == "gguf" else quantized_state(state, 8 if quantize == "int8" else 4)
     with atomic_dir(out, "ONNX export", force, sources) as tmp:
-        proto = build_graph(net, dtype, fused=optimize, blocks=blocks, accuracy_level=accuracy_level)
+        proto = build_graph(net, dtype, fused=optimize, blocks=blocks, accuracy_level=accuracy_level,
+                            fp32_attention=fp32_attention)
         t_build = time.perf_counter() - t0
         save_onnx(proto, tmp / GRAPH_FILE)
         del proto
@@ -255,7 +261,7 @@ def export_onnx(model: str | Path, out: str | Path, dtype: str = "fp32", quantiz
             "exporter_version": EXPORTER_VERSION,
             "tokenizer_sha256": tokenizer_hash(tmp), "model": net.cfg.to_dict(),
             "dtype": dtype, "quantization": quantize, "fused_ops": optimize, "opset": OPSET,
-            "accuracy_level": accuracy_level if quantize else None,
+            "accuracy_level": accuracy_level if quantize else None, "fp32_attention": fp32_attention,
             "source_blocks": None if blocks is None else sorted({f"{m.bits}-bit block {m.block}" for m in blocks.values() if m}),
             "io": {"inputs": ["input_ids", "attention_mask", "num_logits_to_keep", PAST.format(i="{i}", kv="key/value")],
                    "shared_buffer": optimize,  # past and present may be bound to one buffer (GQA)
@@ -276,9 +282,11 @@ def export_onnx(model: str | Path, out: str | Path, dtype: str = "fp32", quantiz
 
 
 def main(model: str = "default", out: str = "exports/model", dtype: str = "fp32", quantize: str | None = None,
-         optimize: bool = False, verify: bool = False, force: bool = False, accuracy_level: int = 4) -> int:
+         optimize: bool = False, verify: bool = False, force: bool = False, accuracy_level: int = 4,
+         fp32_attention: bool = False) -> int:
     def write() -> None:  # export_onnx logs what it wrote
-        export_onnx(model, out, dtype, quantize, optimize, verify, force=force, accuracy_level=accuracy_level)
+        export_onnx(model, out, dtype, quantize, optimize, verify, force=force, accuracy_level=accuracy_level,
+                    fp32_attention=fp32_attention)
 
     return run(write, out)
 
@@ -292,6 +300,9 @@ def parse_args(argv=None) -> dict:
                    "or gguf: a quantized GGUF's own blocks as they are (Q4_0, Q4_1, Q8_0, Q4_K, Q5_K, Q6_K)")
     p.add_argument("--accuracy-level", type=int, default=4, choices=ACCURACY_LEVELS,
                    help="with --quantize: MatMulNBits arithmetic, 0 = fp32, 4 = int8 activations (faster)")
+    p.add_argument("--fp32-attention", action="store_true",
+                   help="with --quantize gguf: the attention projections in fp32 arithmetic, the rest at int8 activations "
+                        "(the CPU default: answers as fp32 arithmetic does where int8 activations turn a near-tie)")
     p.add_argument("--optimize", action="store_true", help="emit ONNX Runtime's fused ops (GQA, RotaryEmbedding, SkipSimplifiedLayerNorm)")
     p.add_argument("--verify", action="store_true", help="measure logit parity against PyTorch (float64 reference), record it in "
                                                          "onnx_meta.json, and fail the export if it is outside tolerance")

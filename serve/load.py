@@ -51,9 +51,11 @@ def load_ort_backend(spec: str | Path, device: str | None = None, dtype: str | N
     if not (d / META_FILE).is_file():
         src = resolve_model(spec)
         providers = pick_providers(device)
-        dtype, quantize, why = pick_variant(src, providers[0], dtype, quantize)
+        options, why = pick_variant(src, providers[0], dtype, quantize)
         fused = providers[0] != "TensorrtExecutionProvider"  # plain ops for TensorRT: it has no contrib ops
-        variant = f"{dtype}{'-' + quantize if quantize else ''}{'-fused' if fused else ''}"
+        quantize = options["quantize"]
+        variant = (f"{options['dtype']}{'-' + quantize if quantize else ''}{'-attn32' if options['fp32_attention'] else ''}"
+                   f"{'-fused' if fused else ''}")
         # keyed by the weights file and the exporter's version: a fixed exporter re-exports
         d = cache_root() / "onnx" / f"{source_key(src / 'model.safetensors')}-{variant}-v{EXPORTER_VERSION}"
         if not (d / META_FILE).is_file():
@@ -61,7 +63,7 @@ def load_ort_backend(spec: str | Path, device: str | None = None, dtype: str | N
             from export.onnx import export_onnx
 
             _log(f"exporting {spec} to ONNX ({variant}) once, into {d} ...")
-            export_onnx(src, d, dtype=dtype, quantize=quantize, optimize=fused, verify=True, log=_log, force=True)
+            export_onnx(src, d, **options, optimize=fused, verify=True, log=_log, force=True)
     return open_export(d, device, why)
 
 

@@ -193,19 +193,27 @@ class OrtBackend:
         return outputs[0].numpy(), outputs[1:]
 
 
-def pick_variant(src: Path, provider: str, dtype: str | None, quantize: str | None) -> tuple[str, str | None, str]:
-    """(dtype, quantize, why) for a model folder on a provider, when the caller did not choose."""
+def pick_variant(src: Path, provider: str, dtype: str | None, quantize: str | None) -> tuple[dict, str]:
+    """(export_onnx's variant arguments: dtype, quantize, fp32_attention; why) for a model folder on
+    a provider, when the caller did not choose."""
     if dtype or quantize:
-        return dtype or "fp32", quantize, "as asked"
+        return dict(dtype=dtype or "fp32", quantize=quantize, fp32_attention=False), "as asked"
     if provider != "CPUExecutionProvider":
-        return "fp16", None, "fp16 on the GPU: ORT's GroupQueryAttention has no fp32 CUDA kernel"
+        return (dict(dtype="fp16", quantize=None, fp32_attention=False),
+                "fp16 on the GPU: ORT's GroupQueryAttention has no fp32 CUDA kernel")
     meta = read_meta(src)
     types = set((meta.get("source_quantization") or "").split(",")) - {""}
     if meta.get("source_format") == "gguf" and types - set(GGUF_UNQUANTIZED) and types <= set(GGUF_SUPPORTED + GGUF_UNQUANTIZED) \
             and Path(meta.get("source", "")).is_file():
-        return "fp32", "gguf", (f"the GGUF's own {'/'.join(sorted(types - set(GGUF_UNQUANTIZED)))} blocks as llama.cpp runs "
-                                "them: the source's quality (held-out perplexity within 0.5% of fp32) at 4-bit speed")
-    return "fp32", None, "the weights as they are (export with --quantize int4 or int8 for speed)"
+        # The attention projections in fp32 arithmetic: with int8 activations there SmolLM2 answers
+        # "What is the capital of France?" with French nonsense where fp32 says Paris
+        # (bench/results/default_variant.json: the table in the README)
+        return (dict(dtype="fp32", quantize="gguf", fp32_attention=True),
+                f"the GGUF's own {'/'.join(sorted(types - set(GGUF_UNQUANTIZED)))} blocks, int8 activations as "
+                "llama.cpp runs them but fp32 arithmetic in attention, where int8 turns the greedy path: the source's "
+                "quality (held-out perplexity within 0.5% of fp32) near 4-bit speed")
+    return dict(dtype="fp32", quantize=None, fp32_attention=False), \
+        "the weights as they are (export with --quantize int4 or int8 for speed)"
 
 
 def open_export(d: Path, device: str | None = None, why: str = "an export folder, run as it is"):
@@ -218,6 +226,7 @@ def open_export(d: Path, device: str | None = None, why: str = "an export folder
     q = backend.meta.get("quantization")
     if q == "gguf":
         name = f"GGUF blocks, {'int8 activations' if backend.meta.get('accuracy_level') else 'fp32 arithmetic'}"
+        name += ", attention in fp32 arithmetic" if backend.meta.get("fp32_attention") else ""
     else:
         name = f"{backend.meta['dtype']}{' ' + q if q else ''}"
     meta = {**{k: backend.meta[k] for k in SOURCE_FIELDS if k in backend.meta}, "model": backend.meta["model"],

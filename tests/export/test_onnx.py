@@ -315,8 +315,12 @@ def test_app_default_on_cpu_serves_the_gguf_blocks(smollm2_dir, nano_dir):
     """The variant test_gguf_blocks_int8_activations_keep_perplexity measures is the one served."""
     from serve.ort_backend import pick_variant
 
-    dtype, quantize, why = pick_variant(smollm2_dir, "CPUExecutionProvider", None, None)
-    assert (dtype, quantize) == ("fp32", "gguf") and "Q4_1/Q8_0 blocks" in why
-    assert pick_variant(nano_dir, "CPUExecutionProvider", None, None)[:2] == ("fp32", None)
-    assert pick_variant(smollm2_dir, "CUDAExecutionProvider", None, None)[:2] == ("fp16", None)
-    assert pick_variant(smollm2_dir, "CPUExecutionProvider", None, "int4")[:2] == ("fp32", "int4")
+    def picked(src, provider, quantize=None):
+        options, _ = pick_variant(src, provider, None, quantize)
+        return options["dtype"], options["quantize"], options["fp32_attention"]
+
+    options, why = pick_variant(smollm2_dir, "CPUExecutionProvider", None, None)
+    assert options == dict(dtype="fp32", quantize="gguf", fp32_attention=True) and "Q4_1/Q8_0 blocks" in why
+    assert picked(nano_dir, "CPUExecutionProvider") == ("fp32", None, False)
+    assert picked(smollm2_dir, "CUDAExecutionProvider") == ("fp16", None, False)
+    assert picked(smollm2_dir, "CPUExecutionProvider", "int4") == ("fp32", "int4", False)
