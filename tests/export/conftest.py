@@ -10,12 +10,12 @@ def _exporter(tmp_path_factory, source):
 
     done = {}
 
-    def get(dtype="fp32", quantize=None, fused=True, accuracy_level=4):
-        key = (dtype, quantize, fused, accuracy_level)
+    def get(dtype="fp32", quantize=None, fused=True, accuracy_level=4, fp32_attention=False):
+        key = (dtype, quantize, fused, accuracy_level, fp32_attention)
         if key not in done:
-            out = tmp_path_factory.mktemp("onnx") / f"{dtype}-{quantize}-{fused}-{accuracy_level}"
+            out = tmp_path_factory.mktemp("onnx") / f"{dtype}-{quantize}-{fused}-{accuracy_level}-{fp32_attention}"
             export_onnx(source, out, dtype=dtype, quantize=quantize, optimize=fused, log=lambda *_: None,
-                        accuracy_level=accuracy_level)
+                        accuracy_level=accuracy_level, fp32_attention=fp32_attention)
             done[key] = out
         return done[key]
 

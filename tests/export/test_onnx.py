@@ -3,6 +3,7 @@ greedy text, quantized quality, and the export folder's self-description."""
 import copy
 import json
 import math
+import re
 import shutil
 import subprocess
 import sys
@@ -301,6 +302,38 @@ def test_gguf_blocks_int8_activations_keep_perplexity(smollm2, smollm2_export):
     agree = float((top[0] == top[1]).float().mean())
     print(f"SmolLM2 gguf blocks, int8 activations: {ids.shape[1]} tokens, perplexity {rel:+.2%} vs fp32, top-1 {agree:.3f}")
     assert ids.shape[1] >= 400 and abs(rel) <= 0.005 and agree >= 0.91
+
+
+@pytest.mark.slow
+def test_the_cpu_default_answers_the_pages_first_example_as_fp32_does(smollm2_dir, smollm2, smollm2_export):
+    """The variant the app serves on a CPU (pick_variant's) gives the fp32 export's greedy reply to
+    the page's first example. With int8 activations everywhere it said "L'Étoile, la Marseillaise,
+    ..."; with the attention in fp32 arithmetic it says what fp32 says (bench/default_variant.py
+    measures all variants: README's table)."""
+    from app import EXAMPLES
+    from serve.ort_backend import pick_variant
+
+    options, _ = pick_variant(smollm2_dir, "CPUExecutionProvider", None, None)
+    _, tok, _ = smollm2
+    prompt = tok.encode_chat([{"role": "user", "content": EXAMPLES[0]}])
+    cfg = SamplingConfig(temperature=0, top_k=0, top_p=1, repetition_penalty=1, max_new_tokens=32)
+    served = OrtBackend(smollm2_export(options["dtype"], options["quantize"], True, 4, options["fp32_attention"]))
+    replies = [tok.decode(list(generate(b, prompt, cfg, tok.stop_ids)))
+               for b in (OrtBackend(smollm2_export("fp32", None, True)), served)]
+    assert replies[1] == replies[0] and "Paris" in replies[0]
+
+
+@pytest.mark.parametrize("variant,message", [
+    (dict(quantize="int8", accuracy_level=0), "--accuracy-level 0 is for --quantize gguf"),
+    (dict(quantize="int4", accuracy_level=4, fp32_attention=True), "--fp32-attention is for --quantize gguf at --accuracy-level 4"),
+    (dict(quantize="gguf", accuracy_level=0, fp32_attention=True), "--fp32-attention is for --quantize gguf at"),
+    (dict(quantize=None, accuracy_level=3), "accuracy_level must be one of (0, 4)"),
+])
+def test_a_variant_the_exporter_does_not_write_is_one_line(variant, message):
+    from export.onnx import check_variant
+
+    with pytest.raises(ValueError, match=re.escape(message)):
+        check_variant("fp32", **variant)
 
 
 def test_gguf_quantization_needs_a_gguf_source(nano_dir, tmp_path):
