@@ -45,6 +45,9 @@ from serve.models import (BACKEND_CHOICES, BACKEND_LABELS, CACHE_BUDGET_MB, DEFA
 from webui.parity import parity_panel
 from serve.zerogpu import hardware, startup_backend
 
+# A reply's text keeps its spaces and line breaks as the model wrote them: code outside a fenced
+# block would otherwise lose its indentation (Markdown collapses runs of spaces in a paragraph).
+CSS = "#chat .message-content p { white-space: pre-wrap; }"
 EXAMPLES = ["What is the capital of France?", "Explain what a KV cache is, in two sentences.",
             "Write a haiku about the sea."]
 
@@ -140,7 +143,7 @@ def build_demo(models: ModelCache, model: str = DEFAULT, backend: str = "onnx", 
         with gr.Tab("Chat"):
             gr.ChatInterface(partial(respond, models=models), additional_inputs=settings, additional_inputs_accordion=gr.Accordion(
                 "Settings: system prompt, backend, model, sampling", open=False, render=False),
-                chatbot=gr.Chatbot(label="Chat", height=480, render=False),
+                chatbot=gr.Chatbot(label="Chat", height=480, render=False, elem_id="chat"),
                 examples=[[e] for e in EXAMPLES], cache_examples=False, api_name="chat")
         with gr.Tab("Text"):
             gr.Markdown("The text as it is, no chat template, continued by the model chosen in the Chat tab's "
@@ -199,7 +202,7 @@ def make_app(models: ModelCache, model: str = DEFAULT, backend: str = "onnx", no
         return ApiError(403, "this page takes no files", "permission_error", code="uploads_not_accepted").response()
 
     app.add_api_route(f"{API_PREFIX}/upload", no_files, methods=["POST"])  # before the page's mount: this one answers
-    return gr.mount_gradio_app(app, demo, path="/")
+    return gr.mount_gradio_app(app, demo, path="/", css=CSS)
 
 
 def main(host: str = "127.0.0.1", port: int = 7860, model: str = DEFAULT, backend: str | None = None,
@@ -230,7 +233,7 @@ def main(host: str = "127.0.0.1", port: int = 7860, model: str = DEFAULT, backen
         demo = build_demo(models, model, backend, note)
         print(f"ready in {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
         try:
-            demo.queue(default_concurrency_limit=max_batch).launch(server_name=host, server_port=port, share=share)
+            demo.queue(default_concurrency_limit=max_batch).launch(server_name=host, server_port=port, share=share, css=CSS)
         finally:
             models.close()
         return 0

@@ -285,7 +285,7 @@ def test_gguf_blocks_at_fp32_arithmetic_match_the_fp32_export(smollm2, smollm2_e
 
 @pytest.mark.slow
 def test_gguf_blocks_int8_activations_keep_perplexity(smollm2, smollm2_export):
-    """accuracy_level 4 (the app's CPU default) rounds activations to int8 per block of 32, as
+    """accuracy_level 4 (the app's CPU default in the feed-forward) rounds activations to int8 per block of 32, as
     llama.cpp does. Over TEXT (456 tokens) we measured -0.15% perplexity against the fp32
     export (the benchmark's 4,920 held-out tokens: +0.10% +- 0.13%); the number is fixed by the
     weights and the text up to fp32 reordering, which moves it by far less than the 0.5% the

@@ -65,7 +65,35 @@ def test_chat_switch_backend_and_screenshot(page):
     assert status.startswith("torch on cpu") and reply != status
     assert page.get_by_text("hello there").count() == 1  # the first turn is still on the page
 
+    # a reply keeps the model's spaces: code outside a fenced block keeps its indentation
+    paragraph = page.locator("#chat .message-content p").first
+    assert paragraph.evaluate("e => getComputedStyle(e).whiteSpace") == "pre-wrap"
+
     out = ROOT / "test-output"
     out.mkdir(exist_ok=True)
     page.screenshot(path=str(out / "chat.png"), full_page=True)
     assert (out / "chat.png").stat().st_size > 10_000
+
+
+def test_text_tab_parity_verdict_and_model_card(page):
+    """The Text tab continues a text as it is; the Parity tab's verdict says where the backends part
+    (or that they agree) and what to expect of the served variant; the card says where the weights
+    came from."""
+    page.get_by_role("tab", name="Text").click()
+    box = page.get_by_label("Text", exact=True)
+    box.fill("Once upon a time")
+    page.get_by_role("button", name="Continue").click()
+    page.get_by_text("tok/s").last.wait_for()
+    assert box.input_value().startswith("Once upon a time")
+
+    page.get_by_role("tab", name="Parity: PyTorch vs ONNX Runtime").click()
+    page.get_by_role("button", name="Compare").click()
+    verdict = page.locator("strong", has_text="Greedy tokens")  # the verdict's first words
+    verdict.wait_for()
+    assert verdict.inner_text() == "Greedy tokens agree" or verdict.inner_text().startswith("Greedy tokens part at token")
+    assert page.locator("p", has_text="ONNX Runtime runs").count() == 1  # the expectation for the served variant
+
+    page.get_by_role("tab", name="Model card").click()
+    card = page.get_by_text("weights from")
+    card.wait_for()
+    assert "?" not in card.inner_text()
