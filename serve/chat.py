@@ -1,11 +1,11 @@
-"""A chat turn: messages in, the reply's text out, through an Engine or a bare Backend.
+"""A chat turn: messages in, the reply's text out, through an Engine or a bare Backend (its text
+streams through serve/text_stream.py).
 
-    TextStream / stream_text      token ids -> text pieces, never half a UTF-8 character or half a
-                                  stop string
     too_long / chat_too_large     the size limits of one message and of a whole request
     trim_messages                 a chat -> prompt ids that fit the context (linear in its size)
     ChatTurn                      messages -> trimmed prompt -> Sequence; each token -> text and stats
     chat(engine, tokenizer, messages)  ChatTurn driven in this thread: yields the reply's pieces
+    continue_text(engine, tokenizer, text)  the text continued as it is, no template (base models)
     achat(engine, turn)           the same ChatTurn read from an asyncio loop (the HTTP API)
 """
 from __future__ import annotations
@@ -21,6 +21,7 @@ from serve.grammar import new_matcher
 from serve.sampling import GREEDY, SamplingConfig
 from serve.zerogpu import ZeroGpuRunner
 from serve.tools import Output, prompt_messages, tools_notice
+from serve.text_stream import TextStream
 
 # Refused before tokenizing: a 1,000,000-character message took 46.6 s of server time to encode and
 # trim. 100,000 characters (~25k tokens of English) is three times SmolLM2's whole context, so no
@@ -77,56 +78,6 @@ def newest_within_limits(messages: list[dict]) -> list[dict]:
             break
         kept.append(m)
     return system + kept[::-1]
-
-
-class TextStream:
-    """Token ids in, text pieces out, one token at a time. A piece is held back while it ends in an
-    incomplete UTF-8 character (decoded as U+FFFD) or could be the start of a stop string; `stop`
-    is the stop string that ended the text, once one has."""
-
-    def __init__(self, tokenizer, stop_strings: Iterable[str] = ()):
-        self.tokenizer, self.stop_strings = tokenizer, [s for s in stop_strings if s]
-        self.ids: list[int] = []
-        self.emitted = 0  # characters of the decoded text handed out
-        self.stop: str | None = None
-
-    def push(self, token: int) -> str:
-        self.ids.append(token)
-        text = self.tokenizer.decode(self.ids)
-        for s in self.stop_strings:
-            if (cut := text.find(s, self.emitted)) >= 0:
-                self.stop = s
-                return self._take(text, cut)
-        safe = len(text.rstrip("\ufffd")) if text.endswith("\ufffd") else len(text)
-        for s in self.stop_strings:  # hold back a suffix that may grow into a stop string (litgpt)
-            for k in range(min(len(s) - 1, safe - self.emitted), 0, -1):
-                if text[:safe].endswith(s[:k]):
-                    safe -= k
-                    break
-        return self._take(text, safe)
-
-    def finish(self) -> str:
-        """What was held back, at the end of the tokens (nothing after a stop string)."""
-        return "" if self.stop is not None else self._take(self.tokenizer.decode(self.ids), None)
-
-    def _take(self, text: str, end: int | None) -> str:
-        piece = text[self.emitted:end]
-        self.emitted += len(piece)
-        return piece
-
-
-def stream_text(tokenizer, tokens: Iterable[int], stop_strings: Iterable[str] = ()) -> Iterator[str]:
-    """TextStream over an iterable of tokens. Returns (as the generator's value) the stop string
-    that ended the text, or None."""
-    text = TextStream(tokenizer, stop_strings)
-    for tok in tokens:
-        if piece := text.push(tok):
-            yield piece
-        if text.stop is not None:
-            return text.stop
-    if rest := text.finish():
-        yield rest
-    return None
 
 
 def _first_fitting(tokenizer, system: list[dict], turns: list[dict], max_prompt_tokens: int,

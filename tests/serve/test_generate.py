@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from serve.chat import chat, stream_text, trim_messages
+from serve.chat import chat, trim_messages
+from serve.text_stream import stream_text
 from serve.generate import TorchBackend, generate
 from serve.sampling import GREEDY, SamplingConfig, SamplingRow, apply_repetition_penalty, sample
 from model.tokenizer import IM_END, train_bpe
