@@ -26,31 +26,11 @@ ROOT = Path(__file__).resolve().parents[1]
 if __name__ == "__main__":  # `python bench/memory_bound.py` puts bench/ first on sys.path: the repository root is needed
     sys.path.insert(0, str(ROOT))
 
-from bench.serve_load import free_port  # noqa: E402
+from bench.serve_load import free_port, start_app  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 STORY = "Write a very long story about a lighthouse keeper and the sea, chapter after chapter."
 MB = 2**20
-
-
-def start_app(model: str, backend: str, port: int, max_batch: int, cache_budget_mb: float):
-    import os
-    import subprocess
-
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
-    proc = subprocess.Popen([sys.executable, "app.py", "--model", model, "--backend", backend, "--port", str(port),
-                             "--max-batch", str(max_batch), "--cache-budget-mb", str(cache_budget_mb)],
-                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=sys.stderr)
-    deadline = time.time() + 600  # a first ONNX start exports the model
-    while True:
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=2)
-            return proc
-        except OSError:
-            if proc.poll() is not None or time.time() > deadline:
-                proc.kill()
-                raise SystemExit("error: app.py did not start")
-            time.sleep(0.5)
 
 
 def gauges(url: str) -> dict[str, float]:
@@ -89,7 +69,7 @@ def main(model: str = "default", backend: str = "torch", streams: int = 8, max_t
 
     port = free_port()
     url = f"http://127.0.0.1:{port}/"
-    proc = start_app(model, backend, port, max_batch, cache_budget_mb)
+    proc = start_app(model, backend, port, "--max-batch", str(max_batch), "--cache-budget-mb", str(cache_budget_mb))
     try:
         client = openai.OpenAI(base_url=url + "v1", api_key="unused", max_retries=0, timeout=3600)
         served = client.models.list().data[0].id

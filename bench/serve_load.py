@@ -44,9 +44,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_app(model: str, backend: str, port: int) -> subprocess.Popen:
+def start_app(model: str, backend: str, port: int, *flags: str) -> subprocess.Popen:
+    """`python app.py` on `port` with `flags`, once it answers /v1/models (a fresh server)."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
-    proc = subprocess.Popen([sys.executable, "app.py", "--model", model, "--backend", backend, "--port", str(port)],
+    proc = subprocess.Popen([sys.executable, "app.py", "--model", model, "--backend", backend, "--port", str(port), *flags],
                             cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=sys.stderr)
     deadline = time.time() + 600  # a first start exports the model to ONNX
     while True:
