@@ -280,6 +280,7 @@ def _compiled(tokenizer, vocab_size: int, grammar: str):
     if (matcher := GRAMMARS.get(key)) is not None:
         return matcher
     lltok = grammar_tokenizer(tokenizer, vocab_size)  # built once, outside the time limit
+    mask_fillers()  # imported here, in the request's thread, never in the engine's step
     job = _compiler().submit(_build, lltok, grammar)
     try:
         matcher = job.result(timeout=COMPILE_SECONDS)
@@ -303,12 +304,21 @@ def _executor():
     return llguidance.LLExecutor()
 
 
+@functools.lru_cache(maxsize=1)
+def mask_fillers():
+    """llguidance.torch's bitmask functions. Importing it imports torch._dynamo: 3.8 s on a 2-core
+    AMD EPYC, which the first grammar row's step paid, and every other row with it (measured: the
+    first mask of a server's first schema 1.56 s, the next ones 0.4 ms)."""
+    from llguidance.torch import allocate_token_bitmask, fill_next_token_bitmask, fill_next_token_bitmask_par
+
+    return allocate_token_bitmask, fill_next_token_bitmask, fill_next_token_bitmask_par
+
+
 def grammar_masks(logits: torch.Tensor, matchers: list, bitmask: torch.Tensor | None = None) -> torch.Tensor:
     """logits (B, vocab) with -inf wherever a row's matcher forbids the token; rows whose matcher is
     None are left alone. Several rows fill their masks in parallel (llguidance's executor). bitmask:
     a (>= b, ceil(vocab/32)) int32 buffer to fill (the batch's, reused every step); None: a new one."""
-    from llguidance.torch import allocate_token_bitmask, fill_next_token_bitmask, fill_next_token_bitmask_par
-
+    allocate_token_bitmask, fill_next_token_bitmask, fill_next_token_bitmask_par = mask_fillers()
     rows = [i for i, m in enumerate(matchers) if m is not None]
     if not rows:
         return logits

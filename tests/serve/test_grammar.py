@@ -2,6 +2,7 @@
 grammar produces JSON that validates, greedy and sampled, batched beside rows with other grammars and
 without one; a complete grammar ends the row ('stop'), a budget that cuts it short says 'length'."""
 import json
+from pathlib import Path
 
 import jsonschema
 import pytest
@@ -142,3 +143,19 @@ def test_a_compile_past_the_limit_is_refused_and_one_that_cannot_start_is_told_t
     with pytest.raises(grammar.CompilerBusy):  # the first still runs for ~0.8 s: this one never started
         new_matcher(tok, 512, texts[1])
     time.sleep(1.0)  # the abandoned compile ends; the thread is free for the tests after this one
+
+
+def test_the_mask_library_is_imported_with_the_grammar_not_in_the_engines_step():
+    """llguidance.torch imports torch._dynamo (seconds): a fresh process's first grammar row paid it
+    inside a decode step, stalling every other row. A compiled grammar brings it in."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from model.tokenizer import train_bpe; from serve.grammar import new_matcher, "
+            "json_schema_grammar; tok = train_bpe(['a 1 23 {}'] * 50, 300); "
+            "assert 'llguidance.torch' not in sys.modules; "
+            "new_matcher(tok, tok.vocab_size, json_schema_grammar({'type': 'integer'})); "
+            "assert 'llguidance.torch' in sys.modules")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         cwd=str(Path(__file__).resolve().parents[2]))
+    assert out.returncode == 0, out.stderr
