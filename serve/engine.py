@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from dataclasses import dataclass
 from typing import Iterable, Iterator
 
@@ -26,6 +27,7 @@ from serve.speculate import DRAFT_MAX, NgramDrafter
 # every other row and pays only when most of the draft is accepted, so by default only a row alone
 # speculates (Engine(speculate_rows=...) allows more).
 SPECULATE_ROWS = 1
+MAX_OWED_STEPS = 256  # a bound on the decode steps a prompt chunk waits for, whatever the timings said
 
 
 @dataclass
@@ -80,6 +82,12 @@ class Engine:
         self.prefilling: list[Prefill] = []  # admitted, prompt being fed; oldest first
         self.waiting: list[Sequence] = []
         self.steps = 0  # decode steps taken (network calls for decoding): tests count batching by it
+        # A prompt chunk beside decoding rows is followed by as many decode steps as the chunk took
+        # time (half the CPU each), so a long prompt costs another reply at most about twice its time
+        # alone; chunk boundaries stay where `prefill` puts them (a sequence's numbers never depend
+        # on its neighbours).
+        self.step_seconds: float | None = None  # a decode step's time, averaged
+        self.owed_steps = 0  # decode steps due before the next prompt chunk
         self.queued = 0  # sequences waiting for a row, as of the last iteration (read by anyone)
         self.closed = False
         self.thread = threading.Thread(target=self._loop, name="engine", daemon=True)
@@ -129,7 +137,7 @@ class Engine:
         while self._read_inbox(block=not (self.waiting or self.active or self.prefilling)):
             try:
                 self._admit_waiting()
-                if self.prefilling:
+                if self.prefilling and not (self.active and self.owed_steps > 0):
                     self._feed()
                 if self.active:
                     self._step()
@@ -192,6 +200,14 @@ class Engine:
     def _feed(self) -> None:
         """Feed prompt chunks, oldest sequence first, until ~PREFILL_CHUNK tokens have gone in;
         a sequence whose prompt is all in joins the batch with its first token."""
+        began, beside_rows = time.perf_counter(), bool(self.active)
+        try:
+            self._feed_chunks()
+        finally:
+            if beside_rows and self.step_seconds:  # the rows that were decoding get the same time back
+                self.owed_steps = min(MAX_OWED_STEPS, round((time.perf_counter() - began) / self.step_seconds))
+
+    def _feed_chunks(self) -> None:
         fed = 0
         for p in list(self.prefilling):
             if fed >= PREFILL_CHUNK:
@@ -229,6 +245,8 @@ class Engine:
         drafted token the target agrees with feeds the rest in a call of its own (one-row calls
         with T > 1 are what both backends take: ORT's GroupQueryAttention refuses several new
         tokens per row beside other rows, and padding every row to T would cost them all)."""
+        began = time.perf_counter()
+        self.owed_steps = max(0, self.owed_steps - 1)
         drafts = self._drafts()
         bases = self.kv.cache.lengths[:len(self.active)].tolist()  # each row's length before its last token
         try:
@@ -245,6 +263,8 @@ class Engine:
         firsts = sample(logits[:, 0], self.batch)
         for row in reversed(range(len(self.active))):
             self._verify(row, bases[row], firsts[row], logits[row, 1:], drafts.get(row, []))
+        seconds = time.perf_counter() - began
+        self.step_seconds = seconds if self.step_seconds is None else 0.8 * self.step_seconds + 0.2 * seconds
 
     def _drop_batch(self) -> None:
         """Every active row out at once (they failed or were cancelled), and the cache let go."""

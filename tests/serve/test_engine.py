@@ -323,3 +323,41 @@ def test_the_batch_cache_allocates_its_rows_once(nano_model):
     assert {rows for _, rows, _ in joins} == {4} and any(row > 0 for row, _, _ in joins)
     assert all(ptr == joins[i - 1][2] for i, (row, _, ptr) in enumerate(joins) if row > 0)
     engine.close()
+
+
+@torch.inference_mode()
+def test_a_long_prompt_beside_a_reply_gets_half_the_time():
+    """Each prompt chunk fed beside a decoding row is followed by as many decode steps as the chunk
+    took time: the reply's decode time between two chunks is about the chunk's (before, one step
+    followed each chunk: ~1/50 of it on this model). Chunk boundaries do not move (the prompt's
+    numbers never depend on its neighbours), so only the interleaving is checked, with room for
+    the step time's averaging: at least 0.3 of each chunk's time."""
+    from model.config import ModelConfig
+    from model.model import CogniMamba
+
+    torch.manual_seed(0)
+    net = CogniMamba(ModelConfig.from_name("nano", vocab_size=512, max_seq_len=2048)).eval()
+    engine = Engine(TorchBackend(net), max_batch=2, speculate=False)
+    log, feed, step = [], engine._feed_chunks, engine._step
+
+    def timed(kind, fn):
+        def run():
+            t0 = time.perf_counter()
+            fn()
+            log.append((kind, time.perf_counter() - t0, len(engine.active)))
+        return run
+
+    engine._feed_chunks, engine._step = timed("feed", feed), timed("step", step)
+    try:
+        reply = engine.run(Sequence([1, 2, 3], greedy(400)))
+        next(reply)  # the reply is decoding
+        long = list(engine.generate(list(range(5, 505)) * 3, greedy(1)))  # 1,500 tokens: three chunks
+        reply.close()
+    finally:
+        engine.close()
+    assert len(long) == 1
+    feeds = [i for i, (kind, _, active) in enumerate(log) if kind == "feed" and active]
+    assert len(feeds) >= 3
+    for a, b in zip(feeds, feeds[1:]):
+        decoded = sum(seconds for kind, seconds, _ in log[a + 1:b] if kind == "step")
+        assert decoded >= 0.3 * log[a][1], (log[a], log[a + 1:b])
