@@ -70,9 +70,9 @@ class SamplingBatch:
         self.bias[row, list(bias)] = torch.tensor(list(bias.values()), dtype=torch.float32)
         self.has_bias[row], self.has_grammar[row] = bool(bias), s.grammar is not None
         if s.grammar is not None and self.bitmask is None:
-            from serve.grammar import mask_fillers  # imported before the row's grammar compiled
+            from serve.grammar import new_bitmask
 
-            self.bitmask = mask_fillers()[0](self.max_rows, self.vocab_size)
+            self.bitmask = new_bitmask(self.max_rows, self.vocab_size)
         self.rows[row] = s
 
     def add(self, row: int, s: SamplingRow, prompt: list[int] = ()) -> None:

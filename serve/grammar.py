@@ -280,7 +280,6 @@ def _compiled(tokenizer, vocab_size: int, grammar: str):
     if (matcher := GRAMMARS.get(key)) is not None:
         return matcher
     lltok = grammar_tokenizer(tokenizer, vocab_size)  # built once, outside the time limit
-    mask_fillers()  # imported here, in the request's thread, never in the engine's step
     job = _compiler().submit(_build, lltok, grammar)
     try:
         matcher = job.result(timeout=COMPILE_SECONDS)
@@ -304,31 +303,35 @@ def _executor():
     return llguidance.LLExecutor()
 
 
-@functools.lru_cache(maxsize=1)
-def mask_fillers():
-    """llguidance.torch's bitmask functions. Importing it imports torch._dynamo: 3.8 s on a 2-core
-    AMD EPYC, which the first grammar row's step paid, and every other row with it (measured: the
-    first mask of a server's first schema 1.56 s, the next ones 0.4 ms)."""
-    from llguidance.torch import allocate_token_bitmask, fill_next_token_bitmask, fill_next_token_bitmask_par
+def new_bitmask(rows: int, vocab_size: int) -> torch.Tensor:
+    """(rows, ceil(vocab/32)) int32, every token allowed: bit j of word w is token 32w+j."""
+    return torch.full((rows, (vocab_size + 31) // 32), -1, dtype=torch.int32)
 
-    return allocate_token_bitmask, fill_next_token_bitmask, fill_next_token_bitmask_par
+
+def _fill_masks(matchers: list, rows: list[int], bitmask: torch.Tensor) -> None:
+    """Row k of `bitmask` <- the allowed tokens of matchers[rows[k]], several in parallel. Called
+    on llguidance's own functions, not llguidance.torch's wrappers: importing that module imports
+    torch._dynamo (3.8 s here, holding the GIL), which stalled every row of the server's first
+    grammar request."""
+    if len(rows) == 1:
+        row = bitmask[0]
+        matchers[rows[0]].unsafe_compute_mask_ptr(row.data_ptr(), row.numel() * row.element_size())
+    else:
+        _executor().unsafe_compute_mask_ptr([(matchers[i], k) for k, i in enumerate(rows)], bitmask.data_ptr(),
+                                            bitmask.shape[1] * bitmask.element_size(), len(rows))
 
 
 def grammar_masks(logits: torch.Tensor, matchers: list, bitmask: torch.Tensor | None = None) -> torch.Tensor:
     """logits (B, vocab) with -inf wherever a row's matcher forbids the token; rows whose matcher is
     None are left alone. Several rows fill their masks in parallel (llguidance's executor). bitmask:
     a (>= b, ceil(vocab/32)) int32 buffer to fill (the batch's, reused every step); None: a new one."""
-    allocate_token_bitmask, fill_next_token_bitmask, fill_next_token_bitmask_par = mask_fillers()
     rows = [i for i, m in enumerate(matchers) if m is not None]
     if not rows:
         return logits
     V = logits.shape[-1]
     if bitmask is None:
-        bitmask = allocate_token_bitmask(len(rows), V)  # bit j of word w: token 32w+j
-    if len(rows) == 1:
-        fill_next_token_bitmask(matchers[rows[0]], bitmask, 0)
-    else:
-        fill_next_token_bitmask_par(_executor(), [(matchers[i], k) for k, i in enumerate(rows)], bitmask)
+        bitmask = new_bitmask(len(rows), V)
+    _fill_masks(matchers, rows, bitmask)
     allowed = ((bitmask[:len(rows), :, None] >> _SHIFTS) & 1).bool().flatten(1)[:, :V]  # (b, V)
     logits = logits.clone()
     logits[rows] = logits[rows].masked_fill(~allowed, float("-inf"))

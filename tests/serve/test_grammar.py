@@ -145,17 +145,23 @@ def test_a_compile_past_the_limit_is_refused_and_one_that_cannot_start_is_told_t
     time.sleep(1.0)  # the abandoned compile ends; the thread is free for the tests after this one
 
 
-def test_the_mask_library_is_imported_with_the_grammar_not_in_the_engines_step():
-    """llguidance.torch imports torch._dynamo (seconds): a fresh process's first grammar row paid it
-    inside a decode step, stalling every other row. A compiled grammar brings it in."""
+def test_masks_never_import_llguidance_torch():
+    """llguidance.torch imports torch._dynamo (3.8 s, holding the GIL): a fresh server's first
+    grammar request stalled every other row for it. Masks are filled through llguidance's own
+    functions, and they forbid what the grammar forbids (a schema of one integer: digits or "-")."""
     import subprocess
     import sys
 
-    code = ("import sys; from model.tokenizer import train_bpe; from serve.grammar import new_matcher, "
-            "json_schema_grammar; tok = train_bpe(['a 1 23 {}'] * 50, 300); "
-            "assert 'llguidance.torch' not in sys.modules; "
-            "new_matcher(tok, tok.vocab_size, json_schema_grammar({'type': 'integer'})); "
-            "assert 'llguidance.torch' in sys.modules")
+    code = ("import sys, torch; from model.tokenizer import train_bpe; "
+            "from serve.grammar import new_matcher, json_schema_grammar, grammar_masks; "
+            "tok = train_bpe(['a 1 23 -4 {}'] * 50, 300); "
+            "rows = [new_matcher(tok, tok.vocab_size, json_schema_grammar({'type': 'integer'})) for _ in range(2)]; "
+            "one = grammar_masks(torch.zeros(1, tok.vocab_size), rows[:1]); "
+            "two = grammar_masks(torch.zeros(2, tok.vocab_size), rows); "
+            "allowed = [tok.decode([i]) for i in torch.nonzero(one[0] == 0).flatten().tolist()]; "
+            "assert allowed and all(t.strip()[:1] in set('-0123456789') for t in allowed), allowed; "
+            "assert torch.equal(two[0], one[0]) and torch.equal(two[1], one[0]); "
+            "assert 'llguidance.torch' not in sys.modules")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                          cwd=str(Path(__file__).resolve().parents[2]))
     assert out.returncode == 0, out.stderr
