@@ -152,7 +152,7 @@ def build_demo(models: ModelCache, model: str = DEFAULT, backend: str = "onnx", 
             with gr.Row():
                 go = gr.Button("Continue", variant="primary")
                 stop = gr.Button("Stop")
-            text_status = gr.Markdown()
+            text_status = gr.Markdown(label="Status")
             job = go.click(partial(continue_panel, models=models), [text, backend_box, model_box, *sampling],
                            [text, text_status], api_name="continue")
             stop.click(None, cancels=[job], api_name=False)

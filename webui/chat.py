@@ -146,9 +146,13 @@ BASE_MODEL_NOTE = ("note: this model was trained on plain text, not chats: it co
                    "turns and the system prompt are not used); the Text tab continues a whole text")
 
 
-def continue_panel(text: str, backend: str = "onnx", model: str = DEFAULT, *sampling, models):
+def continue_panel(text: str, backend: str = "onnx", model: str = DEFAULT, temperature: float | None = None,
+                   top_k: int | None = None, top_p: float | None = None, repetition_penalty: float | None = None,
+                   max_new_tokens: int | None = None, seed: int | float | None = -1, min_p: float | None = None,
+                   presence_penalty: float | None = None, frequency_penalty: float | None = None, *, models):
     """The Text tab: yield (text and its continuation so far, status line), for any model: what a
-    base model (trained on plain text) is made for. `sampling`: respond's settings, in order."""
+    base model (trained on plain text) is made for. The sampling settings are respond's (named, so
+    the page's API names them)."""
     text = text if isinstance(text, str) else ""
     if refusal := too_long(text):
         yield text, f"refused: {refusal}"
@@ -157,7 +161,8 @@ def continue_panel(text: str, backend: str = "onnx", model: str = DEFAULT, *samp
         yield text, "Type the beginning of a text first: it is continued as it is, no chat template."
         return
     try:
-        given = checked_settings(dict(zip(SAMPLING_ARGS, sampling)))
+        given = checked_settings(dict(zip(SAMPLING_ARGS, (temperature, top_k, top_p, repetition_penalty, max_new_tokens,
+                                                          seed, min_p, presence_penalty, frequency_penalty))))
     except (TypeError, ValueError, OverflowError) as e:
         yield text, f"bad setting: {e}"
         return
