@@ -305,22 +305,37 @@ def test_gguf_blocks_int8_activations_keep_perplexity(smollm2, smollm2_export):
 
 
 @pytest.mark.slow
-def test_the_cpu_default_answers_the_pages_first_example_as_fp32_does(smollm2_dir, smollm2, smollm2_export):
+def test_the_cpu_default_parts_from_fp32_only_at_near_ties(smollm2_dir, smollm2, smollm2_export):
     """The variant the app serves on a CPU (pick_variant's) gives the fp32 export's greedy reply to
-    the page's first example. With int8 activations everywhere it said "L'Étoile, la Marseillaise,
-    ..."; with the attention in fp32 arithmetic it says what fp32 says (bench/default_variant.py
-    measures all variants: README's table)."""
+    each of the page's examples, or parts from it only at a near-tie: where fp32's two likeliest
+    tokens are within 3 standard deviations of the variant's error on a difference of two logits
+    (sqrt(2) x its RMS |dlogit| over the vocabulary at that position; measured RMS 0.16-0.23 on these
+    prompts). A bug (a wrong position, a wrong scale) moves logits by far more and parts the replies
+    where fp32 is sure. Equality itself is not asserted: the first example's first token is a
+    near-tie (fp32's margin 0.08, the served variant's 0.05 on an AMD EPYC), which another CPU's int8
+    kernels may turn either way (README, "Which variant the CPU serves")."""
     from app import EXAMPLES
+    from serve.generate import capacity_for, prefill
     from serve.ort_backend import pick_variant
 
     options, _ = pick_variant(smollm2_dir, "CPUExecutionProvider", None, None)
     _, tok, _ = smollm2
-    prompt = tok.encode_chat([{"role": "user", "content": EXAMPLES[0]}])
     cfg = SamplingConfig(temperature=0, top_k=0, top_p=1, repetition_penalty=1, max_new_tokens=32)
+    ref = OrtBackend(smollm2_export("fp32", None, True))
     served = OrtBackend(smollm2_export(options["dtype"], options["quantize"], True, 4, options["fp32_attention"]))
-    replies = [tok.decode(list(generate(b, prompt, cfg, tok.stop_ids)))
-               for b in (OrtBackend(smollm2_export("fp32", None, True)), served)]
-    assert replies[1] == replies[0] and "Paris" in replies[0]
+    for example in EXAMPLES:
+        prompt = tok.encode_chat([{"role": "user", "content": example}])
+        want, got = (list(generate(b, prompt, cfg, tok.stop_ids)) for b in (ref, served))
+        first = next((i for i, (a, b) in enumerate(zip(want, got)) if a != b), None)
+        if first is None:
+            continue
+        ids = prompt + want[:first]
+        ref_logits, got_logits = (prefill(b, b.new_cache(1, capacity_for(len(ids), b.max_seq_len)), 0, ids).float()
+                                  for b in (ref, served))
+        top = ref_logits.topk(2).values
+        rms = float((got_logits - ref_logits).pow(2).mean().sqrt())
+        margin = float(top[0] - top[1])
+        assert margin <= 3 * math.sqrt(2) * rms, (example, first, margin, rms)
 
 
 @pytest.mark.parametrize("variant,message", [
