@@ -60,11 +60,12 @@ def main(model: str = "default", backend: str = "torch", prompt: str | None = No
         print(f"error: cannot write {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
         return 2
     try:
-        raw = raw or not (chat or is_chat_model(meta))
+        base = not is_chat_model(meta)
+        raw = raw or (base and not chat)
         if raw and system:
             print("error: --system needs a chat: text is continued as it is (--raw, or a base model)", file=sys.stderr)
             return 2
-        if raw and not is_chat_model(meta) and prompt is None:
+        if raw and base and prompt is None:
             print(f"{meta.get('name', model)} was trained on plain text: each text you type is continued, "
                   "not answered (--chat to wrap it in the chat template anyway)", file=sys.stderr)
         return converse(engine, tokenizer, meta, model, cfg, prompt, system, raw)
