@@ -55,6 +55,20 @@ def pick_providers(device: str | None = None) -> list[str]:
     return [p for p in wanted if p in available]
 
 
+def session_options(threads: int | None = None) -> ort.SessionOptions:
+    """How every session of an export is opened (the server's, and bench/step_profile.py's profiled one)."""
+    so = ort.SessionOptions()
+    so.log_severity_level = 3  # errors only: not the notice that num_logits_to_keep has a default
+    so.intra_op_num_threads = threads or physical_cores()  # hyperthreads only contend for the FPUs
+    so.inter_op_num_threads = 1
+    # The pool's threads spin inside a run (a decode step is ~450 short kernels) but stop when it
+    # returns: spinning on between runs took the cores from sampling and the web server
+    # (bench/serve_load.py, 128-token replies: 8 users 185 -> 233 tok/s, one user 87 -> 93).
+    so.add_session_config_entry("session.force_spinning_stop", "1")
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return so
+
+
 def bind_keep(binding, keep: int) -> None:
     """num_logits_to_keep has a default in the graph (an initializer of the same name, so runtimes
     that never feed it run the graph); ORT binds such an input only as an OrtValue."""
@@ -79,18 +93,11 @@ class OrtBackend:
         self.max_seq_len = self.cfg.max_seq_len
         self.vocab_size = self.cfg.vocab_size
         self.shared_buffer = bool(self.meta.get("fused_ops"))
-        so = ort.SessionOptions()
-        so.log_severity_level = 3  # errors only: not the notice that num_logits_to_keep has a default
-        so.intra_op_num_threads = threads or physical_cores()  # hyperthreads only contend for the FPUs
-        so.inter_op_num_threads = 1
-        # The pool's threads spin inside a run (a decode step is ~450 short kernels) but stop when it
-        # returns: spinning on between runs took the cores from sampling and the web server
-        # (bench/serve_load.py, 128-token replies: 8 users 185 -> 233 tok/s, one user 87 -> 93).
-        so.add_session_config_entry("session.force_spinning_stop", "1")
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        so = session_options(threads)
         providers = self.providers(directory, device)
         try:
-            self.session = ort.InferenceSession(str(Path(directory) / GRAPH_FILE), so, providers=providers)
+            self.graph_path = Path(directory) / GRAPH_FILE
+            self.session = ort.InferenceSession(str(self.graph_path), so, providers=providers)
         except Exception as e:  # onnxruntime's own exception types: a truncated or foreign file
             raise ValueError(f"{Path(directory) / 'model.onnx'} cannot be loaded by ONNX Runtime "
                              f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); re-export the model") from None
