@@ -1,0 +1,190 @@
+"""Where one decode step goes: the step's parts as the engine takes them, and ONNX Runtime's kernels by type.
+
+    python bench/step_profile.py --rows 1,8 --context 450 --steps 48
+
+For each B in --rows, the app's CPU variant (serve/load.py's load_ort_backend("default")) with B
+rows, each prefilled with `context` tokens of its own, then `steps` decode steps as the engine
+takes them (serve/generate.decode_step, serve/sampling.sample on a SamplingBatch, each token
+through a TextStream as a reply streams it), every part timed:
+
+    graph        session.run_with_iobinding: ONNX Runtime's kernels and its scheduling between them
+    binding      the rest of backend.forward: the attention mask, IOBinding, the logits out
+    sample       greedy, then again with the default sampled settings (T 0.7, top_k 50, top_p 0.9,
+                 repetition 1.1) and with T 0.7, top_p 0.9 alone: the same logits, each timed
+    detokenize   TextStream.push of every row's token
+
+Then the same steps on a session opened the same way (serve/ort_backend.session_options) with
+ONNX Runtime's profiler on: kernel time by op type, as a share of the graph's time (what is left is
+ONNX Runtime's own work between kernels). The profiled run is slower than the timed one (the
+profiler records every kernel); only its shares are reported. Medians per step; the CPU's name
+beside them. Writes bench/results/step_profile.json.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+if __name__ == "__main__":  # `python bench/step_profile.py` puts bench/ first on sys.path: the repository root is needed
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+SAMPLED = {"greedy": dict(temperature=0.0, top_k=0, top_p=1.0, repetition_penalty=1.0),
+           "default sampled": dict(temperature=0.7, top_k=50, top_p=0.9, repetition_penalty=1.1),
+           "T 0.7, top_p 0.9": dict(temperature=0.7, top_k=0, top_p=0.9, repetition_penalty=1.0)}
+
+
+class TimedSession:
+    """The backend's session with run_with_iobinding timed (everything else passed through)."""
+
+    def __init__(self, session):
+        self.session, self.seconds = session, 0.0
+
+    def run_with_iobinding(self, binding):
+        start = time.perf_counter()
+        self.session.run_with_iobinding(binding)
+        self.seconds += time.perf_counter() - start
+
+    def __getattr__(self, name):
+        return getattr(self.session, name)
+
+
+def prompts(tokenizer, rows: int, context: int) -> list[list[int]]:
+    """`rows` different prompts of `context` tokens (held-out text, each row from its own offset)."""
+    text = (Path(__file__).resolve().parent / "data" / "romeo_and_juliet.txt").read_text()
+    ids = tokenizer.encode(text)
+    return [ids[r * context:(r + 1) * context] for r in range(rows)]
+
+
+def run_steps(backend, tokenizer, rows: int, context: int, steps: int, session=None) -> dict:
+    """`steps` decode steps of `rows` rows; per step: seconds of each part (lists). `session`: the
+    one the decode steps run on (the prefill runs on the backend's own)."""
+    from serve.batch import SamplingBatch
+    from serve.generate import Sequence, capacity_for, decode_step, prefill
+    from serve.sampling import SamplingConfig, SamplingRow, sample
+    from serve.text_stream import TextStream
+
+    cache = backend.new_cache(rows, capacity_for(context + steps + 1, backend.max_seq_len))
+    seqs = []
+    for row, ids in enumerate(prompts(tokenizer, rows, context)):
+        logits = prefill(backend, cache, row, ids)
+        seqs.append(Sequence(ids))
+        seqs[-1].tokens.append(int(logits.argmax()))
+    batches = {}
+    for name, settings in SAMPLED.items():
+        batches[name] = SamplingBatch(rows, backend.vocab_size)
+        for row, s in enumerate(seqs):
+            batches[name].add(row, SamplingRow(SamplingConfig(**settings, seed=row)), s.prompt)
+    streams = [TextStream(tokenizer) for _ in seqs]
+    parts = collections.defaultdict(list)
+    plain = backend.session
+    timed = backend.session = TimedSession(session or plain)
+    try:
+        for _ in range(steps):
+            timed.seconds, start = 0.0, time.perf_counter()
+            logits = decode_step(backend, cache, seqs)
+            parts["graph"].append(timed.seconds)
+            parts["binding"].append(time.perf_counter() - start - timed.seconds)
+            for name, batch in batches.items():
+                start = time.perf_counter()
+                tokens = sample(logits, batch)
+                parts[f"sample: {name}"].append(time.perf_counter() - start)
+                if name == "greedy":
+                    chosen = tokens
+            start = time.perf_counter()
+            for s, stream, token in zip(seqs, streams, chosen):
+                s.tokens.append(token)
+                stream.push(token)
+                for batch in batches.values():
+                    batch.saw(seqs.index(s), token)
+            parts["detokenize"].append(time.perf_counter() - start)
+    finally:
+        backend.session = plain
+    return parts
+
+
+def kernel_shares(backend, tokenizer, rows: int, context: int, steps: int) -> dict:
+    """Kernel time by op type over `steps` profiled decode steps, as shares of the graph's run time."""
+    import onnxruntime as ort
+
+    from serve.ort_backend import session_options
+
+    so = session_options()
+    so.enable_profiling = True
+    so.profile_file_prefix = str(Path("/tmp") / f"step_profile_{rows}")
+    profiled = ort.InferenceSession(str(backend.graph_path), so, providers=backend.session.get_providers())
+    run_steps(backend, tokenizer, rows, context, steps, session=profiled)
+    trace_file = Path(profiled.end_profiling())
+    trace = json.loads(trace_file.read_text())
+    trace_file.unlink()
+    by_op, run_us, calls, nodes = collections.Counter(), 0, 0, 0
+    for e in trace:
+        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
+            by_op[e["args"]["op_name"]] += e["dur"]
+            nodes += 1
+        elif e.get("cat") == "Session" and e["name"] == "model_run":
+            run_us, calls = run_us + e["dur"], calls + 1
+    return {"kernel_share_by_op": {op: us / run_us for op, us in by_op.most_common()},
+            "outside_kernels_share": 1 - sum(by_op.values()) / run_us, "nodes_per_call": nodes / calls}
+
+
+def main(rows: str = "1,8", context: int = 450, steps: int = 48) -> int:
+    from bench import cpu_name
+    from serve.load import load_ort_backend
+
+    backend, tokenizer, meta = load_ort_backend("default")
+    report = {"variant": meta["variant"]["name"], "cpu": cpu_name(), "context": context, "steps": steps,
+              "threads": backend.session.get_session_options().intra_op_num_threads, "rows": {},
+              "command": "python bench/step_profile.py " + " ".join(sys.argv[1:])}
+    with torch.inference_mode():
+        for b in [int(r) for r in rows.split(",")]:
+            parts = run_steps(backend, tokenizer, b, context, steps)
+            ms = {name: 1000 * statistics.median(v) for name, v in parts.items()}
+            report["rows"][b] = {"ms": ms, **kernel_shares(backend, tokenizer, b, context, steps)}
+    print(table(report))
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "step_profile.json").write_text(json.dumps({**report, "table": table(report)}, indent=2))
+    return 0
+
+
+def table(report: dict) -> str:
+    rows = report["rows"]
+    lines = ["| part of a step | " + " | ".join(f"{b} row{'s' * (b > 1)}: ms (share)" for b in rows) + " |",
+             "|---|" + "---|" * len(rows)]
+    step = {b: r["ms"]["graph"] + r["ms"]["binding"] + r["ms"]["sample: greedy"] + r["ms"]["detokenize"]
+            for b, r in rows.items()}
+    for name in next(iter(rows.values()))["ms"]:
+        lines.append(f"| {name} | " + " | ".join(f"{r['ms'][name]:.2f} ({r['ms'][name] / step[b]:.0%})"
+                                                 for b, r in rows.items()) + " |")
+    lines.append("| greedy step (graph + binding + sample + detokenize) | "
+                 + " | ".join(f"{step[b]:.2f}" for b in rows) + " |")
+    lines += ["", "| graph: kernels by op type (share of the graph's time, profiled) | "
+              + " | ".join(f"{b} row{'s' * (b > 1)}" for b in rows) + " |", "|---|" + "---|" * len(rows)]
+    ops = list(next(iter(rows.values()))["kernel_share_by_op"])
+    for op in ops[:12]:
+        lines.append(f"| {op} | " + " | ".join(f"{r['kernel_share_by_op'].get(op, 0):.1%}" for r in rows.values()) + " |")
+    lines.append("| (other ops) | " + " | ".join(f"{sum(r['kernel_share_by_op'].get(op, 0) for op in ops[12:]):.1%}"
+                                                for r in rows.values()) + " |")
+    lines.append("| between kernels (ONNX Runtime itself) | "
+                 + " | ".join(f"{r['outside_kernels_share']:.1%}" for r in rows.values()) + " |")
+    lines.append("| nodes run per step | " + " | ".join(f"{r['nodes_per_call']:.0f}" for r in rows.values()) + " |")
+    return "\n".join(lines) + f"\n\n{report['variant']}; {report['context']} tokens of context; CPU: {report['cpu']}, " \
+        f"{report['threads']} threads"
+
+
+def parse_args(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rows", default="1,8", help="comma-separated rows per step")
+    p.add_argument("--context", type=int, default=450, help="tokens each row holds before the timed steps")
+    p.add_argument("--steps", type=int, default=48, help="decode steps timed (and profiled) per row count")
+    return vars(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main(**parse_args()))
