@@ -35,6 +35,7 @@ import uvicorn
 from fastapi import FastAPI, Request
 from gradio.route_utils import API_PREFIX
 
+import serve  # noqa: F401  first of ours: it sets OpenMP's wait policy before anything loads torch
 from model.sampling_fields import FIELDS, generation_defaults
 from serve.access import Access, api_access
 from serve.api import API_KEY_ENV, make_router
