@@ -1,6 +1,7 @@
 """Where one decode step goes: the step's parts as the engine takes them, and ONNX Runtime's kernels by type.
 
-    python bench/step_profile.py --rows 1,8 --context 450 --steps 48
+    python bench/step_profile.py --rows 1,8 --context 450 --steps 48 --rounds 3
+    python bench/step_profile.py --llama-bin /tmp/lcpp/.../build/bin   # llama.cpp's step beside ours
 
 For each B in --rows, the app's CPU variant (serve/load.py's load_ort_backend("default")) with B
 rows, each prefilled with `context` tokens of its own, then `steps` decode steps as the engine
@@ -17,7 +18,9 @@ Then the same steps on a session opened the same way (serve/ort_backend.session_
 ONNX Runtime's profiler on: kernel time by op type, as a share of the graph's time (what is left is
 ONNX Runtime's own work between kernels). The profiled run is slower than the timed one (the
 profiler records every kernel); only its shares are reported. Medians per step; the CPU's name
-beside them. Writes bench/results/step_profile.json.
+beside them. With --llama-bin (the folder ../shared/tools/build_llama_server.sh prints),
+llama.cpp's llama-batched-bench decodes the same GGUF at the same context and row counts, and its
+step time stands beside ours. Writes bench/results/step_profile.json.
 """
 from __future__ import annotations
 
@@ -32,6 +35,7 @@ from pathlib import Path
 if __name__ == "__main__":  # `python bench/step_profile.py` puts bench/ first on sys.path: the repository root is needed
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import serve  # noqa: E402,F401  before torch, as in the server: OpenMP's wait policy (serve/__init__.py)
 import torch  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -134,19 +138,49 @@ def kernel_shares(backend, tokenizer, rows: int, context: int, steps: int) -> di
             "outside_kernels_share": 1 - sum(by_op.values()) / run_us, "nodes_per_call": nodes / calls}
 
 
-def main(rows: str = "1,8", context: int = 450, steps: int = 48) -> int:
+def llama_cpp_steps(bin_dir: str, rows: list[int], context: int, steps: int) -> dict:
+    """{rows: llama.cpp's decode step in ms} from llama-batched-bench on the default GGUF, each row
+    after `context` tokens of its own (its text-generation figure: rows x steps tokens / time)."""
+    import subprocess
+
+    from model.weights import default_gguf
+    from serve.ort_backend import physical_cores
+
+    threads = str(physical_cores())
+    r = subprocess.run([str(Path(bin_dir) / "llama-batched-bench"), "-m", str(default_gguf()), "-c",
+                        str((context + steps + 16) * max(rows)), "-npp", str(context), "-ntg", str(steps),
+                        "-npl", ",".join(map(str, rows)), "-t", threads, "-tb", threads, "--output-format", "jsonl"],
+                       capture_output=True, text=True, timeout=1800)
+    lines = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
+    if r.returncode or not lines:
+        raise SystemExit(f"error: llama-batched-bench failed: {(r.stderr.strip().splitlines() or ['no output'])[-1]}")
+    return {d["pl"]: 1000 * d["pl"] / d["speed_tg"] for d in lines}
+
+
+def main(rows: str = "1,8", context: int = 450, steps: int = 48, rounds: int = 3, llama_bin: str | None = None) -> int:
     from bench import cpu_name
     from serve.load import load_ort_backend
 
     backend, tokenizer, meta = load_ort_backend("default")
+    counts = [int(r) for r in rows.split(",")]
     report = {"variant": meta["variant"]["name"], "cpu": cpu_name(), "context": context, "steps": steps,
-              "threads": backend.session.get_session_options().intra_op_num_threads, "rows": {},
+              "rounds": rounds, "threads": backend.session.get_session_options().intra_op_num_threads, "rows": {},
               "command": "python bench/step_profile.py " + " ".join(sys.argv[1:])}
+    parts = {b: collections.defaultdict(list) for b in counts}
+    peer = {b: [] for b in counts}
     with torch.inference_mode():
-        for b in [int(r) for r in rows.split(",")]:
-            parts = run_steps(backend, tokenizer, b, context, steps)
-            ms = {name: 1000 * statistics.median(v) for name, v in parts.items()}
-            report["rows"][b] = {"ms": ms, **kernel_shares(backend, tokenizer, b, context, steps)}
+        for _ in range(rounds):  # ours and llama.cpp in turn: a slow spell of the machine falls on both
+            for b in counts:
+                for name, seconds in run_steps(backend, tokenizer, b, context, steps).items():
+                    parts[b][name] += seconds
+            if llama_bin:
+                for b, step_ms in llama_cpp_steps(llama_bin, counts, context, steps).items():
+                    peer[b].append(step_ms)
+        for b in counts:
+            report["rows"][b] = {"ms": {name: 1000 * statistics.median(v) for name, v in parts[b].items()},
+                                 **kernel_shares(backend, tokenizer, b, context, steps)}
+            if llama_bin:
+                report["rows"][b]["llama_cpp_step_ms"] = statistics.median(peer[b])
     print(table(report))
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "step_profile.json").write_text(json.dumps({**report, "table": table(report)}, indent=2))
@@ -164,6 +198,10 @@ def table(report: dict) -> str:
                                                  for b, r in rows.items()) + " |")
     lines.append("| greedy step (graph + binding + sample + detokenize) | "
                  + " | ".join(f"{step[b]:.2f}" for b in rows) + " |")
+    if all("llama_cpp_step_ms" in r for r in rows.values()):
+        lines.append("| llama.cpp's decode step, same GGUF and context (llama-batched-bench) | "
+                     + " | ".join(f"{r['llama_cpp_step_ms']:.2f} (ours {step[b] / r['llama_cpp_step_ms']:.2f}x its time)"
+                                  for b, r in rows.items()) + " |")
     lines += ["", "| graph: kernels by op type (share of the graph's time, profiled) | "
               + " | ".join(f"{b} row{'s' * (b > 1)}" for b in rows) + " |", "|---|" + "---|" * len(rows)]
     ops = list(next(iter(rows.values()))["kernel_share_by_op"])
@@ -183,6 +221,9 @@ def parse_args(argv=None) -> dict:
     p.add_argument("--rows", default="1,8", help="comma-separated rows per step")
     p.add_argument("--context", type=int, default=450, help="tokens each row holds before the timed steps")
     p.add_argument("--steps", type=int, default=48, help="decode steps timed (and profiled) per row count")
+    p.add_argument("--rounds", type=int, default=3, help="rounds of ours then llama.cpp's; medians")
+    p.add_argument("--llama-bin", help="llama.cpp's bin folder (bash ../shared/tools/build_llama_server.sh prints it): "
+                   "its llama-batched-bench's step beside ours")
     return vars(p.parse_args(argv))
 
 
