@@ -165,7 +165,8 @@ def main(rows: str = "1,8", context: int = 450, steps: int = 48, rounds: int = 3
     counts = [int(r) for r in rows.split(",")]
     report = {"variant": meta["variant"]["name"], "cpu": cpu_name(), "context": context, "steps": steps,
               "rounds": rounds, "threads": backend.session.get_session_options().intra_op_num_threads, "rows": {},
-              "command": "python bench/step_profile.py " + " ".join(sys.argv[1:])}
+              "command": "python bench/step_profile.py " + " ".join(
+                  "LLAMA_BIN" if a == llama_bin else a for a in sys.argv[1:])}  # not this machine's path
     parts = {b: collections.defaultdict(list) for b in counts}
     peer = {b: [] for b in counts}
     with torch.inference_mode():
