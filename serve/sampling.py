@@ -130,9 +130,10 @@ WIDEN = 8
 
 
 def top_candidates(logits: torch.Tensor, top_k: torch.Tensor, temperature: torch.Tensor,
-                   top_p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                   top_p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """(B, vocab) logits -> the candidates each row can draw from (B, C), their token ids (B, C),
-    and log_norm (B, 1) = log sum(exp(logits / temperature)) over the whole vocabulary.
+    and log_norm (B, 1) = log sum(exp(logits / temperature)) over the whole vocabulary (None when
+    every row has a top_k: none reads it).
 
     A row with top_k > 0 needs its top_k largest; a row with top_k 0 and top_p < 1 needs the
     largest few whose mass (against the whole vocabulary) reaches top_p: every later token is cut
@@ -141,7 +142,8 @@ def top_candidates(logits: torch.Tensor, top_k: torch.Tensor, temperature: torch
     the whole vocabulary, in vocabulary order (no sort at all); when such a row shares the batch,
     C is the vocabulary and the other rows' candidates are padded with -inf (never drawn)."""
     B, V = logits.shape
-    log_norm = torch.logsumexp(logits / temperature, -1, keepdim=True)  # (B, 1): O(vocab), no sort
+    # (B, 1): O(vocab), no sort; only a top_k 0 row reads it (a top-k row's mass is its top k's)
+    log_norm = torch.logsumexp(logits / temperature, -1, keepdim=True) if bool((top_k == 0).any()) else None
     whole = ((top_k == 0) & (top_p >= 1))[:, 0]  # (B,)
     cut = (~whole).nonzero()[:, 0].tolist()
     if not cut:

@@ -37,13 +37,16 @@ def rows_of_every_kind(V: int):
     return logits, temperature, top_k, top_p
 
 
-@pytest.mark.parametrize("which", ["mixed", "cut-only"])
+@pytest.mark.parametrize("which", ["mixed", "cut-only", "top-k only"])
 def test_bounded_candidates_give_the_sorted_probabilities(which):
     V = 49152  # SmolLM2's vocabulary
     logits, temperature, top_k, top_p = rows_of_every_kind(V)
-    if which == "cut-only":  # no whole-vocabulary row: no padding, candidates stay bounded
-        keep = (top_k[:, 0] > 0) | (top_p[:, 0] < 1)
+    if which != "mixed":  # cut-only: no whole-vocabulary row (no padding, candidates stay bounded);
+        # top-k only: no row needs the whole vocabulary's mass (none is computed)
+        keep = (top_k[:, 0] > 0) | (top_p[:, 0] < 1) if which == "cut-only" else top_k[:, 0] > 0
         logits, temperature, top_k, top_p = logits[keep], temperature[keep], top_k[keep], top_p[keep]
+    if which == "top-k only":
+        assert top_candidates(logits, top_k, temperature, top_p)[2] is None
     ref = sorted_reference(logits, temperature, top_k, top_p)
     got = bounded(logits, temperature, top_k, top_p)
     assert torch.equal(got > 0, ref > 0)  # the same tokens kept
