@@ -1,7 +1,7 @@
 """Where one decode step goes: the step's parts as the engine takes them, and ONNX Runtime's kernels by type.
 
     python bench/step_profile.py --rows 1,8 --context 450 --steps 48 --rounds 3
-    python bench/step_profile.py --llama-bin /tmp/lcpp/.../build/bin   # llama.cpp's step beside ours
+    python bench/step_profile.py --llama-bin llama.cpp/build/bin   # llama.cpp's step beside ours
 
 For each B in --rows, the app's CPU variant (serve/load.py's load_ort_backend("default")) with B
 rows, each prefilled with `context` tokens of its own, then `steps` decode steps as the engine
@@ -18,7 +18,7 @@ Then the same steps on a session opened the same way (serve/ort_backend.session_
 ONNX Runtime's profiler on: kernel time by op type, as a share of the graph's time (what is left is
 ONNX Runtime's own work between kernels). The profiled run is slower than the timed one (the
 profiler records every kernel); only its shares are reported. Medians per step; the CPU's name
-beside them. With --llama-bin (the folder ../shared/tools/build_llama_server.sh prints),
+beside them. With --llama-bin (llama.cpp's build/bin folder, built as the README shows),
 llama.cpp's llama-batched-bench decodes the same GGUF at the same context and row counts, and its
 step time stands beside ours. Writes bench/results/step_profile.json.
 """
@@ -223,7 +223,7 @@ def parse_args(argv=None) -> dict:
     p.add_argument("--context", type=int, default=450, help="tokens each row holds before the timed steps")
     p.add_argument("--steps", type=int, default=48, help="decode steps timed (and profiled) per row count")
     p.add_argument("--rounds", type=int, default=3, help="rounds of ours then llama.cpp's; medians")
-    p.add_argument("--llama-bin", help="llama.cpp's bin folder (bash ../shared/tools/build_llama_server.sh prints it): "
+    p.add_argument("--llama-bin", help="llama.cpp's build/bin folder (README: how to build it): "
                    "its llama-batched-bench's step beside ours")
     return vars(p.parse_args(argv))
 

@@ -1,8 +1,10 @@
 """Our app against llama.cpp's own llama-server on the same GGUF: a chat workload, fresh servers, rounds alternating.
 
-    bash ../shared/tools/build_llama_server.sh          # once, ~10 min: prints the bin folder
-    python bench/vs_llama_server.py --llama-server /tmp/lcpp/.../build/bin/llama-server --rounds 3
+    python bench/vs_llama_server.py --llama-server llama.cpp/build/bin/llama-server --rounds 3
     python bench/vs_llama_server.py                     # no llama-server: ours alone, said so in the table
+
+llama-server is llama.cpp's own, built as README's "Against llama.cpp's own server" shows (from
+the source inside llama-cpp-python's sdist, ~10 min on 2 cores).
 
 The workload: each user holds `--chats` conversations of two turns. A first turn is ~450 tokens
 of prompt (a scene to summarize, a Python function to rewrite, a passage to answer a question
@@ -230,7 +232,7 @@ def table(medians: dict, counts: list[int]) -> str:
 
 def parse_args(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--llama-server", help="llama.cpp's llama-server binary (bash ../shared/tools/build_llama_server.sh)")
+    p.add_argument("--llama-server", help="llama.cpp's llama-server binary (README: how to build it)")
     p.add_argument("--users", default="1,8", help="comma-separated concurrent users")
     p.add_argument("--rounds", type=int, default=3, help="rounds; servers alternate within each")
     p.add_argument("--chats", type=int, default=2, help="two-turn conversations per user")
