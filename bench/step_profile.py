@@ -102,12 +102,13 @@ def run_steps(backend, tokenizer, rows: int, context: int, steps: int, session=N
                 if name == "greedy":
                     chosen = tokens
             start = time.perf_counter()
-            for s, stream, token in zip(seqs, streams, chosen):
-                s.tokens.append(token)
+            for stream, token in zip(streams, chosen):
                 stream.push(token)
-                for batch in batches.values():
-                    batch.saw(seqs.index(s), token)
             parts["detokenize"].append(time.perf_counter() - start)
+            for row, (s, token) in enumerate(zip(seqs, chosen)):  # every batch follows the greedy reply
+                s.tokens.append(token)
+                for batch in batches.values():
+                    batch.saw(row, token)
     finally:
         backend.session = plain
     return parts
