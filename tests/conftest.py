@@ -122,6 +122,9 @@ def server_log(tmp_path_factory):
     return tmp_path_factory.mktemp("server") / "app.log"
 
 
+SERVER_PIDS: dict[str, int] = {}  # the `server` fixture's URL -> its process
+
+
 @pytest.fixture(scope="session")
 def server(nano_dir, cache_dir, server_log):
     """`python app.py --model NANO` on a free port (ONNX Runtime by default); yields its URL."""
@@ -143,12 +146,18 @@ def server(nano_dir, cache_dir, server_log):
                 proc.kill()
                 pytest.fail(f"app.py did not start:\n{log.read_text()}")
             time.sleep(0.3)
+    SERVER_PIDS[url] = proc.pid
     yield url
     proc.terminate()
     try:
         proc.wait(timeout=10)
     except subprocess.TimeoutExpired:
         proc.kill()
+
+
+@pytest.fixture(scope="session")
+def server_pid(server) -> int:
+    return SERVER_PIDS[server]
 
 
 def pytest_sessionfinish(session, exitstatus):

@@ -171,6 +171,31 @@ def test_the_page_answers_on_loopback_names_and_refuses_others(server, nano_dir)
     assert "tok/s" in titles(send(local, "hello", str(nano_dir), max_new_tokens=4)[-1])[-1]
 
 
+def test_an_idle_server_lets_its_main_thread_sleep(server, server_pid):
+    """Gradio's queue would wake the server's main thread ~1,100 times a second, forever (a 1 ms
+    and a 10 ms poll); app.queue polls at 20 and 100 ms: ~60 wakeups a second, plus the few of
+    uvicorn's timers. Counted as the main thread's voluntary context switches over 2 s; a slower
+    machine only sleeps longer, so the count can only fall."""
+    import time
+    from pathlib import Path
+
+    import app
+
+    status = Path(f"/proc/{server_pid}/task/{server_pid}/status")
+    if not status.exists():
+        pytest.skip("needs Linux's /proc")
+
+    def switches() -> int:
+        line = next(x for x in status.read_text().splitlines() if x.startswith("voluntary_ctxt_switches"))
+        return int(line.split()[1])
+
+    ours = 1 / app.QUEUE_POLL_S + 1 / app.PROGRESS_POLL_S
+    before, start = switches(), time.monotonic()
+    time.sleep(2.0)
+    rate = (switches() - before) / (time.monotonic() - start)
+    assert rate < 5 * ours < 1000, f"the idle server's main thread woke {rate:.0f} times a second"
+
+
 def test_host_and_origin_flags():
     import app
 
