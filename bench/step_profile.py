@@ -17,7 +17,11 @@ through a TextStream as a reply streams it), every part timed:
 Then the same steps on a session opened the same way (serve/ort_backend.session_options) with
 ONNX Runtime's profiler on: kernel time by op type, as a share of the graph's time (what is left is
 ONNX Runtime's own work between kernels). The profiled run is slower than the timed one (the
-profiler records every kernel); only its shares are reported. Medians per step; the CPU's name
+profiler records every kernel); only its shares are reported, and they overstate small kernels:
+the profiler's own cost per kernel lands in them. So what a group of small nodes costs is measured
+by taking it out: with --ablate, the same steps also run on a copy of the graph without the Q4_1
+minimum's correction (its 4 nodes after each MatMulNBits; that graph's logits are wrong, only its
+time is read), alternating with the real graph in every round. Medians per step; the CPU's name
 beside them. With --llama-bin (llama.cpp's build/bin folder, built as the README shows),
 llama.cpp's llama-batched-bench decodes the same GGUF at the same context and row counts, and its
 step time stands beside ours. Writes bench/results/step_profile.json.
@@ -29,6 +33,7 @@ import collections
 import json
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -139,6 +144,29 @@ def kernel_shares(backend, tokenizer, rows: int, context: int, steps: int) -> di
             "outside_kernels_share": 1 - sum(by_op.values()) / run_us, "nodes_per_call": nodes / calls}
 
 
+def without_correction(graph: Path, out: Path) -> int:
+    """Writes to `out` a copy of `graph` whose MatMulNBits outputs skip the Q4_1 minimum's
+    correction (Reshape, ReduceSum, MatMul, Add: export/graph.py block_linear): a graph for timing
+    what the correction costs, whose logits are wrong. Returns how many nodes it dropped."""
+    import onnx
+
+    model = onnx.load(str(graph))
+    made_by = {out_name: node for node in model.graph.node for out_name in node.output}
+    dropped = set()
+    for add in model.graph.node:
+        y, corr = (made_by.get(name) for name in add.input[:2]) if add.op_type == "Add" else (None, None)
+        if y is None or corr is None or y.op_type != "MatMulNBits" or corr.op_type != "MatMul":
+            continue
+        sums = made_by[corr.input[0]]
+        y.output[0] = add.output[0]  # the quantized product straight to the correction's consumers
+        dropped |= {id(add), id(corr), id(sums), id(made_by[sums.input[0]])}
+    kept = [node for node in model.graph.node if id(node) not in dropped]
+    del model.graph.node[:]
+    model.graph.node.extend(kept)
+    onnx.save(model, str(out))
+    return len(dropped)
+
+
 def llama_cpp_steps(bin_dir: str, rows: list[int], context: int, steps: int) -> dict:
     """{rows: llama.cpp's decode step in ms} from llama-batched-bench on the default GGUF, each row
     after `context` tokens of its own (its text-generation figure: rows x steps tokens / time)."""
@@ -158,7 +186,21 @@ def llama_cpp_steps(bin_dir: str, rows: list[int], context: int, steps: int) -> 
     return {d["pl"]: 1000 * d["pl"] / d["speed_tg"] for d in lines}
 
 
-def main(rows: str = "1,8", context: int = 450, steps: int = 48, rounds: int = 3, llama_bin: str | None = None) -> int:
+def ablated_session(backend, folder: Path):
+    """A session, opened as the backend's is, on the graph without the Q4_1 correction (or None
+    when the graph has none)."""
+    import onnxruntime as ort
+
+    from serve.ort_backend import session_options
+
+    path = folder / "model.onnx"
+    if not without_correction(backend.graph_path, path):
+        return None
+    return ort.InferenceSession(str(path), session_options(), providers=backend.session.get_providers())
+
+
+def main(rows: str = "1,8", context: int = 450, steps: int = 48, rounds: int = 3, llama_bin: str | None = None,
+         ablate: bool = False) -> int:
     from bench import cpu_name
     from serve.load import load_ort_backend
 
@@ -170,11 +212,16 @@ def main(rows: str = "1,8", context: int = 450, steps: int = 48, rounds: int = 3
                   "LLAMA_BIN" if a == llama_bin else a for a in sys.argv[1:])}  # not this machine's path
     parts = {b: collections.defaultdict(list) for b in counts}
     peer = {b: [] for b in counts}
+    scratch = tempfile.TemporaryDirectory()
+    ablated = ablated_session(backend, Path(scratch.name)) if ablate else None
     with torch.inference_mode():
         for _ in range(rounds):  # ours and llama.cpp in turn: a slow spell of the machine falls on both
             for b in counts:
                 for name, seconds in run_steps(backend, tokenizer, b, context, steps).items():
                     parts[b][name] += seconds
+                if ablated is not None:
+                    parts[b]["graph without the Q4_1 correction"] += run_steps(
+                        backend, tokenizer, b, context, steps, session=ablated)["graph"]
             if llama_bin:
                 for b, step_ms in llama_cpp_steps(llama_bin, counts, context, steps).items():
                     peer[b].append(step_ms)
@@ -204,7 +251,13 @@ def table(report: dict) -> str:
         lines.append("| llama.cpp's decode step, same GGUF and context (llama-batched-bench) | "
                      + " | ".join(f"{r['llama_cpp_step_ms']:.2f} (ours {step[b] / r['llama_cpp_step_ms']:.2f}x its time)"
                                   for b, r in rows.items()) + " |")
-    lines += ["", "| graph: kernels by op type (share of the graph's time, profiled) | "
+    ablated = "graph without the Q4_1 correction"
+    if all(ablated in r["ms"] for r in rows.values()):
+        cost = {b: r["ms"]["graph"] - r["ms"][ablated] for b, r in rows.items()}
+        lines.append("| the Q4_1 correction's cost (graph - graph without it) | "
+                     + " | ".join(f"{cost[b]:.2f} ({cost[b] / r['ms']['graph']:.0%} of the graph)" for b, r in rows.items())
+                     + " |")
+    lines += ["", "| graph: kernels by op type (share of the graph's time, profiled: small kernels overstated) | "
               + " | ".join(f"{b} row{'s' * (b > 1)}" for b in rows) + " |", "|---|" + "---|" * len(rows)]
     ops = list(next(iter(rows.values()))["kernel_share_by_op"])
     for op in ops[:12]:
@@ -224,6 +277,8 @@ def parse_args(argv=None) -> dict:
     p.add_argument("--context", type=int, default=450, help="tokens each row holds before the timed steps")
     p.add_argument("--steps", type=int, default=48, help="decode steps timed (and profiled) per row count")
     p.add_argument("--rounds", type=int, default=3, help="rounds of ours then llama.cpp's; medians")
+    p.add_argument("--ablate", action="store_true", help="also time the graph without the Q4_1 minimum's "
+                   "correction (its logits are wrong), alternating with the real one: what the correction costs")
     p.add_argument("--llama-bin", help="llama.cpp's build/bin folder (README: how to build it): "
                    "its llama-batched-bench's step beside ours")
     return vars(p.parse_args(argv))
