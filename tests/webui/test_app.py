@@ -174,8 +174,9 @@ def test_the_page_answers_on_loopback_names_and_refuses_others(server, nano_dir)
 def test_an_idle_server_lets_its_main_thread_sleep(server, server_pid):
     """Gradio's queue would wake the server's main thread ~1,100 times a second, forever (a 1 ms
     and a 10 ms poll); app.queue polls at 20 and 100 ms: ~60 wakeups a second, plus the few of
-    uvicorn's timers. Counted as the main thread's voluntary context switches over 2 s; a slower
-    machine only sleeps longer, so the count can only fall."""
+    uvicorn's timers. Counted as the main thread's voluntary context switches a second, the
+    quietest of up to 6 one-second windows (an answer an earlier test left streaming wakes it
+    too, until it ends); a slower machine only sleeps longer, so the count can only fall."""
     import time
     from pathlib import Path
 
@@ -190,10 +191,12 @@ def test_an_idle_server_lets_its_main_thread_sleep(server, server_pid):
         return int(line.split()[1])
 
     ours = 1 / app.QUEUE_POLL_S + 1 / app.PROGRESS_POLL_S
-    before, start = switches(), time.monotonic()
-    time.sleep(2.0)
-    rate = (switches() - before) / (time.monotonic() - start)
-    assert rate < 5 * ours < 1000, f"the idle server's main thread woke {rate:.0f} times a second"
+    rates = []
+    while len(rates) < 6 and (not rates or min(rates) >= 5 * ours):
+        before, start = switches(), time.monotonic()
+        time.sleep(1.0)
+        rates.append((switches() - before) / (time.monotonic() - start))
+    assert min(rates) < 5 * ours < 1000, f"the idle server's main thread woke {min(rates):.0f} times a second"
 
 
 def test_host_and_origin_flags():
