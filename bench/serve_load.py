@@ -46,9 +46,14 @@ def free_port() -> int:
 
 def start_app(model: str, backend: str, port: int, *flags: str) -> subprocess.Popen:
     """`python app.py` on `port` with `flags`, once it answers /v1/models (a fresh server)."""
+    return start_server([sys.executable, "app.py", "--model", model, "--backend", backend, "--port", str(port), *flags],
+                        port)
+
+
+def start_server(argv: list[str], port: int) -> subprocess.Popen:
+    """`argv` (a command that serves the app on `port`), once it answers /v1/models."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
-    proc = subprocess.Popen([sys.executable, "app.py", "--model", model, "--backend", backend, "--port", str(port), *flags],
-                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=sys.stderr)
+    proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=sys.stderr)
     deadline = time.time() + 600  # a first start exports the model to ONNX
     while True:
         try:

@@ -28,7 +28,6 @@ import json
 import os
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -84,23 +83,14 @@ def thread_cpu(pid: int) -> dict[str, float]:
 
 def run(users: int, chats: int, max_tokens: int, flags: list[str]) -> dict:
     """One fresh server, the workload, the server stopped: the trace and the threads' CPU."""
-    from bench.serve_load import free_port
+    from bench.serve_load import free_port, start_server
     from bench.vs_llama_server import GREEDY, run_chat, run_users
 
-    port, trace_file = free_port(), Path(tempfile.mkdtemp()) / "trace.json"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
-    proc = subprocess.Popen([sys.executable, __file__, "--serve", str(port), str(trace_file), "--", *flags],
-                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url, deadline = f"http://127.0.0.1:{port}", time.time() + 600  # a first start exports the model
-    while True:
-        try:
-            model = json.load(urllib.request.urlopen(url + "/v1/models", timeout=2))["data"][0]["id"]
-            break
-        except OSError:
-            if proc.poll() is not None or time.time() > deadline:
-                proc.kill()
-                raise SystemExit("error: app.py did not start (run it by hand to see why)")
-            time.sleep(0.5)
+    port, scratch = free_port(), tempfile.TemporaryDirectory()
+    trace_file = Path(scratch.name) / "trace.json"
+    proc = start_server([sys.executable, __file__, "--serve", str(port), str(trace_file), "--", *flags], port)
+    url = f"http://127.0.0.1:{port}"
+    model = json.load(urllib.request.urlopen(url + "/v1/models"))["data"][0]["id"]
     try:
         run_chat(url, model, ["Say hello."], 8, GREEDY, [])  # warm-up: nothing a measured chat shares
         cpu_before, start = thread_cpu(proc.pid), time.perf_counter()
@@ -110,7 +100,7 @@ def run(users: int, chats: int, max_tokens: int, flags: list[str]) -> dict:
         proc.terminate()
         proc.wait(timeout=30)
     trace = json.loads(trace_file.read_text())
-    trace_file.unlink()
+    scratch.cleanup()
     calls = [(a, b, tuple(shape)) for a, b, shape in trace["calls"] if start <= a and b <= end]
     used = sorted(((seconds - cpu_before.get(tid, 0.0), tid) for tid, seconds in cpu_after.items()), reverse=True)
     cpu, natives = collections.Counter(), 0

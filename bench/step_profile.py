@@ -209,11 +209,11 @@ def main(rows: str = "1,8", context: int = 450, steps: int = 48, rounds: int = 3
     report = {"variant": meta["variant"]["name"], "cpu": cpu_name(), "context": context, "steps": steps,
               "rounds": rounds, "threads": backend.session.get_session_options().intra_op_num_threads, "rows": {},
               "command": "python bench/step_profile.py " + " ".join(
-                  "LLAMA_BIN" if a == llama_bin else a for a in sys.argv[1:])}  # not this machine's path
+                  a.replace(llama_bin, "LLAMA_BIN") if llama_bin else a for a in sys.argv[1:])}  # not this machine's path
     parts = {b: collections.defaultdict(list) for b in counts}
     peer = {b: [] for b in counts}
-    scratch = tempfile.TemporaryDirectory()
-    ablated = ablated_session(backend, Path(scratch.name)) if ablate else None
+    scratch = tempfile.TemporaryDirectory() if ablate else None  # the ablated graph's file, while it runs
+    ablated = ablated_session(backend, Path(scratch.name)) if scratch else None
     with torch.inference_mode():
         for _ in range(rounds):  # ours and llama.cpp in turn: a slow spell of the machine falls on both
             for b in counts:

@@ -202,8 +202,8 @@ def main(llama_server: str | None = None, users: str = "1,8", rounds: int = 3, c
     report = {"cpu": cpu_name(), "cpu_count": os.cpu_count(), "rounds": rounds, "chats_per_user": chats,
               "max_tokens": max_tokens, "llama_server": bool(llama_server), "medians": medians, "runs": runs,
               "command": "python bench/vs_llama_server.py " + " ".join(
-                  f"--llama-server {Path(llama_server).name}" if a == llama_server else a for a in sys.argv[1:]
-                  if a != "--llama-server")}  # the binary's name, not this machine's path
+                  a.replace(llama_server, Path(llama_server).name) if llama_server else a
+                  for a in sys.argv[1:])}  # the binary's name, not this machine's path
     report["table"] = table(medians, counts)
     print(report["table"])
     RESULTS.mkdir(parents=True, exist_ok=True)
